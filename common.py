@@ -1,0 +1,930 @@
+"""Shared utilities for the three World Action Models (agra.py, mvwam.py, eawm.py).
+
+Only what two or more files use lives here (SPEC section 2). Method contributions (the AGRA
+bridge and loss, the MoT mask, the event gate) live in their own model file.
+
+Flow-matching convention used everywhere in this repository (SPEC section 1):
+
+    x_t = (1 - t) * x0 + t * noise,   t in [0, 1],   t = 1 is pure noise,
+    velocity target v = noise - x0,   sampling integrates from t = 1 down to t = 0.
+
+GR00T's action head uses the opposite convention (t = 1 clean); agra.py converts, never copies.
+
+Shape letters: B batch, T frames (raw or latent), C channels, H/W height/width (pixels or
+latent), h/w token grid, L tokens, D model width, d head width, K action horizon.
+
+Sections: device | flow matching | normalization & embeddings | RoPE | attention |
+Wan block | LoRA | tiny text encoder | pixel codec | checkpoints | kinematics & camera |
+raster | image files
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+import xml.etree.ElementTree as ET
+import zlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -------------------------------------------------------------------------------------------------
+# Device, dtype, distributed, config helpers
+# -------------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda -> mps -> cpu, unless a device is named."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' = bf16 autocast on GPU, fp32 on CPU (nanochat)."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; expected one of auto, {', '.join(table)}")
+    return table[name]
+
+
+def dist_info() -> tuple[bool, int, int, int]:
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment variables."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1
+    return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def config_to_dict(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def config_from_dict(cls, d: dict):
+    """Build a Config dataclass, refusing unknown keys (with the list of valid ones)."""
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+        raise ValueError(f"unknown {cls.__module__}.Config key(s) {unknown}; valid keys: {sorted(valid)}")
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    return cls(**kw)
+
+
+def parse_override(cfg, assignment: str):
+    """Apply one `key=value` (from `--set`) to a Config dataclass, typed by the field's current value."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    valid = {f.name: f for f in fields(cfg)}
+    if key not in valid:
+        close = [k for k in valid if key.lower() in k.lower() or k.lower() in key.lower()]
+        hint = f" (did you mean {close}?)" if close else ""
+        raise ValueError(f"unknown config key {key!r}{hint}; valid keys: {sorted(valid)}")
+    cur = getattr(cfg, key)
+    try:
+        if isinstance(cur, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            val = raw.lower() in ("true", "1")
+        elif isinstance(cur, int):
+            val = int(raw)
+        elif isinstance(cur, float):
+            val = float(raw)
+        elif isinstance(cur, tuple):
+            val = tuple(type(cur[0])(x) if cur else int(x) for x in raw.strip("()[]").split(",") if x.strip())
+        elif cur is None:
+            val = json.loads(raw)
+        else:
+            val = raw
+    except ValueError:
+        raise ValueError(f"--set {key}: cannot parse {raw!r} as {type(cur).__name__} "
+                         f"(current value {cur!r})") from None
+    setattr(cfg, key, val)
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()
+    return cfg
+
+
+def check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; expected one of {list(choices)}")
+
+
+def check_shape(name: str, x: torch.Tensor, expected: tuple):
+    """Raise with expected vs received; None in `expected` matches any size."""
+    ok = x.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, x.shape))
+    if not ok:
+        exp = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name}: expected shape {exp}, received {tuple(x.shape)}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Flow matching: interpolation, parameterizations, timestep samplers, Euler sampler
+# -------------------------------------------------------------------------------------------------
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise; t broadcasts from the left (B,) or (B, ..., T, ...)."""
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = dx_t/dt = noise - x0."""
+    return noise - x0
+
+
+def to_velocity(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, param: str,
+                eps: float = 1e-3) -> torch.Tensor:
+    """Convert a network output in parameterization `param` to the sampling velocity (MV-WAM Table 6).
+
+    v:   pred is the velocity.
+    x0:  v = (x_t - x0_hat) / t           (t clamped >= eps near the clean end)
+    eps: v = (eps_hat - x_t) / (1 - t)    (1 - t clamped >= eps near the noise end)
+    """
+    if param == "v":
+        return pred
+    if param == "x0":
+        return (x_t - pred) / t.clamp(min=eps)
+    if param == "eps":
+        return (pred - x_t) / (1 - t).clamp(min=eps)
+    raise ValueError(f"unknown parameterization {param!r}; expected 'v', 'x0' or 'eps'")
+
+
+def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Shifted schedule t' = s t / (1 + (s - 1) t) (SD3 / Wan, s = 5 for Wan)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_t(kind: str, n: int, generator: torch.Generator | None = None, device=None,
+             shift: float = 1.0, value: float = 1.0, mean: float = 0.0, std: float = 1.0,
+             alpha: float = 1.5, beta: float = 1.0) -> torch.Tensor:
+    """Timestep samplers, all in the t = 1-is-noise convention. Returns (n,) float32.
+
+    uniform       t ~ U(0, 1)
+    logit_normal  t = sigmoid(N(mean, std))                       (SD3 / rectified-flow default)
+    shifted       t = shift_t(U(0, 1), shift)                       (Wan, shift = 5)
+    beta          t = 0.001 + 0.999 * Beta(alpha, beta)             (pi0 / GR00T action time; with
+                  Beta(1.5, 1) the mass leans to high noise, GR00T's 1 - t mapped to our convention)
+    fixed         t = value
+    """
+    if kind == "uniform":
+        t = torch.rand(n, generator=generator)
+    elif kind == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    elif kind == "shifted":
+        t = shift_t(torch.rand(n, generator=generator), shift)
+    elif kind == "beta":
+        # Beta(a, b) via two Gammas drawn from the generator: X/(X+Y), X~Gamma(a), Y~Gamma(b).
+        x = torch._standard_gamma(torch.full((n,), alpha), generator=generator)
+        y = torch._standard_gamma(torch.full((n,), beta), generator=generator)
+        t = 0.001 + 0.999 * x / (x + y)
+    elif kind == "fixed":
+        t = torch.full((n,), float(value))
+    else:
+        raise ValueError(f"unknown timestep sampler {kind!r}; expected uniform, logit_normal, shifted, beta, fixed")
+    return t.to(device=device) if device is not None else t
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn, x: torch.Tensor, steps: int, clean_mask: torch.Tensor | None = None,
+                 x_clean: torch.Tensor | None = None, shift: float = 1.0) -> torch.Tensor:
+    """Integrate dx/dt = v from t = 1 (noise) to t = 0 with `steps` Euler steps.
+
+    velocity_fn(x_t, t) -> v, where t is (B,) on the sampler's grid. With per-token timesteps the
+    model itself gives clean tokens t = 0 (Wan2.2 TI2V / Cosmos condition frames); here tokens
+    where `clean_mask` is True are reset to `x_clean` before each call and after each step.
+    """
+    ts = shift_t(torch.linspace(1.0, 0.0, steps + 1), shift) if shift != 1.0 else torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        if clean_mask is not None:
+            x = torch.where(clean_mask, x_clean, x)
+        t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
+        v = velocity_fn(x, t)
+        x = x + (ts[i + 1] - ts[i]).item() * v            # dt < 0: towards the data
+    if clean_mask is not None:
+        x = torch.where(clean_mask, x_clean, x)
+    return x
+
+
+def lr_schedule(kind: str, step: int, total: int, warmup_frac: float = 0.0, const_frac: float = 0.0) -> float:
+    """Learning-rate multiplier in [0, 1].
+
+    cosine                 linear warm-up over warmup_frac of the steps, then cosine to 0
+                           (AGRA App. C.3: cosine with 5 % warm-up)
+    constant_then_linear   constant for const_frac of the steps, then linear decay to 0
+                           (MV-WAM Sec. 4.1: constant for 20 %, then linear)
+    constant               1
+    """
+    total = max(total, 1)
+    if kind == "cosine":
+        warm = int(round(warmup_frac * total))
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(total - warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if kind == "constant_then_linear":
+        hold = int(round(const_frac * total))
+        if step < hold:
+            return 1.0
+        return max(0.0, 1 - (step - hold) / max(total - hold, 1))
+    if kind == "constant":
+        return 1.0
+    raise ValueError(f"unknown lr schedule {kind!r}; expected cosine, constant_then_linear, constant")
+
+
+# -------------------------------------------------------------------------------------------------
+# Normalization, modulation, timestep embedding
+# -------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (a precision island, as in Wan)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, cast back."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift."""
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, cos_first: bool = True):
+    """Sinusoidal embedding of (N,) or (N, L) timesteps -> (..., dim), frequencies max_period^(-i/half).
+
+    cos_first=True gives [cos, sin] (Wan, Cosmos); False gives [sin, cos] (GR00T's action encoder).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.double().unsqueeze(-1) * freqs                 # (..., half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)], -1)
+    return emb.float()
+
+
+# -------------------------------------------------------------------------------------------------
+# Rotary position embedding (1D and 3D)
+# -------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(dim: int, theta: float = 10000.0, ntk_scale: float = 1.0) -> torch.Tensor:
+    """(dim/2,) inverse frequencies; NTK-aware theta' = theta * r^(dim/(dim-2)) (Cosmos rope3d)."""
+    if ntk_scale != 1.0:
+        theta = theta * ntk_scale ** (dim / (dim - 2))
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def rope_1d(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Angles (L, head_dim/2) for 1D positions (L,) (may be fractional)."""
+    return pos.double().unsqueeze(-1) * rope_inv_freq(head_dim, theta).to(pos.device)
+
+
+def rope_3d_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan/Cosmos split of head_dim over (t, h, w): d - 4*(d//6), 2*(d//6), 2*(d//6)."""
+    s = head_dim // 6
+    return head_dim - 4 * s, 2 * s, 2 * s
+
+
+def rope_3d(t_pos, h_pos, w_pos, head_dim: int, theta: float = 10000.0, scale=(1.0, 1.0, 1.0)):
+    """Angles (L, head_dim/2) for per-token (t, h, w) positions, each (L,) (t may be fractional)."""
+    dims = rope_3d_split(head_dim)
+    parts = [p.double().unsqueeze(-1) * rope_inv_freq(d, theta, s).to(p.device)
+             for p, d, s in zip((t_pos, h_pos, w_pos), dims, scale)]
+    return torch.cat(parts, -1)
+
+
+def grid_positions(T: int, h: int, w: int, device=None):
+    """(t, h, w) integer positions of a (T, h, w) token grid in raster order, each (T*h*w,)."""
+    t, y, x = torch.meshgrid(torch.arange(T, device=device), torch.arange(h, device=device),
+                             torch.arange(w, device=device), indexing="ij")
+    return t.flatten(), y.flatten(), x.flatten()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x (B, heads, L, d) by angles (L, d/2) or (B, L, d/2), in float32.
+
+    interleaved=True pairs adjacent elements (Wan, complex view); False pairs the two halves
+    (rotate-half, Cosmos' [t,h,w]*2 layout).
+    """
+    if angles.dim() == 3:
+        angles = angles.unsqueeze(1)                        # (B, 1, L, d/2)
+    c, s = torch.cos(angles).float(), torch.sin(angles).float()
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return out.type_as(x)
+
+
+# -------------------------------------------------------------------------------------------------
+# Attention
+# -------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self/cross attention on F.scaled_dot_product_attention, with Wan parameter names.
+
+    q, k, v, o: Linear layers; norm_q / norm_k: RMSNorm on q and k, either over the full width
+    ("across_heads", Wan) or per head ("per_head", Cosmos). RoPE (angles + layout) is applied to
+    q and k after the norm. `mask` is boolean, True = may attend, broadcastable to (B, heads, Lq, Lk).
+    """
+
+    def __init__(self, dim: int, heads: int, ctx_dim: int | None = None, bias: bool = True,
+                 qk_norm: str = "across_heads", eps: float = 1e-6):
+        super().__init__()
+        check_choice("qk_norm", qk_norm, ("across_heads", "per_head", "none"))
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        ctx_dim = ctx_dim or dim
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.k = nn.Linear(ctx_dim, dim, bias=bias)
+        self.v = nn.Linear(ctx_dim, dim, bias=bias)
+        self.o = nn.Linear(dim, dim, bias=bias)
+        norm_dim = {"across_heads": dim, "per_head": self.head_dim}.get(qk_norm)
+        self.qk_norm = qk_norm
+        self.norm_q = RMSNorm(norm_dim, eps) if norm_dim else nn.Identity()
+        self.norm_k = RMSNorm(norm_dim, eps) if norm_dim else nn.Identity()
+
+    def split_heads(self, x):                                # (B, L, D) -> (B, heads, L, d)
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def qkv(self, x, ctx=None, rope=None):
+        """Projected, normalized, rotated q, k, v, each (B, heads, L, d)."""
+        ctx = x if ctx is None else ctx
+        q, k, v = self.q(x), self.k(ctx), self.v(ctx)
+        if self.qk_norm == "across_heads":
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        if self.qk_norm == "per_head":
+            q, k = self.norm_q(q), self.norm_k(k)
+        if rope is not None:
+            angles, interleaved = rope
+            q, k = apply_rope(q, angles, interleaved), apply_rope(k, angles, interleaved)
+        return q, k, v
+
+    def forward(self, x, ctx=None, mask=None, rope=None, attn_out: list | None = None):
+        """x (B, Lq, D), ctx (B, Lk, Dc) or None for self-attention -> (B, Lq, D).
+
+        If `attn_out` is a list, the attention weights (B, heads, Lq, Lk) are computed explicitly
+        and appended to it (diagnostics only; the normal path is SDPA).
+        """
+        q, k, v = self.qkv(x, ctx, rope)
+        if attn_out is not None:
+            w = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                w = w.masked_fill(~mask, float("-inf"))
+            w = w.softmax(-1)
+            attn_out.append(w.detach())
+            out = (w.type_as(v) @ v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+# -------------------------------------------------------------------------------------------------
+# Wan2.1 / Wan2.2 DiT block, original Wan parameter names (used by mvwam.py and eawm.py)
+# -------------------------------------------------------------------------------------------------
+
+
+class WanBlock(nn.Module):
+    """One Wan DiT block; parameter names match Wan's original checkpoint (`blocks.i.*`).
+
+    x += g_msa * SelfAttn(LN1(x) (1 + s_msa) + b_msa)      norm1: no affine
+    x += CrossAttn(LN3(x), ctx)                            norm3: affine (cross_attn_norm), no gate
+    x += g_ffn * FFN(LN2(x) (1 + s_ffn) + b_ffn)           norm2: no affine; FFN = Linear-GELU(tanh)-Linear
+    modulation (1, 6, D) + e0 -> (shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn), fp32.
+    e0 is (B, 6, D) (Wan2.1, one t per sample) or (B, L, 6, D) (Wan2.2, per-token t).
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, heads: int, ctx_dim: int | None = None,
+                 cross_attn_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, heads, qk_norm="across_heads", eps=eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, heads, ctx_dim=ctx_dim, qk_norm="across_heads", eps=eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x, e0, ctx, rope=None, mask=None):
+        if e0.dim() == 3:                                   # (B, 6, D): one timestep per sample
+            mod = (self.modulation.float() + e0.float()).unsqueeze(2).unbind(1)      # 6 x (B, 1, D)
+        else:                                               # (B, L, 6, D): per-token timesteps
+            mod = (self.modulation.float().unsqueeze(0) + e0.float()).unbind(2)      # 6 x (B, L, D)
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
+        y = self.self_attn(modulate(self.norm1(x).float(), shift_msa, scale_msa).type_as(x), mask=mask, rope=rope)
+        x = x + (y.float() * gate_msa).type_as(x)
+        x = x + self.cross_attn(self.norm3(x), ctx)
+        y = self.ffn(modulate(self.norm2(x).float(), shift_ffn, scale_ffn).type_as(x))
+        return x + (y.float() * gate_ffn).type_as(x)
+
+
+# -------------------------------------------------------------------------------------------------
+# LoRA
+# -------------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear + a low-rank update W x + (alpha / r) B A x. Keeps the base names (`weight`, `bias`),
+    so a checkpoint of the base model still loads; adds `lora_A` (r, in) and `lora_B` (out, r = 0)."""
+
+    def __init__(self, in_features, out_features, bias=True, rank: int = 32, alpha: float | None = None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.rank, self.scaling = rank, (alpha if alpha is not None else rank) / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))   # zero: starts as the base layer
+
+    def forward(self, x):
+        return super().forward(x) + (x @ self.lora_A.t().to(x.dtype) @ self.lora_B.t().to(x.dtype)) * self.scaling
+
+
+def inject_lora(module: nn.Module, pattern: str, rank: int, alpha: float | None = None) -> list[str]:
+    """Replace every nn.Linear whose qualified name matches regex `pattern` by a LoRALinear with the
+    same weights; freezes the base weights. Returns the replaced names (raises if none matched)."""
+    names = [n for n, m in module.named_modules() if type(m) is nn.Linear and re.search(pattern, n)]
+    if not names:
+        raise ValueError(f"inject_lora: no nn.Linear matches {pattern!r}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        old = getattr(parent, child)
+        new = LoRALinear(old.in_features, old.out_features, old.bias is not None, rank, alpha)
+        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        new.weight.requires_grad_(False)
+        if new.bias is not None:
+            new.bias.requires_grad_(False)
+        setattr(parent, child, new)
+    return names
+
+
+# -------------------------------------------------------------------------------------------------
+# Tiny text encoder (toy instructions), standing in for T5 / Cosmos-Reason at the tiny preset
+# -------------------------------------------------------------------------------------------------
+
+
+class TinyTextEncoder(nn.Module):
+    """Word-level vocabulary -> embeddings + learned positions -> a few transformer layers -> (B, L, D)."""
+
+    def __init__(self, vocab: list[str], dim: int, max_len: int = 16, layers: int = 1, heads: int = 2):
+        super().__init__()
+        self.vocab = ["<pad>", "<unk>"] + list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.max_len = max_len
+        self.embed = nn.Embedding(len(self.vocab), dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        ids = torch.zeros(len(texts), self.max_len, dtype=torch.long)
+        for i, text in enumerate(texts):
+            words = text.lower().split()[: self.max_len]
+            ids[i, : len(words)] = torch.tensor([self.index.get(w, 1) for w in words], dtype=torch.long)
+        return ids
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenize(texts).to(self.pos.device)
+        x = self.embed(ids) + self.pos                       # (B, L, D)
+        return self.norm(self.layers(x))
+
+
+# -------------------------------------------------------------------------------------------------
+# Invertible pixel codec: the tiny presets' stand-in for the Wan VAE (same causal layout)
+# -------------------------------------------------------------------------------------------------
+
+
+class PixelCodec:
+    """Parameter-free, invertible "VAE" with the Wan/Cosmos causal layout.
+
+    Frames 1 + q*k -> latent frames 1 + k: the first frame alone (repeated q times so every latent
+    frame has the same channels), then groups of q frames; space-to-depth by p. Channels 3*q*p*p.
+    encode (B, 3, 1+q*k, H, W) in [-1, 1] -> (B, 3*q*p*p, 1+k, H/p, W/p); decode inverts it.
+    """
+
+    def __init__(self, q: int = 4, p: int = 2, scale: float = 1.0):
+        self.q, self.p, self.scale = q, p, scale
+        self.channels = 3 * q * p * p
+
+    def latent_frames(self, frames: int) -> int:
+        if (frames - 1) % self.q:
+            raise ValueError(f"PixelCodec(q={self.q}) needs 1 + {self.q}*k frames, received {frames}")
+        return 1 + (frames - 1) // self.q
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = video.shape
+        if C != 3 or H % self.p or W % self.p:
+            raise ValueError(f"PixelCodec.encode expects (B, 3, T, H, W) with H, W divisible by {self.p}; "
+                             f"received {tuple(video.shape)}")
+        self.latent_frames(T)
+        first = video[:, :, :1].expand(B, C, self.q, H, W)                  # (B, 3, q, H, W)
+        x = torch.cat([first, video[:, :, 1:]], 2)                          # (B, 3, q*(1+k), H, W)
+        x = x.unflatten(2, (-1, self.q))                                    # (B, 3, 1+k, q, H, W)
+        x = x.unflatten(4, (H // self.p, self.p)).unflatten(6, (W // self.p, self.p))  # (B,3,T',q,h,p,w,p)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6).flatten(1, 4)                 # (B, 3*q*p*p, 1+k, h, w)
+        return x * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        B, Cz, Tl, h, w = z.shape
+        if Cz != self.channels:
+            raise ValueError(f"PixelCodec.decode expects {self.channels} channels, received {Cz}")
+        x = (z / self.scale).unflatten(1, (3, self.q, self.p, self.p))      # (B, 3, q, p, p, T', h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)                               # (B, 3, T', q, h, p, w, p)
+        x = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)                     # (B, 3, T'*q, H, W)
+        return torch.cat([x[:, :, :1], x[:, :, self.q:]], 2)                # drop the q-1 copies
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints: atomic safetensors with JSON metadata, strict loading
+# -------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str, write_fn):
+    """Write via a temp file in the same folder + os.replace, so a killed write leaves the old file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_weights(path: str, state_dict: dict, metadata: dict):
+    """Weights as safetensors (never pickle); metadata values are JSON-encoded strings."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_weights(path: str) -> tuple[dict, dict]:
+    """-> (state_dict, metadata) with clear errors for a missing or unreadable file."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+        raise ValueError(f"could not read {path} as a safetensors checkpoint (truncated or not a "
+                         f"checkpoint?): {e}") from None
+    return sd, meta
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict, key_map: dict | None = None, what: str = "checkpoint"):
+    """Copy `state_dict` into `module`, mapping names through `key_map` (old -> new) first.
+
+    Refuses partial loads: raises naming every missing, unexpected and mis-shaped key.
+    """
+    if key_map:
+        state_dict = {key_map.get(k, k): v for k, v in state_dict.items()}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: expected {tuple(own[k].shape)}, received {tuple(v.shape)}"
+              for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        def show(xs):
+            return ", ".join(xs[:12]) + (f" ... (+{len(xs) - 12} more)" if len(xs) > 12 else "")
+        msg = [f"{what} does not fit {type(module).__name__}:"]
+        if missing:
+            msg.append(f"  missing {len(missing)} key(s): {show(missing)}")
+        if unexpected:
+            msg.append(f"  unexpected {len(unexpected)} key(s): {show(unexpected)}")
+        if shapes:
+            msg.append(f"  {len(shapes)} shape mismatch(es): {show(shapes)}")
+        raise ValueError("\n".join(msg))
+    module.load_state_dict(state_dict, strict=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Kinematics and camera (numpy): URDF chain, forward kinematics, pinhole projection
+# -------------------------------------------------------------------------------------------------
+
+
+def rpy_matrix(rpy) -> np.ndarray:
+    """URDF fixed-axis roll-pitch-yaw -> R = Rz(yaw) Ry(pitch) Rx(roll)."""
+    r, p, y = rpy
+    cr, sr, cp, sp, cy, sy = np.cos(r), np.sin(r), np.cos(p), np.sin(p), np.cos(y), np.sin(y)
+    return np.array([[cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr],
+                     [sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr],
+                     [-sp, cp * sr, cp * cr]])
+
+
+def axis_angle_matrix(axis: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """Rodrigues, vectorized: angle (...,) -> (..., 3, 3)."""
+    x, y, z = axis / np.linalg.norm(axis)
+    K = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
+    a = np.asarray(angle, dtype=np.float64)[..., None, None]
+    return np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * (K @ K)
+
+
+@dataclass
+class URDFJoint:
+    name: str
+    type: str            # revolute | continuous | prismatic | fixed
+    parent: str
+    child: str
+    origin: np.ndarray   # (4, 4) parent -> joint frame at q = 0
+    axis: np.ndarray     # (3,)
+    lower: float
+    upper: float
+    mimic: tuple | None  # (joint name, multiplier, offset)
+
+
+class URDFChain:
+    """A URDF kinematic tree parsed with xml.etree: joints in parent-before-child order.
+
+    `actuated` lists the non-fixed, non-mimic joints: the order of the q vector in `fk`.
+    """
+
+    def __init__(self, urdf: str):
+        text = open(urdf).read() if not urdf.lstrip().startswith("<") else urdf
+        root = ET.fromstring(text)
+        joints = []
+        for j in root.findall("joint"):
+            origin = np.eye(4)
+            o = j.find("origin")
+            if o is not None:
+                origin[:3, 3] = [float(v) for v in o.get("xyz", "0 0 0").split()]
+                origin[:3, :3] = rpy_matrix([float(v) for v in o.get("rpy", "0 0 0").split()])
+            ax = j.find("axis")
+            lim = j.find("limit")
+            mim = j.find("mimic")
+            joints.append(URDFJoint(
+                name=j.get("name"), type=j.get("type"), parent=j.find("parent").get("link"),
+                child=j.find("child").get("link"), origin=origin,
+                axis=np.array([float(v) for v in (ax.get("xyz") if ax is not None else "1 0 0").split()]),
+                lower=float(lim.get("lower", -np.inf)) if lim is not None else -np.inf,
+                upper=float(lim.get("upper", np.inf)) if lim is not None else np.inf,
+                mimic=(mim.get("joint"), float(mim.get("multiplier", 1)), float(mim.get("offset", 0)))
+                if mim is not None else None))
+        children = {j.child for j in joints}
+        roots = {j.parent for j in joints} - children
+        if len(roots) != 1:
+            raise ValueError(f"URDF must have exactly one root link, found {sorted(roots)}")
+        self.root = roots.pop()
+        order, frontier = [], [self.root]                 # breadth-first: parents before children
+        while frontier:
+            link = frontier.pop(0)
+            for j in joints:
+                if j.parent == link:
+                    order.append(j)
+                    frontier.append(j.child)
+        self.joints = order
+        self.links = [self.root] + [j.child for j in order]
+        self.actuated = [j.name for j in order if j.type != "fixed" and j.mimic is None]
+        self.lower = np.array([next(j.lower for j in order if j.name == n) for n in self.actuated])
+        self.upper = np.array([next(j.upper for j in order if j.name == n) for n in self.actuated])
+
+    def fk(self, q: np.ndarray) -> dict[str, np.ndarray]:
+        """Forward kinematics (EA-WM Eq. 1): q (..., n_actuated) -> {link: (..., 4, 4) world pose}."""
+        q = np.asarray(q, dtype=np.float64)
+        if q.shape[-1] != len(self.actuated):
+            raise ValueError(f"fk expects q (..., {len(self.actuated)}) for joints {self.actuated}, "
+                             f"received {q.shape}")
+        value = {n: q[..., i] for i, n in enumerate(self.actuated)}
+        poses = {self.root: np.broadcast_to(np.eye(4), q.shape[:-1] + (4, 4))}
+        for j in self.joints:
+            motion = np.broadcast_to(np.eye(4), q.shape[:-1] + (4, 4)).copy()
+            if j.type != "fixed":
+                qj = value[j.mimic[0]] * j.mimic[1] + j.mimic[2] if j.mimic else value[j.name]
+                if j.type in ("revolute", "continuous"):
+                    motion[..., :3, :3] = axis_angle_matrix(j.axis, qj)
+                elif j.type == "prismatic":
+                    motion[..., :3, 3] = np.asarray(qj)[..., None] * j.axis
+                else:
+                    raise ValueError(f"joint {j.name}: unsupported type {j.type!r}")
+            poses[j.child] = poses[j.parent] @ j.origin @ motion
+        return poses
+
+
+def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """World-to-camera extrinsic T_wc (4, 4), OpenCV camera axes (x right, y down, z forward).
+
+    T_wc maps world points into the camera frame, p_c = T_wc p_w (EA-WM's extrinsic convention)."""
+    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, up)
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    R = np.stack([x, y, z])                                  # rows: camera axes in world coordinates
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, -R @ eye
+    return T
+
+
+def intrinsics(width: int, height: int, fov_deg: float) -> np.ndarray:
+    """Pinhole K for a horizontal field of view, principal point at the image centre."""
+    f = 0.5 * width / math.tan(math.radians(fov_deg) / 2)
+    return np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])
+
+
+def project(points: np.ndarray, K: np.ndarray, T_wc: np.ndarray):
+    """Pinhole projection (EA-WM Eq. 2): world points (..., 3) -> pixel coords (..., 2) and depth (...).
+
+    Pixel (row i, column j) covers u in [j, j+1), v in [i, i+1). Points with depth <= 0 are behind
+    the camera: their uv is NaN (callers drop them)."""
+    p = points @ T_wc[:3, :3].T + T_wc[:3, 3]                # (..., 3) camera frame
+    z = p[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = (p[..., :2] / z[..., None]) * np.array([K[0, 0], K[1, 1]]) + np.array([K[0, 2], K[1, 2]])
+    uv = np.where((z > 1e-6)[..., None], uv, np.nan)
+    return uv, z
+
+
+# -------------------------------------------------------------------------------------------------
+# Raster helpers (numpy): paint into an (H, W, 3) colour image and an (H, W) id map
+# -------------------------------------------------------------------------------------------------
+
+
+_PIXEL_CENTRES: dict = {}
+
+
+def _window(shape, lo_u, hi_u, lo_v, hi_v):
+    """Clipped pixel window covering u in [lo_u, hi_u], v in [lo_v, hi_v]; None if empty."""
+    H, W = shape[:2]
+    if (H, W) not in _PIXEL_CENTRES:                          # cached pixel-centre grids (u, v)
+        v, u = np.mgrid[0:H, 0:W] + 0.5
+        _PIXEL_CENTRES[(H, W)] = (u, v)
+    U, V = _PIXEL_CENTRES[(H, W)]
+    j0, j1 = max(int(math.floor(lo_u)), 0), min(int(math.ceil(hi_u)) + 1, W)
+    i0, i1 = max(int(math.floor(lo_v)), 0), min(int(math.ceil(hi_v)) + 1, H)
+    if j0 >= j1 or i0 >= i1:
+        return None
+    return (slice(i0, i1), slice(j0, j1)), U[i0:i1, j0:j1], V[i0:i1, j0:j1]
+
+
+def _paint(img, ids, win, mask, color, idx):
+    (sl, u, v) = win
+    if img is not None:
+        img[sl][mask] = color
+    if ids is not None:
+        ids[sl][mask] = idx
+
+
+def draw_disc(img, ids, center, radius, color, idx=0):
+    cu, cv = center
+    if not np.isfinite(cu + cv):
+        return
+    win = _window((img if img is not None else ids).shape, cu - radius, cu + radius, cv - radius, cv + radius)
+    if win is not None:
+        _paint(img, ids, win, (win[1] - cu) ** 2 + (win[2] - cv) ** 2 <= radius ** 2, color, idx)
+
+
+def draw_segment(img, ids, a, b, radius, color, idx=0):
+    """Thick segment (capsule) from a to b (pixel coords) with half-width `radius`."""
+    (au, av), (bu, bv) = a, b
+    if not np.isfinite(au + av + bu + bv):
+        return
+    win = _window((img if img is not None else ids).shape, min(au, bu) - radius, max(au, bu) + radius,
+                  min(av, bv) - radius, max(av, bv) + radius)
+    if win is None:
+        return
+    _, u, v = win
+    du, dv = bu - au, bv - av
+    s = np.clip(((u - au) * du + (v - av) * dv) / max(du * du + dv * dv, 1e-12), 0, 1)
+    d2 = (u - au - s * du) ** 2 + (v - av - s * dv) ** 2
+    _paint(img, ids, win, d2 <= radius ** 2, color, idx)
+
+
+def draw_polygon(img, ids, pts, color, idx=0):
+    """Filled convex polygon, vertices (N, 2) in pixel coords (either winding)."""
+    pts = np.asarray(pts, dtype=np.float64)
+    if not np.isfinite(pts).all():
+        return
+    win = _window((img if img is not None else ids).shape, pts[:, 0].min(), pts[:, 0].max(),
+                  pts[:, 1].min(), pts[:, 1].max())
+    if win is None:
+        return
+    _, u, v = win
+    nxt = np.roll(pts, -1, 0)
+    cross = [(q[0] - p[0]) * (v - p[1]) - (q[1] - p[1]) * (u - p[0]) for p, q in zip(pts, nxt)]
+    cross = np.stack(cross)
+    inside = (cross >= 0).all(0) | (cross <= 0).all(0)
+    _paint(img, ids, win, inside, color, idx)
+
+
+def gaussian_2d(shape, center, sigma, truncate: float = 3.0) -> np.ndarray:
+    """(H, W) Gaussian bump exp(-d^2 / 2 sigma^2), zero beyond `truncate` sigmas."""
+    H, W = shape
+    v, u = np.mgrid[0:H, 0:W] + 0.5
+    d2 = (u - center[0]) ** 2 + (v - center[1]) ** 2
+    g = np.exp(-d2 / (2 * sigma ** 2))
+    return np.where(d2 <= (truncate * sigma) ** 2, g, 0.0)
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """Perceptual-ish blue -> green -> yellow -> red map of x in [0, 1] -> (..., 3) uint8."""
+    stops = np.array([[48, 18, 59], [40, 120, 230], [40, 210, 140], [240, 220, 40], [220, 40, 20]], float)
+    x = np.clip(np.nan_to_num(x), 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    f = (x - i)[..., None]
+    return (stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
+
+
+# -------------------------------------------------------------------------------------------------
+# Image files: PNG and GIF writers (no imaging dependency)
+# -------------------------------------------------------------------------------------------------
+
+
+def save_png(path: str, img: np.ndarray):
+    """Write an (H, W, 3) uint8 image as PNG."""
+    img = np.ascontiguousarray(img.astype(np.uint8))
+    H, W, _ = img.shape
+    raw = b"".join(b"\x00" + img[i].tobytes() for i in range(H))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(png))
+
+
+def _gif_palette():
+    """6x6x6 colour cube + 40 greys: 256 entries."""
+    levels = np.array([0, 51, 102, 153, 204, 255])
+    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    greys = np.linspace(8, 247, 40).astype(int)[:, None].repeat(3, 1)
+    return np.concatenate([cube, greys]).astype(np.uint8)
+
+
+def save_gif(path: str, frames: np.ndarray, fps: float = 8.0, scale: int = 1):
+    """Write (T, H, W, 3) uint8 frames as a looping GIF (fixed 256-colour palette, LZW with
+    frequent clear codes, so every code stays 9 bits wide)."""
+    pal = _gif_palette()
+    frames = np.asarray(frames, dtype=np.uint8)
+    if scale > 1:
+        frames = frames.repeat(scale, 1).repeat(scale, 2)
+    T, H, W, _ = frames.shape
+    d = ((frames[..., None, :].astype(np.int32) - pal.astype(np.int32)) ** 2).sum(-1)  # (T,H,W,256)
+    index = d.argmin(-1).astype(np.uint8)
+    out = bytearray(b"GIF89a" + struct.pack("<HHBBB", W, H, 0xF7, 0, 0) + pal.tobytes())
+    out += b"\x21\xFF\x0BNETSCAPE2.0\x03\x01\x00\x00\x00"             # loop forever
+    delay = int(round(100 / fps))
+    for t in range(T):
+        out += b"\x21\xF9\x04\x04" + struct.pack("<H", delay) + b"\x00\x00"
+        out += b"\x2C" + struct.pack("<HHHHB", 0, 0, W, H, 0) + b"\x08"  # min code size 8
+        codes = []
+        for i, px in enumerate(index[t].ravel()):
+            if i % 200 == 0:
+                codes.append(256)                                       # clear: table never grows past 9 bits
+            codes.append(int(px))
+        codes.append(257)
+        bits, nbits, data = 0, 0, bytearray()
+        for c in codes:
+            bits |= c << nbits
+            nbits += 9
+            while nbits >= 8:
+                data.append(bits & 0xFF)
+                bits >>= 8
+                nbits -= 8
+        if nbits:
+            data.append(bits & 0xFF)
+        for i in range(0, len(data), 255):
+            block = data[i:i + 255]
+            out += bytes([len(block)]) + block
+        out += b"\x00"
+    out += b"\x3B"
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(bytes(out)))

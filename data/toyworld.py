@@ -1,0 +1,610 @@
+"""ToyWorld: a procedural pick-and-place robot world that renders in microseconds (SPEC section 3).
+
+A 3-DoF arm + parallel gripper described in `toyarm.urdf` (parsed with xml.etree, forward
+kinematics over the parsed chain), 2-3 coloured objects on a table, a bin, one fixed pinhole camera.
+Instruction: "put the {color} {shape} in the bin". Kinematic grasp: an object attaches when the
+gripper closes near it and drops when it opens; success = the named object released inside the
+bin (sparse reward 1, episode ends). A scripted expert (analytic IK + waypoints) succeeds on
+>= 98 % of train seeds.
+
+Splits (what changes is held out of `train`):
+  train            table/wall colours from TRAIN_TABLE/TRAIN_WALL; object (colour, shape) pairs
+                   outside HELD_OUT_COMBOS; the target in the near band of the workspace
+  ood_background   table/wall colours from the held-out OOD_TABLE/OOD_WALL palettes
+  ood_object       the target is a held-out (colour, shape) pair (each colour and each shape
+                   alone is seen in training, the pair is not)
+  ood_layout       target and distractor regions swapped: the target sits in the far band, where
+                   in training only distractors are placed
+
+API (gymnasium conventions, no gymnasium dependency):
+  env.reset(seed=, split=) -> obs, info      env.step(action) -> obs, reward, terminated, truncated, info
+  env.get_state() / env.set_state(s)         restoring a state reproduces the same future frames
+  action = [d_yaw, d_shoulder, d_elbow, gripper_cmd]  (joint deltas in rad, clipped to +-MAX_DQ;
+           gripper_cmd > 0 closes); obs = (H, W, 3) uint8; info has seg, interaction_mask, stages.
+
+Dataset: `python data/toyworld.py --episodes N --out DIR` writes DIR/episodes.safetensors (all
+per-frame arrays, concatenated over episodes) and DIR/meta.json (camera, URDF, fps, dims,
+normalization stats, instructions, gamma, per-episode offsets). `ClipDataset` reads it and yields
+SPEC section 1 batches for any of the three models.
+
+Semantic teacher: a deterministic stand-in for DINOv2 on the toy world (SPEC section 3): a fixed
+random orthonormal embedding per semantic class (wall, table, bin, arm, gripper, cube, ball,
+cone; colours are nuisance and ignored), average-pooled per patch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import (URDFChain, atomic_write, draw_disc, draw_polygon, draw_segment, intrinsics,  # noqa: E402
+                    look_at, project)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+URDF_PATH = os.path.join(HERE, "toyarm.urdf")
+
+# ---------------------------------------------------------------- scene constants
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230),
+          "yellow": (235, 215, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
+SHAPES = ("cube", "ball", "cone")
+COLOR_NAMES = tuple(COLORS)
+HELD_OUT_COMBOS = {(c, s) for ci, c in enumerate(COLOR_NAMES) for si, s in enumerate(SHAPES) if (ci + si) % 3 == 0}
+TRAIN_TABLE = [(150, 130, 110), (170, 160, 150), (120, 110, 100), (185, 170, 140), (140, 140, 135), (160, 140, 120)]
+TRAIN_WALL = [(90, 90, 100), (110, 100, 95), (75, 80, 85), (100, 110, 115)]
+OOD_TABLE = [(90, 140, 170), (170, 110, 150), (110, 160, 110)]
+OOD_WALL = [(160, 200, 230), (60, 40, 70), (200, 200, 120)]
+BIN_COLOR, ARM_COLOR, GRIPPER_COLOR = (70, 50, 40), (225, 225, 225), (40, 40, 40)
+SPLITS = ("train", "ood_background", "ood_object", "ood_layout")
+VOCAB = ["put", "the", "in", "bin", "touch"] + list(COLOR_NAMES) + list(SHAPES)
+
+# seg ids and semantic-teacher classes
+SEG_WALL, SEG_TABLE, SEG_BIN, SEG_ARM, SEG_GRIPPER, SEG_OBJ0 = 0, 1, 2, 3, 4, 5
+TEACHER_CLASSES = ("wall", "table", "bin", "arm", "gripper") + SHAPES
+
+# geometry (metres)
+OBJ_HALF = 0.04                      # object half-size
+BIN_CENTER = np.array([0.30, -0.26])
+BIN_HALF = 0.075
+NEAR_BAND, FAR_BAND = (0.24, 0.33), (0.38, 0.46)      # x ranges of target / distractor placement
+Y_RANGE = (-0.08, 0.26)
+MIN_SEP = 0.11
+MAX_DQ = 0.12                        # rad per step
+GRASP_XY, GRASP_Z = 0.045, 0.06
+CAMERA_EYE, CAMERA_TARGET, CAMERA_FOV = (0.80, 0.0, 0.85), (0.22, -0.03, 0.10), 48.0
+TABLE_EXTENT = (-0.2, 0.75, -0.5, 0.5)                # x0, x1, y0, y1 of the table top
+LINK_RADIUS, FINGER_RADIUS = 0.022, 0.012
+
+
+class ToyWorld:
+    """Pick-and-place ("pick_place", default) or "reach" (touch the named object) in a toy world."""
+
+    def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60):
+        if task not in ("pick_place", "reach"):
+            raise ValueError(f"task={task!r}; expected 'pick_place' or 'reach'")
+        self.res, self.task, self.max_steps = res, task, max_steps
+        self.chain = URDFChain(URDF_PATH)
+        self.K = intrinsics(res, res, CAMERA_FOV)
+        self.T_wc = look_at(CAMERA_EYE, CAMERA_TARGET)
+        self._table_mask = self._table_pixels()
+        self.home = np.array([0.0, -0.35, 1.7])
+        self.finger_max = 0.035
+        self.q_lo, self.q_hi = self.chain.lower[:3], self.chain.upper[:3]   # arm joints (the 4th is the finger)
+
+    # ------------------------------------------------------------ scene sampling
+    def _table_pixels(self) -> np.ndarray:
+        """Which pixels see the table top (ray / plane z = 0 intersection inside the extent)."""
+        H = W = self.res
+        v, u = np.mgrid[0:H, 0:W] + 0.5
+        d_cam = np.stack([(u - self.K[0, 2]) / self.K[0, 0], (v - self.K[1, 2]) / self.K[1, 1], np.ones_like(u)], -1)
+        R = self.T_wc[:3, :3]
+        d_w = d_cam @ R                                      # R^T d for row vectors
+        eye = np.asarray(CAMERA_EYE)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = -eye[2] / d_w[..., 2]
+        p = eye + s[..., None] * d_w
+        x0, x1, y0, y1 = TABLE_EXTENT
+        return (s > 0) & (p[..., 0] > x0) & (p[..., 0] < x1) & (p[..., 1] > y0) & (p[..., 1] < y1)
+
+    def _sample_scene(self, rng: np.random.Generator, split: str) -> dict:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        ood_bg = split == "ood_background"
+        table = (OOD_TABLE if ood_bg else TRAIN_TABLE)[rng.integers(len(OOD_TABLE if ood_bg else TRAIN_TABLE))]
+        wall = (OOD_WALL if ood_bg else TRAIN_WALL)[rng.integers(len(OOD_WALL if ood_bg else TRAIN_WALL))]
+        n = int(rng.integers(2, 4))
+        train_combos = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in HELD_OUT_COMBOS]
+        held = sorted(HELD_OUT_COMBOS)
+        target = held[rng.integers(len(held))] if split == "ood_object" else train_combos[rng.integers(len(train_combos))]
+        objects = [target]
+        while len(objects) < n:                              # distractors: train pairs, no duplicate pair
+            c = train_combos[rng.integers(len(train_combos))]
+            if c not in objects:
+                objects.append(c)
+        # train: target in the near band, distractors anywhere; ood_layout swaps the regions
+        t_band = FAR_BAND if split == "ood_layout" else NEAR_BAND
+        d_band = NEAR_BAND if split == "ood_layout" else (NEAR_BAND[0], FAR_BAND[1])
+        positions = []
+        for i in range(n):
+            for _ in range(1000):
+                p = np.array([rng.uniform(*(t_band if i == 0 else d_band)), rng.uniform(*Y_RANGE)])
+                if all(np.linalg.norm(p - q) > MIN_SEP for q in positions):
+                    positions.append(p)
+                    break
+            else:
+                raise RuntimeError("could not place objects")
+        order = rng.permutation(n)                           # the target is not always slot 0
+        objs = [objects[i] for i in order]
+        pos = np.array([positions[i] for i in order])
+        bin_c = BIN_CENTER + rng.uniform(-0.02, 0.02, 2)
+        return {"table": np.array(table), "wall": np.array(wall), "colors": [o[0] for o in objs],
+                "shapes": [o[1] for o in objs], "target": int(np.argmax(order == 0)),
+                "obj_xy": pos, "bin": bin_c}
+
+    # ------------------------------------------------------------ gym-style API
+    def reset(self, seed: int | None = None, split: str = "train"):
+        self.rng = np.random.default_rng(seed)
+        self.split = split
+        self.scene = self._sample_scene(self.rng, split)
+        n = len(self.scene["shapes"])
+        self.obj_pos = np.concatenate([self.scene["obj_xy"], np.full((n, 1), OBJ_HALF)], 1)   # (n, 3)
+        self.in_bin = np.zeros(n, bool)
+        self.q = self.home + self.rng.uniform(-0.1, 0.1, 3)
+        self.g = 1.0                                          # gripper opening in [0, 1], 1 = open
+        self.held = -1
+        self.t = 0
+        self.stages = {"reached": False, "grasped": False, "lifted": False, "placed": False}
+        self.done = False
+        self._make_background()
+        return self._observe()
+
+    def instruction(self) -> str:
+        c, s = self.scene["colors"][self.scene["target"]], self.scene["shapes"][self.scene["target"]]
+        return f"put the {c} {s} in the bin" if self.task == "pick_place" else f"touch the {c} {s}"
+
+    def step(self, action):
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (4,):
+            raise ValueError(f"action must have shape (4,) = [d_yaw, d_shoulder, d_elbow, gripper]; received {a.shape}")
+        self.q = np.clip(self.q + np.clip(a[:3], -MAX_DQ, MAX_DQ), self.q_lo, self.q_hi)
+        g_prev, self.g = self.g, float(np.clip(self.g + (-0.4 if a[3] > 0 else 0.4), 0.0, 1.0))
+        ee = self.ee_pos()
+        reward, tgt = 0.0, self.scene["target"]
+        if self.held >= 0:
+            self.obj_pos[self.held] = ee - np.array([0, 0, 0.02])
+            if self.g >= 0.5:                                 # fingers opened: drop onto the table / into the bin
+                i, self.held = self.held, -1
+                self.obj_pos[i, 2] = OBJ_HALF
+                self.in_bin[i] = bool(np.all(np.abs(self.obj_pos[i, :2] - self.scene["bin"]) < BIN_HALF))
+                if i == tgt and self.in_bin[i] and self.task == "pick_place":
+                    self.stages["placed"] = True
+                    reward, self.done = 1.0, True
+        elif g_prev >= 0.5 > self.g:                          # fingers just closed: attach an object between them
+            d = np.linalg.norm(self.obj_pos[:, :2] - ee[:2], axis=1)
+            dz = ee[2] - self.obj_pos[:, 2]
+            cand = np.where((d < GRASP_XY) & (dz < GRASP_Z) & (dz > -0.02) & ~self.in_bin)[0]
+            if len(cand):
+                self.held = int(cand[np.argmin(d[cand])])
+                self.obj_pos[self.held] = ee - np.array([0, 0, 0.02])
+        if np.linalg.norm(ee - self.obj_pos[tgt]) < 0.06:
+            self.stages["reached"] = True
+            if self.task == "reach":
+                reward, self.done = 1.0, True
+        if self.held == tgt:
+            self.stages["grasped"] = True
+            if self.obj_pos[tgt, 2] > 0.08:
+                self.stages["lifted"] = True
+        self.t += 1
+        obs, info = self._observe()
+        return obs, reward, self.done, (self.t >= self.max_steps) and not self.done, info
+
+    def get_state(self) -> dict:
+        """Everything that determines the future (scene, robot, objects, step, RNG)."""
+        return {"rng": self.rng.bit_generator.state, "split": self.split, "scene": {k: (v.copy() if isinstance(v, np.ndarray) else list(v) if isinstance(v, list) else v) for k, v in self.scene.items()},
+                "obj_pos": self.obj_pos.copy(), "in_bin": self.in_bin.copy(), "q": self.q.copy(), "g": self.g,
+                "held": self.held, "t": self.t, "stages": dict(self.stages), "done": self.done}
+
+    def set_state(self, s: dict):
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = s["rng"]
+        self.split = s["split"]
+        self.scene = {k: (v.copy() if isinstance(v, np.ndarray) else list(v) if isinstance(v, list) else v) for k, v in s["scene"].items()}
+        self.obj_pos, self.in_bin, self.q = s["obj_pos"].copy(), s["in_bin"].copy(), s["q"].copy()
+        self.g, self.held, self.t, self.stages, self.done = s["g"], s["held"], s["t"], dict(s["stages"]), s["done"]
+        self._make_background()
+
+    # ------------------------------------------------------------ kinematics
+    def ee_pos(self, q=None) -> np.ndarray:
+        return self.chain.fk(np.append(self.q if q is None else q, 0.0))["tcp"][..., :3, 3]
+
+    def ik(self, target: np.ndarray) -> np.ndarray:
+        """Analytic IK of the tool centre point (elbow up): world (3,) -> joints (3,)."""
+        yaw = math.atan2(target[1], target[0])
+        r = math.hypot(target[0], target[1])
+        zr = target[2] - 0.15                                 # shoulder height (URDF: 0.10 + 0.05)
+        L1, L2 = 0.30, 0.26 + 0.05                            # upper arm, forearm + tcp offset
+        d2 = r * r + zr * zr
+        c2 = np.clip((d2 - L1 * L1 - L2 * L2) / (2 * L1 * L2), -1, 1)
+        th2 = math.acos(c2)                                   # elbow bends down (positive)
+        th1 = math.atan2(-zr, r) - math.atan2(L2 * math.sin(th2), L1 + L2 * math.cos(th2))
+        return np.clip(np.array([yaw, th1, th2]), self.q_lo, self.q_hi)
+
+    def _gripper_joints(self):
+        return np.append(self.q, self.finger_max * self.g)
+
+    # ------------------------------------------------------------ rendering
+    def _make_background(self):
+        H = W = self.res
+        self._bg = np.empty((H, W, 3), np.uint8)
+        self._bg[:] = self.scene["wall"]
+        self._bg[self._table_mask] = self.scene["table"]
+        self._bg_ids = np.where(self._table_mask, SEG_TABLE, SEG_WALL).astype(np.uint8)
+        bx, by = self.scene["bin"]
+        corners = np.array([[bx - BIN_HALF, by - BIN_HALF, 0], [bx + BIN_HALF, by - BIN_HALF, 0],
+                            [bx + BIN_HALF, by + BIN_HALF, 0], [bx - BIN_HALF, by + BIN_HALF, 0]])
+        uv, _ = project(corners, self.K, self.T_wc)
+        draw_polygon(self._bg, self._bg_ids, uv, BIN_COLOR, SEG_BIN)
+        self._px_per_m = self.K[0, 0]
+
+    def render(self):
+        """-> (frame (H, W, 3) uint8, seg (H, W) uint8), painter's order by camera depth."""
+        img, ids = self._bg.copy(), self._bg_ids.copy()
+        poses = self.chain.fk(self._gripper_joints())
+        pts = np.stack([poses[n][:3, 3] for n in ("turret", "upper_arm", "forearm", "gripper_base", "left_finger", "right_finger")])
+        x_axis = poses["gripper_base"][:3, 0]
+        finger_tips = pts[4:6] + 0.06 * x_axis
+        all_pts = np.concatenate([pts, finger_tips, self.obj_pos, [[0, 0, 0]]])
+        uv, z = project(all_pts, self.K, self.T_wc)
+        f = self._px_per_m
+        prims = []                                            # (depth, kind, args)
+        base_uv, base_z = uv[-1], z[-1]
+        prims.append((base_z, "seg", (base_uv, uv[0], LINK_RADIUS * 1.6 * f / base_z, ARM_COLOR, SEG_ARM)))
+        for a, b in ((0, 1), (1, 2), (2, 3)):
+            zm = 0.5 * (z[a] + z[b])
+            prims.append((zm, "seg", (uv[a], uv[b], LINK_RADIUS * f / zm, ARM_COLOR, SEG_ARM)))
+        for a, b in ((4, 6), (5, 7)):
+            zm = 0.5 * (z[a] + z[b])
+            prims.append((zm - 0.01, "seg", (uv[a], uv[b], FINGER_RADIUS * f / zm, GRIPPER_COLOR, SEG_GRIPPER)))
+        for i, shape in enumerate(self.scene["shapes"]):
+            zi = z[8 + i]
+            prims.append((zi, shape, (uv[8 + i], OBJ_HALF * f / zi, COLORS[self.scene["colors"][i]], SEG_OBJ0 + i)))
+        for _, kind, args in sorted(prims, key=lambda p: -p[0]):
+            if kind == "seg":
+                draw_segment(img, ids, *args)
+            elif kind == "ball":
+                c, r, col, idx = args
+                draw_disc(img, ids, c, r * 1.15, col, idx)
+            elif kind == "cube":
+                (cu, cv), r, col, idx = args
+                draw_polygon(img, ids, [(cu - r, cv - r), (cu + r, cv - r), (cu + r, cv + r), (cu - r, cv + r)], col, idx)
+            else:  # cone: a triangle pointing up
+                (cu, cv), r, col, idx = args
+                draw_polygon(img, ids, [(cu, cv - 1.4 * r), (cu + 1.3 * r, cv + r), (cu - 1.3 * r, cv + r)], col, idx)
+        return img, ids
+
+    def _observe(self):
+        frame, seg = self.render()
+        info = {"seg": seg, "interaction_mask": (seg == SEG_GRIPPER) | (seg == SEG_OBJ0 + self.scene["target"]),
+                "stages": dict(self.stages), "success": self.stages["placed"] if self.task == "pick_place" else self.stages["reached"],
+                "instruction": self.instruction()}
+        return frame, info
+
+    def proprio(self) -> np.ndarray:
+        """State vector [q_yaw, q_shoulder, q_elbow, gripper_opening]."""
+        return np.append(self.q, self.g).astype(np.float32)
+
+    def ee_pose(self) -> np.ndarray:
+        """[x, y, z, qw, qx, qy, qz] of the tool centre point."""
+        T = self.chain.fk(np.append(self.q, 0.0))["tcp"]
+        return np.concatenate([T[:3, 3], rotation_to_quat(T[:3, :3])]).astype(np.float32)
+
+
+def rotation_to_quat(R: np.ndarray) -> np.ndarray:
+    w = math.sqrt(max(0.0, 1 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
+    x = math.copysign(math.sqrt(max(0.0, 1 + R[0, 0] - R[1, 1] - R[2, 2])) / 2, R[2, 1] - R[1, 2])
+    y = math.copysign(math.sqrt(max(0.0, 1 - R[0, 0] + R[1, 1] - R[2, 2])) / 2, R[0, 2] - R[2, 0])
+    z = math.copysign(math.sqrt(max(0.0, 1 - R[0, 0] - R[1, 1] + R[2, 2])) / 2, R[1, 0] - R[0, 1])
+    return np.array([w, x, y, z])
+
+
+class Expert:
+    """Scripted expert: above -> descend -> close -> lift -> above bin -> open, via analytic IK.
+
+    Closed-loop (re-plans from the current state each step) with small Gaussian action noise."""
+
+    def __init__(self, env: ToyWorld, noise: float = 0.01, seed: int = 0):
+        self.env, self.noise, self.rng, self.phase = env, noise, np.random.default_rng(seed), 0
+
+    def act(self) -> np.ndarray:
+        env = self.env
+        tgt = env.scene["target"]
+        obj = env.obj_pos[tgt]
+        ee = env.ee_pos()
+        close = False
+        if env.task == "reach":
+            goal = obj + np.array([0, 0, 0.03])
+        else:
+            if self.phase == 2 and env.g < 0.5 and env.held < 0:
+                self.phase = 0                                # closed on nothing: open and retry
+            if self.phase == 0:
+                goal = obj + np.array([0, 0, 0.10])
+                if np.linalg.norm(ee - goal) < 0.03 and env.g > 0.9:
+                    self.phase = 1
+            if self.phase == 1:
+                goal = obj + np.array([0, 0, 0.015])
+                if np.linalg.norm(ee - goal) < 0.015:
+                    self.phase = 2
+            if self.phase == 2:
+                goal, close = obj + np.array([0, 0, 0.015]), True
+                if env.held == tgt:
+                    self.phase = 3
+            if self.phase == 3:
+                goal, close = np.append(obj[:2], 0.16), True
+                if np.linalg.norm(ee - goal) < 0.04:
+                    self.phase = 4
+            if self.phase == 4:
+                goal, close = np.append(env.scene["bin"], 0.16), True
+                if np.linalg.norm(ee[:2] - goal[:2]) < 0.02:
+                    self.phase = 5
+            if self.phase == 5:
+                goal = np.append(env.scene["bin"], 0.16)
+        dq = np.clip(env.ik(goal) - env.q, -MAX_DQ, MAX_DQ) + self.rng.normal(0, self.noise, 3)
+        return np.append(np.clip(dq, -MAX_DQ, MAX_DQ), 1.0 if close else -1.0)
+
+
+# -------------------------------------------------------------------------------------------------
+# Episodes, Monte-Carlo values, semantic teacher
+# -------------------------------------------------------------------------------------------------
+
+
+def mc_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """V_t = sum_i gamma^i r_{t+i} (MV-WAM Eq. 4), computed backwards."""
+    v, out = 0.0, np.zeros(len(rewards), np.float32)
+    for t in range(len(rewards) - 1, -1, -1):
+        v = rewards[t] + gamma * v
+        out[t] = v
+    return out
+
+
+def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01):
+    """Roll out the expert. Returns per-frame lists (frames, seg, state, ee, actions, rewards) + info."""
+    frame, info = env.reset(seed=seed, split=split)
+    expert = Expert(env, noise=noise, seed=seed + 7919)
+    rec = {"frames": [frame], "seg": [info["seg"]], "state": [env.proprio()], "ee": [env.ee_pose()], "actions": [], "rewards": []}
+    while True:
+        a = expert.act()
+        frame, r, term, trunc, info = env.step(a)
+        rec["actions"].append(a.astype(np.float32))
+        rec["rewards"].append(r)
+        rec["frames"].append(frame)
+        rec["seg"].append(info["seg"])
+        rec["state"].append(env.proprio())
+        rec["ee"].append(env.ee_pose())
+        if term or trunc:
+            break
+    rec["actions"].append(np.array([0, 0, 0, rec["actions"][-1][3]], np.float32))   # no-op after the end
+    rec["rewards"].append(0.0)
+    return rec, info["success"]
+
+
+def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = 0.99,
+             task: str = "pick_place", only_success: bool = True):
+    """n expert episodes of `split` -> (arrays dict, meta dict). Failed demos are skipped."""
+    env = ToyWorld(res=res, task=task)
+    cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
+    eps, seed, failures = [], seed0, 0
+    while len(eps) < n:
+        rec, ok = run_expert_episode(env, seed, split)
+        seed += 1
+        if not ok:
+            failures += 1
+            if only_success:
+                continue
+        start = sum(e["length"] for e in eps)
+        L = len(rec["frames"])
+        rec["value"] = mc_returns(np.array(rec["rewards"], np.float32), gamma)
+        for k in cols:
+            cols[k].extend(rec[k])
+        sc = env.scene
+        eps.append({"start": start, "length": L, "seed": seed - 1, "split": split, "instruction": env.instruction(),
+                    "target": sc["target"], "shapes": sc["shapes"], "colors": sc["colors"], "success": bool(ok)})
+    arrays = {"frames": np.stack(cols["frames"]), "seg": np.stack(cols["seg"]),
+              "state": np.stack(cols["state"]).astype(np.float32), "ee_pose": np.stack(cols["ee"]).astype(np.float32),
+              "actions": np.stack(cols["actions"]).astype(np.float32),
+              "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32)}
+    meta = {"format": "toyworld-v1", "res": res, "fps": 10, "task": task, "gamma": gamma,
+            "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
+            "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
+            "dims": {"state": 4, "action": 4, "ee_pose": 7},
+            "state_fields": ["q_yaw", "q_shoulder", "q_elbow", "gripper_opening"],
+            "action_fields": ["d_yaw", "d_shoulder", "d_elbow", "gripper_cmd"],
+            "seg_ids": {"wall": SEG_WALL, "table": SEG_TABLE, "bin": SEG_BIN, "arm": SEG_ARM, "gripper": SEG_GRIPPER, "object_k": f"{SEG_OBJ0}+k"},
+            "teacher_classes": list(TEACHER_CLASSES), "episodes": eps, "expert_failures": failures,
+            "stats": norm_stats(arrays)}
+    return arrays, meta
+
+
+def norm_stats(arrays) -> dict:
+    def ms(x):
+        return {"mean": x.mean(0).tolist(), "std": np.maximum(x.std(0), 1e-2).tolist()}
+    return {"actions": ms(arrays["actions"]), "state": ms(arrays["state"])}
+
+
+REQUIRED = {"frames": (None, None, None, 3), "seg": (None, None, None), "state": (None, 4), "ee_pose": (None, 7),
+            "actions": (None, 4), "reward": (None,), "value": (None,)}
+
+
+def write_dataset(out: str, arrays: dict, meta: dict):
+    from safetensors.numpy import save_file
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, "episodes.safetensors"), lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp))
+    atomic_write(os.path.join(out, "meta.json"), lambda tmp: open(tmp, "w").write(json.dumps(meta)))
+
+
+def load_dataset(folder: str):
+    """-> (arrays, meta); checks files, keys and shapes and says what is wrong."""
+    from safetensors.numpy import load_file
+    for f in ("episodes.safetensors", "meta.json"):
+        if not os.path.isfile(os.path.join(folder, f)):
+            raise FileNotFoundError(f"dataset {folder}: missing {f} (expected episodes.safetensors + meta.json, "
+                                    f"written by `python data/toyworld.py --out {folder}`)")
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    try:
+        arrays = load_file(os.path.join(folder, "episodes.safetensors"))
+    except Exception as e:
+        raise ValueError(f"dataset {folder}: cannot read episodes.safetensors ({e})") from None
+    n = None
+    for k, shape in REQUIRED.items():
+        if k not in arrays:
+            raise ValueError(f"dataset {folder}: episodes.safetensors lacks '{k}'; has {sorted(arrays)}")
+        a = arrays[k]
+        ok = a.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, a.shape))
+        if not ok:
+            raise ValueError(f"dataset {folder}: '{k}' expected shape {tuple('*' if s is None else s for s in shape)}, "
+                             f"received {a.shape}")
+        if n is not None and a.shape[0] != n:
+            raise ValueError(f"dataset {folder}: '{k}' has {a.shape[0]} frames, 'frames' has {n}")
+        n = a.shape[0]
+    last = meta["episodes"][-1]
+    if last["start"] + last["length"] != n:
+        raise ValueError(f"dataset {folder}: episodes cover {last['start'] + last['length']} frames, arrays hold {n}")
+    return arrays, meta
+
+
+def teacher_embedding(dim: int = 16, seed: int = 0) -> np.ndarray:
+    """Fixed random orthonormal rows, one per TEACHER_CLASSES entry: (n_classes, dim)."""
+    g = np.random.default_rng(seed).normal(size=(dim, len(TEACHER_CLASSES)))
+    q, _ = np.linalg.qr(g)                                   # (dim, n) orthonormal columns
+    return q.T.astype(np.float32)
+
+
+def semantic_classes(seg: np.ndarray, shapes_per_sample: list) -> np.ndarray:
+    """Seg ids (N, ..., H, W) -> teacher class ids using each sample's object shapes."""
+    lut = np.zeros((len(shapes_per_sample), 256), np.int64)
+    lut[:, :SEG_OBJ0] = np.arange(SEG_OBJ0)
+    for i, shapes in enumerate(shapes_per_sample):
+        for k, s in enumerate(shapes):
+            lut[i, SEG_OBJ0 + k] = SEG_OBJ0 + SHAPES.index(s)
+    idx = np.arange(len(shapes_per_sample)).reshape((-1,) + (1,) * (seg.ndim - 1))
+    return lut[idx, seg]
+
+
+def semantic_teacher(classes: np.ndarray, patch: int, emb: np.ndarray) -> np.ndarray:
+    """Class map (..., H, W) -> patch features (..., H/patch, W/patch, d): class embeddings
+    average-pooled over each patch (the toy world's frozen "foundation encoder")."""
+    n = emb.shape[0]
+    onehot = np.eye(n, dtype=np.float32)[classes]             # (..., H, W, n)
+    *lead, H, W, _ = onehot.shape
+    pooled = onehot.reshape(*lead, H // patch, patch, W // patch, patch, n).mean((-4, -2))
+    return pooled @ emb                                        # (..., h, w, d)
+
+
+class ClipDataset:
+    """Yields SPEC section 1 batches from a toy-world dataset.
+
+    A clip starts at frame s of an episode: video = frames s .. s+frames-1 (past the episode end the
+    last frame repeats), actions = the K actions from s (no-ops past the end), state at s, value at s.
+    """
+
+    def __init__(self, arrays: dict, meta: dict, frames: int, horizon: int, q: int = 4,
+                 teacher_patch: int = 0, teacher_dim: int = 16):
+        self.a, self.meta = arrays, meta
+        self.frames, self.horizon, self.q = frames, horizon, q
+        self.teacher_patch = teacher_patch
+        self.emb = teacher_embedding(teacher_dim) if teacher_patch else None
+        eps = meta["episodes"]
+        self.ep_start = np.array([e["start"] for e in eps])
+        self.ep_len = np.array([e["length"] for e in eps])
+        self.shapes = [e["shapes"] for e in eps]
+        self.targets = np.array([e["target"] for e in eps])
+        self.texts = [e["instruction"] for e in eps]
+        st = meta["stats"]
+        self.a_mean, self.a_std = np.array(st["actions"]["mean"], np.float32), np.array(st["actions"]["std"], np.float32)
+        self.s_mean, self.s_std = np.array(st["state"]["mean"], np.float32), np.array(st["state"]["std"], np.float32)
+        # every (episode, start) with at least one real action
+        self.index = np.concatenate([np.stack([np.full(L - 1, e), np.arange(L - 1)], 1) for e, L in enumerate(self.ep_len)])
+        self.camera = meta["camera"]
+
+    def __len__(self):
+        return len(self.index)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
+        rows = torch.randint(len(self.index), (batch_size,), generator=generator).numpy()
+        return self.get(rows)
+
+    def get(self, rows: np.ndarray) -> dict:
+        ep, s = self.index[rows, 0], self.index[rows, 1]
+        base, L = self.ep_start[ep], self.ep_len[ep]
+        f_idx = base[:, None] + np.minimum(s[:, None] + np.arange(self.frames), L[:, None] - 1)     # (B, T)
+        a_off = s[:, None] + np.arange(self.horizon)                                                 # (B, K)
+        a_idx = base[:, None] + np.minimum(a_off, L[:, None] - 1)
+        actions = self.a["actions"][a_idx].copy()
+        past = a_off >= L[:, None] - 1
+        actions[past, :3] = 0.0                                                                       # no-op past the end
+        frames = self.a["frames"][f_idx]                                                              # (B, T, H, W, 3)
+        video = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1                  # (B, 3, T, H, W)
+        st = self.a["state"][base + s]
+        seg = self.a["seg"][f_idx]                                                                    # (B, T, H, W)
+        lat_first = np.array([0] + [1 + (t - 1) * self.q for t in range(1, 1 + (self.frames - 1) // self.q)])
+        seg_lat = seg[:, lat_first]                                                                   # first raw frame of each latent frame (AGRA Eq. 3)
+        tgt = self.targets[ep]
+        inter = (seg_lat == SEG_GRIPPER) | (seg_lat == (SEG_OBJ0 + tgt)[:, None, None, None])
+        T_wc = torch.tensor(self.camera["T_wc"], dtype=torch.float32)
+        K = torch.tensor(self.camera["K"], dtype=torch.float32)
+        batch = {
+            "video": video,
+            "state": torch.from_numpy((st - self.s_mean) / self.s_std),
+            "actions": torch.from_numpy((actions - self.a_mean) / self.a_std),
+            "text": [self.texts[e] for e in ep],
+            "value": torch.from_numpy(self.a["value"][base + s].copy()),
+            "joints": torch.from_numpy(self.a["state"][f_idx][..., :3].copy()),
+            "gripper": torch.from_numpy(self.a["state"][f_idx][..., 3:].copy()),
+            "ee_pose": torch.from_numpy(self.a["ee_pose"][f_idx].copy()),
+            "K": K.expand(len(rows), 3, 3), "T_wc": T_wc.expand(len(rows), 4, 4),
+            "seg": torch.from_numpy(seg.astype(np.int64)),
+            "interaction_mask": torch.from_numpy(inter),
+        }
+        if self.teacher_patch:
+            cls = semantic_classes(seg_lat, [self.shapes[e] for e in ep])
+            batch["teacher"] = torch.from_numpy(semantic_teacher(cls, self.teacher_patch, self.emb))   # (B, T_lat, h, w, d)
+        return batch
+
+
+def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: float = 0.99, seed: int = 0, quiet: bool = False):
+    """Load `folder`, generating it first if absent (train.py's cached default dataset)."""
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        t0 = time.time()
+        arrays, meta = generate(episodes, "train", seed0=seed, res=res, gamma=gamma)
+        write_dataset(folder, arrays, meta)
+        if not quiet:
+            print(f"wrote default toy-world dataset ({episodes} episodes, {len(arrays['frames'])} frames) "
+                  f"to {folder} in {time.time() - t0:.1f}s")
+    return load_dataset(folder)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Generate a toy-world dataset of expert demonstrations.")
+    p.add_argument("--episodes", type=int, default=400, help="number of successful expert episodes")
+    p.add_argument("--out", required=True, help="output folder (episodes.safetensors + meta.json)")
+    p.add_argument("--split", default="train", choices=SPLITS, help="scene distribution")
+    p.add_argument("--seed", type=int, default=0, help="first episode seed (episodes use seed, seed+1, ...)")
+    p.add_argument("--res", type=int, default=32, help="image resolution (32, 64, 128)")
+    p.add_argument("--gamma", type=float, default=0.99, help="discount for the Monte-Carlo values")
+    p.add_argument("--task", default="pick_place", choices=("pick_place", "reach"))
+    args = p.parse_args()
+    t0 = time.time()
+    arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task)
+    write_dataset(args.out, arrays, meta)
+    n = len(arrays["frames"])
+    print(f"{args.episodes} episodes, {n} frames, {meta['expert_failures']} expert failures skipped, "
+          f"{time.time() - t0:.1f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
