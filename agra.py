@@ -1,0 +1,887 @@
+"""AGRA: "Making Foresight Actionable: Repurposing Representation Alignment in World Action Models"
+(Qiu et al., 2026; shared/papers/000_57a6d1d9d774d77e.txt).
+
+A dual-DiT World Action Model: a Cosmos-Predict2.5-style video DiT predicts the future; a
+multi-layer bridge hands its hidden states at several depths to a GR00T-style action DiT that
+denoises an action chunk. AGRA adds one auxiliary loss: the video hidden states at ~1/3 depth,
+through a small projector, are pulled towards a frozen foundation encoder's patch features
+(DINOv2; on the toy world a semantic teacher) by negative cosine similarity, so the features the
+action head reads are organized by what things are, not by how they look.
+
+Time convention (all of this file): x_t = (1 - t) x0 + t noise, t = 1 is pure noise, velocity
+target v = noise - x0 (Eq. 8-9, 11, 13). GR00T's action head uses t = 1 for clean data; we keep
+its architecture and use our convention (its time embedding sees t * 1000 of our t).
+
+Paper -> code
+| paper                                   | code                                               |
+|-----------------------------------------|----------------------------------------------------|
+| Eq. 1  policy a_{1:K} = pi(o_0, s_0, c)  | Model.sample                                       |
+| Eq. 2, 12, 15, 17, 20  G_j = Proj_j(H)   | Bridge.forward, ActionBlock (cross-attention)      |
+| Eq. 3  teacher features of first frames  | Model.teacher_features, data/toyworld ClipDataset  |
+| Eq. 4  interpolate to the token grid     | interpolate_teacher                                |
+| Eq. 5  Z_k = P_k(H_k)                    | Model.loss (projectors)                            |
+| Eq. 6  L_AGRA = -mean cos                | agra_loss                                          |
+| Eq. 7, 18  L = L_vid + l_act L_act + l_agra L_AGRA | Model.loss                               |
+| Eq. 8-9  video flow matching             | Model.loss (pass a), VideoDiT                      |
+| Eq. 10, 16, 19  hidden states at t = 1   | VideoDiT.forward(layers=...), Model.condition      |
+| Eq. 11, 13  action flow matching         | Model.loss, ActionDiT                              |
+| Eq. 14  bridge layer indices             | bridge_layers (round, see its docstring)           |
+| App. A.1 Cosmos DiT / GR00T head         | VideoDiT, CosmosBlock / ActionDiT, ActionBlock     |
+| App. A.2 one t=1 video pass + 4 Euler    | Model.sample                                       |
+| App. B.2.2 variants                      | Config.agra_pass / freeze_video / agra_weight=0    |
+| App. C.1 sizes, layers [0,4,...,27]      | CONFIGS["full"]                                    |
+| App. C.3 stages, LRs, cosine 5 % warm-up | Config.stage, Model.param_groups, Config.lr_*      |
+| Sec. 3.2, 4.2.1, Table 1, Fig. 4c        | cross_attention_maps, attention_metrics,           |
+|   attention / interventions / R          |   intervene, intervention_heatmap, sensitivity_ratio|
+
+Shape letters: B batch, C latent channels, T latent frames, h x w token grid per latent frame,
+N_v = T*h*w video tokens, D video width, A action-head width, G bridge width, K horizon,
+d_a action dim, d_s state dim, d_t teacher dim. "Layer l" means the output of video block l
+(0-indexed), the numbering of App. C.1's [0, 4, ..., 27].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Attention, FP32LayerNorm, PixelCodec, RMSNorm, TinyTextEncoder, add_noise, check_choice,
+                    check_shape, grid_positions, modulate, rope_3d, sample_t, timestep_embedding, velocity_target)
+
+# -------------------------------------------------------------------------------------------------
+# Config
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # data layout
+    height: int = 32                     # frame size (App. C.1: 192 x 336)
+    width: int = 32
+    frames: int = 9                      # raw frames per clip, 1 + q (T - 1) (App. C.1: 17)
+    latent_q: int = 4                    # raw frames per latent frame (VAE temporal stride 4)
+    codec_p: int = 2                     # tiny pixel codec space-to-depth (the Wan VAE is 8)
+    latent_channels: int = 48            # 3 q p^2 for the pixel codec; 16 for the Wan2.1 VAE
+    action_dim: int = 4                  # d_a
+    state_dim: int = 4                   # d_s
+    horizon: int = 8                     # K (App. C.3: 48 real robot, 16 simulation)
+    vocab: tuple = ()                    # tiny text encoder words (filled from the toy world)
+    text_layers: int = 1
+    # video DiT, Cosmos-Predict2.5 (App. A.1; reference/checkpoints.md section 3)
+    video_dim: int = 64                  # 2048
+    video_layers: int = 6                # M = 28
+    video_heads: int = 2                 # 16 x 128 (tiny: head_dim 32 keeps 5 RoPE frequencies per axis)
+    mlp_ratio: float = 4.0
+    adaln_lora_dim: int = 32             # 256
+    patch: tuple = (1, 2, 2)             # (t, h, w)
+    concat_padding_mask: bool = False    # Cosmos adds an all-zero padding-mask channel (18 input ch.)
+    text_dim: int = 64                   # cross-attention context width (1024)
+    crossattn_proj_in: int = 0           # 100352 = 28 x 3584 Cosmos-Reason features -> Linear + GELU
+    rope_theta: float = 10000.0
+    rope_scale: tuple = (1.0, 3.0, 3.0)  # NTK factors (t, h, w) of Cosmos-2.5
+    cond_t: float = 1e-4                 # timestep of the clean condition frame (Cosmos conditional_frame_timestep)
+    video_t_sampler: str = "logit_normal"  # tau_v ~ sigmoid(N(0,1)) (rectified-flow default)
+    # action DiT, GR00T-N1.5 style (App. A.1, C.1)
+    act_dim: int = 64                    # A: hidden 1024
+    act_layers: int = 4                  # N cross-attention blocks: 8
+    act_heads: int = 2                   # 32
+    bridge_dim: int = 64                 # G: cross-attention dim 2048
+    project_layers: int = 1              # shared project module depth: 4 self-attention layers
+    project_heads: int = 2               # 32
+    max_grid: tuple = (8, 64, 64)        # (T, h, w) sizes of the bridge position tables
+    action_steps: int = 4                # Euler steps at inference (App. A.2)
+    action_t_alpha: float = 1.5          # t_a = 0.001 + 0.999 Beta(1.5, 1) (pi0 / GR00T, our convention)
+    action_t_beta: float = 1.0
+    bridge: str = "multi"                # "multi" (Eq. 14) | "single" (AGRA-BridgeL8: one layer to all blocks)
+    bridge_layer_override: tuple = ()    # explicit l_j, replaces bridge_layers(M, N)
+    # AGRA (Eq. 3-7)
+    agra_weight: float = 0.01            # lambda_agra (App. C.3); 0 = the WAM baseline
+    act_weight: float = 1.0              # lambda_act (Eq. 18, App. C.3)
+    agra_layers: tuple = (2,)            # S_agra; (8,) of 28 at full size (~1/3 depth; 2 of 6 here)
+    agra_pass: str = "action_cond"       # action_cond | video | shared (Table 2)
+    teacher: str = "toy"                 # toy (semantic teacher) | dinov2
+    teacher_dim: int = 16                # d_t (DINOv2-B: 768)
+    teacher_patch: int = 2               # toy teacher patch (pixels); DINOv2: 14
+    teacher_res: int = 448               # DINOv2 input size (App. C.1)
+    teacher_layers: int = 12
+    teacher_heads: int = 12
+    proj_dim: int = 128                  # REPA projector width (2048)
+    # training (App. C.3)
+    stage: str = "joint"                 # video | joint | finetune
+    freeze_video: bool = False           # the "Freeze backbone" variant (finetune implies it)
+    lr_video: float = 5e-4               # 1e-5 real robot, 1e-4 simulation
+    lr_head: float = 5e-4                # 1e-4
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_frac: float = 0.05            # cosine with 5 % warm-up
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    steps: int = 400                     # the `--tiny` default run (about 2 CPU minutes)
+
+    def __post_init__(self):
+        check_choice("stage", self.stage, ("video", "joint", "finetune"))
+        check_choice("agra_pass", self.agra_pass, ("action_cond", "video", "shared"))
+        check_choice("bridge", self.bridge, ("multi", "single"))
+        check_choice("teacher", self.teacher, ("toy", "dinov2"))
+        for l in self.agra_layers:
+            if not 0 <= l < self.video_layers:
+                raise ValueError(f"agra_layers={self.agra_layers}: layer {l} outside 0..{self.video_layers - 1}")
+        if (self.frames - 1) % self.latent_q:
+            raise ValueError(f"frames={self.frames} must be 1 + latent_q * k (latent_q={self.latent_q})")
+
+    @property
+    def latent_frames(self) -> int:
+        return 1 + (self.frames - 1) // self.latent_q
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        p = self.codec_p                                  # spatial stride of the codec / VAE
+        return self.latent_frames // self.patch[0], self.height // p // self.patch[1], self.width // p // self.patch[2]
+
+
+# -------------------------------------------------------------------------------------------------
+# Video DiT, Cosmos-Predict2.5 style (App. A.1). Module names follow Cosmos' MiniTrainDIT keys;
+# attention internals use common.Attention's names, mapped by COSMOS_KEY_MAP.
+# -------------------------------------------------------------------------------------------------
+
+
+def adaln_lora(dim: int, rank: int, chunks: int) -> nn.Sequential:
+    """SiLU -> Linear(D, r) -> Linear(r, chunks * D), bias-free (Cosmos AdaLN-LoRA)."""
+    return nn.Sequential(nn.SiLU(), nn.Linear(dim, rank, bias=False), nn.Linear(rank, chunks * dim, bias=False))
+
+
+class CosmosMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.layer1 = nn.Linear(dim, hidden, bias=False)
+        self.layer2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.layer2(F.gelu(self.layer1(x)))
+
+
+class CosmosBlock(nn.Module):
+    """x += g * Op(LN(x) (1 + s) + b) for Op in (self-attn, cross-attn, MLP), each with its own
+    AdaLN-LoRA modulation; LayerNorms without affine; bias-free linears; per-head q/k RMSNorm."""
+
+    def __init__(self, dim, heads, ctx_dim, mlp_ratio, lora_dim):
+        super().__init__()
+        self.self_attn = Attention(dim, heads, bias=False, qk_norm="per_head")
+        self.cross_attn = Attention(dim, heads, ctx_dim=ctx_dim, bias=False, qk_norm="per_head")
+        self.mlp = CosmosMLP(dim, int(dim * mlp_ratio))
+        self.adaln_modulation_self_attn = adaln_lora(dim, lora_dim, 3)
+        self.adaln_modulation_cross_attn = adaln_lora(dim, lora_dim, 3)
+        self.adaln_modulation_mlp = adaln_lora(dim, lora_dim, 3)
+        self.dim = dim
+
+    def _mod(self, layer, emb, lora, tokens_per_frame):
+        # (B, T, D) -> shift, scale, gate each (B, T*h*w, D): one modulation per latent frame
+        m = (layer(emb) + lora).float().repeat_interleave(tokens_per_frame, dim=1)
+        return m.chunk(3, dim=-1)
+
+    def forward(self, x, emb, lora, ctx, rope, tokens_per_frame):
+        ln = lambda y: F.layer_norm(y.float(), (self.dim,), eps=1e-6)          # noqa: E731
+        shift, scale, gate = self._mod(self.adaln_modulation_self_attn, emb, lora, tokens_per_frame)
+        x = x + (gate * self.self_attn(modulate(ln(x), shift, scale).type_as(x), rope=rope).float()).type_as(x)
+        shift, scale, gate = self._mod(self.adaln_modulation_cross_attn, emb, lora, tokens_per_frame)
+        x = x + (gate * self.cross_attn(modulate(ln(x), shift, scale).type_as(x), ctx).float()).type_as(x)
+        shift, scale, gate = self._mod(self.adaln_modulation_mlp, emb, lora, tokens_per_frame)
+        return x + (gate * self.mlp(modulate(ln(x), shift, scale).type_as(x)).float()).type_as(x)
+
+
+class TimestepMLP(nn.Module):
+    """Cosmos t_embedder.1: linear_1 (D -> D) -> SiLU -> linear_2 (D -> 3D), bias-free; its output is
+    the AdaLN-LoRA term shared by all blocks."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, dim, bias=False)
+        self.linear_2 = nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, lora_dim, out):
+        super().__init__()
+        self.adaln_modulation = adaln_lora(dim, lora_dim, 2)
+        self.linear = nn.Linear(dim, out, bias=False)
+        self.dim = dim
+
+    def forward(self, x, emb, lora, tokens_per_frame):
+        m = (self.adaln_modulation(emb) + lora[..., : 2 * self.dim]).float().repeat_interleave(tokens_per_frame, 1)
+        shift, scale = m.chunk(2, dim=-1)
+        return self.linear(modulate(F.layer_norm(x.float(), (self.dim,), eps=1e-6), shift, scale).type_as(x))
+
+
+class VideoDiT(nn.Module):
+    """Cosmos-Predict2.5 video DiT. Input channels: latent + condition mask (+ padding mask).
+
+    forward(x (B, C_in, T, H, W), t (B, T) per latent frame, ctx (B, L, ctx)) ->
+        (velocity (B, C_out, T, H, W), {layer: hidden (B, N_v, D)} for the requested layers)
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        D, (pt, ph, pw) = cfg.video_dim, cfg.patch
+        c_in = cfg.latent_channels + 1 + int(cfg.concat_padding_mask)
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Sequential(nn.Identity(), nn.Linear(c_in * pt * ph * pw, D, bias=False))
+        self.t_embedder = nn.Sequential(nn.Identity(), TimestepMLP(D))   # .0 is the parameter-free sinusoid
+        self.t_embedding_norm = RMSNorm(D, eps=1e-6)
+        ctx_dim = cfg.text_dim
+        if cfg.crossattn_proj_in:
+            self.crossattn_proj = nn.Sequential(nn.Linear(cfg.crossattn_proj_in, ctx_dim), nn.GELU())
+        self.blocks = nn.ModuleList([CosmosBlock(D, cfg.video_heads, ctx_dim, cfg.mlp_ratio, cfg.adaln_lora_dim)
+                                     for _ in range(cfg.video_layers)])
+        self.final_layer = FinalLayer(D, cfg.adaln_lora_dim, pt * ph * pw * cfg.latent_channels)
+
+    def patchify(self, x):
+        # b c (t r)(h m)(w n) -> b (t h w) (c r m n)
+        B, C, T, H, W = x.shape
+        pt, ph, pw = self.cfg.patch
+        x = x.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(B, (T // pt) * (H // ph) * (W // pw), C * pt * ph * pw), (T // pt, H // ph, W // pw)
+
+    def unpatchify(self, x, grid):
+        # b (t h w) (p1 p2 r C) -> b C (t r) (h p1) (w p2)   (Cosmos' output order)
+        T, h, w = grid
+        pt, ph, pw = self.cfg.patch
+        B, C = x.shape[0], self.cfg.latent_channels
+        x = x.reshape(B, T, h, w, ph, pw, pt, C).permute(0, 7, 1, 6, 2, 4, 3, 5)
+        return x.reshape(B, C, T * pt, h * ph, w * pw)
+
+    def forward(self, x, t, ctx, layers=()):
+        tokens, grid = self.patchify(x)                                  # (B, N_v, C_in p)
+        h = self.x_embedder.proj(tokens)                                 # (B, N_v, D)
+        sin = timestep_embedding(t, self.cfg.video_dim)                  # (B, T, D) [cos, sin]
+        lora = self.t_embedder(sin)                                      # (B, T, 3D)
+        emb = self.t_embedding_norm(sin)                                 # (B, T, D)
+        if self.cfg.crossattn_proj_in:
+            ctx = self.crossattn_proj(ctx)
+        tp, hp, wp = grid_positions(*grid, device=x.device)
+        rope = (rope_3d(tp, hp, wp, self.cfg.video_dim // self.cfg.video_heads, self.cfg.rope_theta,
+                        self.cfg.rope_scale), False)                     # rotate-half layout [t,h,w]*2
+        per_frame = grid[1] * grid[2]
+        hidden = {}
+        for i, block in enumerate(self.blocks):
+            h = block(h, emb, lora, ctx, rope, per_frame)
+            if i in layers:
+                hidden[i] = h                                            # H_l (Eq. 10)
+        out = self.final_layer(h, emb, lora, per_frame)
+        return self.unpatchify(out, grid), hidden
+
+
+def cosmos_key_map(key: str) -> str:
+    """Original Cosmos-Predict2.5 checkpoint key (without `net.`) -> our VideoDiT key."""
+    for old, new in ((".q_proj.", ".q."), (".k_proj.", ".k."), (".v_proj.", ".v."), (".output_proj.", ".o."),
+                     (".q_norm.", ".norm_q."), (".k_norm.", ".norm_k.")):
+        key = key.replace(old, new)
+    return key
+
+
+# -------------------------------------------------------------------------------------------------
+# Multi-layer bridge (Eq. 2, 14-15, 20)
+# -------------------------------------------------------------------------------------------------
+
+
+def bridge_layers(M: int, N: int) -> list[int]:
+    """Video layer l_j read by action block j (Eq. 14), uniform over depth.
+
+    Eq. 14 writes floor(j (M-1) / (N-1)), which gives [0,3,7,11,15,19,23,27] for M=28, N=8, but
+    the layers the authors list in App. C.1 are [0,4,8,12,15,19,23,27]: round(). We use round()
+    (it is what was run, and it contains layer 8, where AGRA aligns); half rounds up.
+    """
+    if N == 1:
+        return [M - 1]
+    return [int(math.floor(j * (M - 1) / (N - 1) + 0.5)) for j in range(N)]
+
+
+class SABlock(nn.Module):
+    """Pre-norm self-attention transformer block (the project module's layers)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qk_norm="none")
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class Bridge(nn.Module):
+    """G_j = Project(Proj_j(H_{l_j})) (Eq. 15): per-layer LayerNorm + Linear to the bridge width, plus
+    learned (t, h, w) position tables, then the shared project module (LayerNorm + self-attention
+    transformer, App. C.1; GR00T-N1.5's vl-self-attention). The position tables are our addition:
+    the video DiT uses RoPE only, so its hidden states carry no absolute position for the action
+    head's cross-attention to read (see README, deviations)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.layers = list(cfg.bridge_layer_override) or bridge_layers(cfg.video_layers, cfg.act_layers)
+        if cfg.bridge == "single":                                   # AGRA-BridgeL8: the aligned layer to every block
+            self.layers = [cfg.agra_layers[0]] * cfg.act_layers
+        if len(self.layers) != cfg.act_layers:
+            raise ValueError(f"bridge needs {cfg.act_layers} layers (one per action block), got {self.layers}")
+        G = cfg.bridge_dim
+        self.proj = nn.ModuleList([nn.Sequential(nn.LayerNorm(cfg.video_dim), nn.Linear(cfg.video_dim, G))
+                                   for _ in self.layers])
+        Tm, hm, wm = cfg.max_grid
+        self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, G)) for n in (Tm, hm, wm))
+        self.project_norm = nn.LayerNorm(G)
+        self.project = nn.ModuleList([SABlock(G, cfg.project_heads) for _ in range(cfg.project_layers)])
+
+    def forward(self, hidden: dict, grid) -> list[torch.Tensor]:
+        T, h, w = grid
+        pos = (self.pos_t[:T, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]).reshape(T * h * w, -1)
+        g = torch.stack([proj(hidden[l]) for proj, l in zip(self.proj, self.layers)])   # (N, B, N_v, G) Eq. 15
+        N, B = g.shape[:2]
+        g = self.project_norm(g.flatten(0, 1) + pos)                     # shared module, all j at once
+        for block in self.project:
+            g = block(g)
+        return list(g.unflatten(0, (N, B)).unbind(0))                    # N x (B, N_v, G)
+
+
+# -------------------------------------------------------------------------------------------------
+# Action DiT, GR00T-N1 style (App. A.1, C.1): [state token, action tokens], per block adaLN(t)
+# self-attention, cross-attention to G_j, FFN; output = action velocity (Eq. 13)
+# -------------------------------------------------------------------------------------------------
+
+
+class AdaLayerNorm(nn.Module):
+    """LN(x) (1 + scale) + shift with (scale, shift) = Linear(SiLU(temb)) (GR00T order)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-5, elementwise_affine=False)
+
+    def forward(self, x, temb):
+        scale, shift = self.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        return modulate(self.norm(x), shift, scale)
+
+
+class ActionBlock(nn.Module):
+    def __init__(self, dim, heads, ctx_dim):
+        super().__init__()
+        self.norm1 = AdaLayerNorm(dim)
+        self.attn1 = Attention(dim, heads, qk_norm="none")               # self-attention over state/action tokens
+        self.norm2 = AdaLayerNorm(dim)
+        self.attn2 = Attention(dim, heads, ctx_dim=ctx_dim, qk_norm="none")  # cross-attention to G_j
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, temb, g, attn_out=None):
+        x = x + self.attn1(self.norm1(x, temb))
+        x = x + self.attn2(self.norm2(x, temb), g, attn_out=attn_out)   # X_j = CrossAttn(Q=X_{j-1}, K=V=G_j) (Eq. 2, 12)
+        return x + self.ff(self.norm3(x))
+
+
+class ActionDiT(nn.Module):
+    """f_phi^act(a^tau, s_0, tau, G) -> velocity (B, K, d_a) (Eq. 13)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        A = cfg.act_dim
+        self.state_encoder = nn.Sequential(nn.Linear(cfg.state_dim, A), nn.ReLU(), nn.Linear(A, A))
+        self.action_w1 = nn.Linear(cfg.action_dim, A)                    # GR00T action encoder W1, W2, W3
+        self.action_w2 = nn.Linear(2 * A, A)
+        self.action_w3 = nn.Linear(A, A)
+        self.pos_embed = nn.Embedding(max(cfg.horizon, 16), A)          # N1.5 add_pos_embed on action tokens
+        self.timestep_encoder = nn.Sequential(nn.Linear(256, A), nn.SiLU(), nn.Linear(A, A))
+        self.transformer_blocks = nn.ModuleList([ActionBlock(A, cfg.act_heads, cfg.bridge_dim) for _ in range(cfg.act_layers)])
+        self.norm_out = nn.LayerNorm(A, eps=1e-6, elementwise_affine=False)
+        self.proj_out_1 = nn.Linear(A, 2 * A)
+        self.proj_out_2 = nn.Linear(A, A)
+        self.action_decoder = nn.Sequential(nn.Linear(A, A), nn.ReLU(), nn.Linear(A, cfg.action_dim))
+
+    def forward(self, a_t, t, state, G, attn_out=None):
+        B, K, _ = a_t.shape
+        t1000 = t * 1000                                                 # our t (1 = noise) on GR00T's 0..1000 scale
+        temb = self.timestep_encoder(timestep_embedding(t1000, 256))                    # (B, A)
+        tau = timestep_embedding(t1000, self.action_w1.out_features, cos_first=False)  # (B, A) [sin, cos]
+        a = self.action_w1(a_t)                                                          # (B, K, A)
+        a = self.action_w3(F.silu(self.action_w2(torch.cat([a, tau[:, None].expand_as(a)], -1))))
+        a = a + self.pos_embed.weight[:K]
+        x = torch.cat([self.state_encoder(state)[:, None], a], 1)                         # (B, 1 + K, A)
+        for block, g in zip(self.transformer_blocks, G):
+            x = block(x, temb, g, attn_out)
+        shift, scale = self.proj_out_1(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        x = self.proj_out_2(modulate(self.norm_out(x), shift, scale))
+        return self.action_decoder(x[:, 1:])                                              # (B, K, d_a)
+
+
+# -------------------------------------------------------------------------------------------------
+# AGRA loss and teachers (Eq. 3-6)
+# -------------------------------------------------------------------------------------------------
+
+
+def agra_loss(z: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Eq. 6: negative cosine similarity, averaged over all leading dims (k, b, t, u, v).
+
+    cos(x, y) = x.y / (|x| |y| + eps): -1 for identical directions, 0 for orthogonal ones."""
+    cos = (z * y).sum(-1) / (z.norm(dim=-1) * y.norm(dim=-1) + eps)
+    return -cos.mean()
+
+
+def interpolate_teacher(y: torch.Tensor, grid_hw) -> torch.Tensor:
+    """Eq. 4: Y (B, T, H_d, W_d, d_t) -> Y~ (B, T, h, w, d_t), bilinear (antialiased when shrinking)."""
+    B, T, Hd, Wd, d = y.shape
+    x = y.permute(0, 1, 4, 2, 3).reshape(B * T, d, Hd, Wd).float()
+    if (Hd, Wd) != tuple(grid_hw):
+        shrink = Hd > grid_hw[0] or Wd > grid_hw[1]
+        x = F.interpolate(x, size=tuple(grid_hw), mode="bilinear", align_corners=False, antialias=shrink)
+    return x.reshape(B, T, d, *grid_hw).permute(0, 1, 3, 4, 2)
+
+
+def repa_projector(dim: int, hidden: int, out: int) -> nn.Sequential:
+    """P_k (Eq. 5) = REPA's MLP: Linear -> SiLU -> Linear -> SiLU -> Linear."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out))
+
+
+class Dinov2Layer(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attention = nn.Module()
+        self.attention.attention = nn.Module()
+        for n in ("query", "key", "value"):
+            setattr(self.attention.attention, n, nn.Linear(dim, dim))
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(dim, dim)
+        self.layer_scale1 = nn.Module()
+        self.layer_scale1.lambda1 = nn.Parameter(torch.ones(dim))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.layer_scale2 = nn.Module()
+        self.layer_scale2.lambda1 = nn.Parameter(torch.ones(dim))
+        self.heads = heads
+
+    def forward(self, x):
+        a = self.attention.attention
+        h = self.norm1(x)
+        q, k, v = (m(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for m in (a.query, a.key, a.value))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + self.layer_scale1.lambda1 * self.attention.output.dense(h)
+        return x + self.layer_scale2.lambda1 * self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class Dinov2Teacher(nn.Module):
+    """Frozen DINOv2 ViT (patch 14), module names = the Hub checkpoint's legacy names, so
+    `facebook/dinov2-*` weights load by name (the loader comes with the checkpoint issue; until then
+    it is random-initialized). Returns patch features `last_hidden_state[:, 1:]` on an
+    (res/14)^2 grid, with the position table bicubically interpolated from 37 x 37."""
+
+    def __init__(self, dim=768, layers=12, heads=12, res=448):
+        super().__init__()
+        self.res = res
+        self.embeddings = nn.Module()
+        self.embeddings.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.embeddings.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.embeddings.position_embeddings = nn.Parameter(torch.randn(1, 1 + 37 * 37, dim) * 0.02)
+        self.embeddings.patch_embeddings = nn.Module()
+        self.embeddings.patch_embeddings.projection = nn.Conv2d(3, dim, 14, 14)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList([Dinov2Layer(dim, heads) for _ in range(layers)])
+        self.layernorm = nn.LayerNorm(dim, eps=1e-6)
+        self.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images):                                           # (N, 3, H, W) in [-1, 1]
+        x = F.interpolate((images + 1) / 2, size=(self.res, self.res), mode="bicubic", align_corners=False)
+        x = self.embeddings.patch_embeddings.projection((x - self.mean) / self.std)     # (N, D, g, g)
+        g = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
+        pe = self.embeddings.position_embeddings
+        grid = pe[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+        x = torch.cat([self.embeddings.cls_token.expand(len(x), -1, -1) + pe[:, :1], x + grid.to(x.dtype)], 1)
+        for layer in self.encoder.layer:
+            x = layer(x)
+        return self.layernorm(x)[:, 1:].unflatten(1, (g, g))             # (N, g, g, D)
+
+
+# -------------------------------------------------------------------------------------------------
+# The model
+# -------------------------------------------------------------------------------------------------
+
+
+class Model(nn.Module):
+    """AGRA world action model: VideoDiT -> Bridge -> ActionDiT, with the AGRA alignment loss."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        codec = PixelCodec(cfg.latent_q, cfg.codec_p)
+        # the pixel codec serves the tiny preset; at full size latents come pre-encoded (Wan2.1 VAE, 16 ch)
+        self.codec = codec if codec.channels == cfg.latent_channels else None
+        if not cfg.crossattn_proj_in:
+            self.text_encoder = TinyTextEncoder(list(cfg.vocab), cfg.text_dim, layers=cfg.text_layers)
+        self.video = VideoDiT(cfg)
+        self.bridge = Bridge(cfg)
+        self.head = ActionDiT(cfg)
+        self.projectors = nn.ModuleDict({str(l): repa_projector(cfg.video_dim, cfg.proj_dim, cfg.teacher_dim)
+                                         for l in cfg.agra_layers})
+        if cfg.teacher == "dinov2":
+            self.teacher = Dinov2Teacher(cfg.teacher_dim, cfg.teacher_layers, cfg.teacher_heads, cfg.teacher_res)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT-style: xavier linears, zero biases; adaLN-Zero (blocks start as the identity);
+        zero output layers so both flows start by predicting velocity 0."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.startswith("teacher"):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for block in self.video.blocks:                                  # gates (and shift/scale) start at 0
+            for mod in (block.adaln_modulation_self_attn, block.adaln_modulation_cross_attn, block.adaln_modulation_mlp):
+                nn.init.zeros_(mod[2].weight)
+        nn.init.zeros_(self.video.t_embedder[1].linear_2.weight)
+        nn.init.zeros_(self.video.final_layer.adaln_modulation[2].weight)
+        nn.init.zeros_(self.video.final_layer.linear.weight)
+        nn.init.normal_(self.head.pos_embed.weight, std=0.02)
+        for p in (self.bridge.pos_t, self.bridge.pos_h, self.bridge.pos_w):
+            nn.init.normal_(p, std=0.02)
+        nn.init.zeros_(self.head.action_decoder[2].weight)
+        nn.init.zeros_(self.head.action_decoder[2].bias)
+
+    # ---------------------------------------------------------------- inputs
+    def encode(self, batch) -> torch.Tensor:
+        """Video latents (B, C, T, h, w): batch['latents'] if given (pre-encoded with the Wan VAE at
+        full scale), else the pixel codec on batch['video']."""
+        if "latents" in batch:
+            return batch["latents"]
+        if self.codec is None:
+            raise ValueError(f"latent_channels={self.cfg.latent_channels} is not the pixel codec's "
+                             f"{3 * self.cfg.latent_q * self.cfg.codec_p ** 2}: pass Wan-VAE latents as batch['latents']")
+        check_shape("batch['video']", batch["video"], (None, 3, None, self.cfg.height, self.cfg.width))
+        return self.codec.encode(batch["video"])
+
+    def context(self, batch) -> torch.Tensor:
+        """Text context (B, L, ctx): precomputed batch['text_emb'] at full scale, else the tiny encoder."""
+        if self.cfg.crossattn_proj_in:
+            return batch["text_emb"]
+        return self.text_encoder(batch["text"])
+
+    def video_input(self, z_t: torch.Tensor) -> torch.Tensor:
+        """[z_t, condition mask (1 on latent frame 0), (zero padding mask)] along channels."""
+        B, _, T, h, w = z_t.shape
+        mask = torch.zeros(B, 1, T, h, w, device=z_t.device, dtype=z_t.dtype)
+        mask[:, :, 0] = 1
+        parts = [z_t, mask] + ([torch.zeros_like(mask)] if self.cfg.concat_padding_mask else [])
+        return torch.cat(parts, 1)
+
+    def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
+        """(B,) -> (B, T): the condition frame at cond_t (clean), future frames at t."""
+        tt = t[:, None].repeat(1, T)
+        tt[:, 0] = self.cfg.cond_t
+        return tt
+
+    def teacher_features(self, batch) -> torch.Tensor:
+        """Eq. 3: features of the first raw frame of each latent frame, (B, T, H_d, W_d, d_t)."""
+        if self.cfg.teacher == "toy":
+            return batch["teacher"]                                      # computed by the toy world from its seg maps
+        idx = [0] + [1 + (t - 1) * self.cfg.latent_q for t in range(1, self.cfg.latent_frames)]
+        frames = batch["video"][:, :, idx]                               # (B, 3, T, H, W)
+        B, _, T = frames.shape[:3]
+        feats = self.teacher(frames.transpose(1, 2).flatten(0, 1))       # (B T, g, g, d_t)
+        return feats.unflatten(0, (B, T))
+
+    # ---------------------------------------------------------------- training loss
+    def loss(self, batch):
+        cfg = self.cfg
+        z = self.encode(batch)                                           # (B, C, T, h, w)
+        B, T = z.shape[0], z.shape[2]
+        ctx = self.context(batch)
+        dev = z.device
+        video_trainable = cfg.stage != "finetune" and not cfg.freeze_video
+        use_action = cfg.stage in ("joint", "finetune")
+        use_video_loss = cfg.stage in ("video", "joint") and video_trainable
+        use_agra = use_action and video_trainable and cfg.agra_weight > 0
+        cond_pass = use_action and cfg.agra_pass != "shared"             # separate t = 1 pass (Eq. 19)
+        parts, total = {}, torch.zeros((), device=dev)
+
+        # the video passes, batched along the batch dimension: (a) denoising at tau_v, (b) t = 1
+        layers = set()
+        if use_action:
+            layers |= set(self.bridge.layers)
+        if use_agra:
+            layers |= set(cfg.agra_layers)
+        xs, ts = [], []
+        if use_video_loss or not cond_pass:
+            tau_v = sample_t(cfg.video_t_sampler, B, device=dev)
+            noise_a = torch.randn_like(z)
+            z_a = add_noise(z, noise_a, self.frame_times(tau_v, T)[:, None, :, None, None])  # Eq. 8; frame 0 ~ clean
+            z_a[:, :, 0] = z[:, :, 0]                                    # the condition frame is given exactly
+            xs.append(z_a)
+            ts.append(self.frame_times(tau_v, T))
+        if cond_pass:
+            z_b = torch.cat([z[:, :, :1], torch.randn_like(z[:, :, 1:])], 2)   # future latents pure noise
+            xs.append(z_b)
+            ts.append(self.frame_times(torch.ones(B, device=dev), T))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and video_trainable):
+            n = len(xs)
+            v_hat, hidden = self.video(self.video_input(torch.cat(xs)), torch.cat(ts), ctx.repeat(n, 1, 1), layers)
+        hidden_a = {l: h[:B] for l, h in hidden.items()}
+        hidden_b = {l: h[-B:] for l, h in hidden.items()}                # == hidden_a when only one pass ran
+
+        if use_video_loss:                                               # Eq. 9, future latent frames only
+            target = velocity_target(z, noise_a)
+            parts["video"] = F.mse_loss(v_hat[:B, :, 1:].float(), target[:, :, 1:].float())
+            total = total + parts["video"]
+
+        grid = tuple(s // p for s, p in zip(z.shape[2:], cfg.patch))    # (T, h, w) token grid
+        if use_action:                                                   # Eq. 11, 13, 20
+            G = self.bridge(hidden_b if cond_pass else hidden_a, grid)
+            a0 = batch["actions"]
+            check_shape("batch['actions']", a0, (B, cfg.horizon, cfg.action_dim))
+            tau_a = sample_t("beta", B, device=dev, alpha=cfg.action_t_alpha, beta=cfg.action_t_beta)
+            eps_a = torch.randn_like(a0)
+            a_t = add_noise(a0, eps_a, tau_a[:, None, None])             # Eq. 11
+            v_act = self.head(a_t, tau_a, batch["state"], G)
+            parts["action"] = F.mse_loss(v_act.float(), velocity_target(a0, eps_a).float())   # Eq. 13
+            total = total + cfg.act_weight * parts["action"]             # Eq. 18
+
+        if use_agra:                                                     # Eq. 3-6
+            source = hidden_b if cfg.agra_pass == "action_cond" else hidden_a
+            y = interpolate_teacher(self.teacher_features(batch), grid[1:])          # (B, T, h, w, d_t) Eq. 4
+            zs = torch.stack([self.projectors[str(l)](source[l]) for l in cfg.agra_layers])  # (k, B, N_v, d_t) Eq. 5
+            parts["agra"] = agra_loss(zs.float(), y.reshape(B, -1, y.shape[-1])[None])      # Eq. 6
+            total = total + cfg.agra_weight * parts["agra"]              # Eq. 7
+        return total, {k: v.detach() for k, v in parts.items()}
+
+    def param_groups(self):
+        """Per-module learning rates (App. C.3): the video DiT (+ tiny text encoder) at lr_video,
+        bridge + action head + projectors at lr_head. Frozen parts are left out."""
+        video_trainable = self.cfg.stage != "finetune" and not self.cfg.freeze_video
+        head_trainable = self.cfg.stage != "video"
+        video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder."))]
+        head = [p for n, p in self.named_parameters() if n.startswith(("bridge.", "head."))]
+        proj = [p for n, p in self.named_parameters() if n.startswith("projectors.")]
+        for p in self.parameters():
+            p.requires_grad_(False)
+        groups = []
+        if video_trainable:
+            groups.append({"name": "video", "params": video, "lr": self.cfg.lr_video})
+        if head_trainable:
+            groups.append({"name": "head", "params": head, "lr": self.cfg.lr_head})
+        if video_trainable and self.cfg.stage == "joint" and self.cfg.agra_weight > 0:
+            groups.append({"name": "projectors", "params": proj, "lr": self.cfg.lr_head})
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        return groups
+
+    # ---------------------------------------------------------------- inference (App. A.2)
+    @torch.no_grad()
+    def condition(self, batch, noise: torch.Tensor | None = None, layers=()):
+        """The single t = 1 video pass (Eq. 16): latent of the current frame + pure-noise future.
+
+        -> (hidden states {layer: (B, N_v, D)}, velocity (B, C, T, h, w), z_1)."""
+        cfg = self.cfg
+        z0 = self.encode({"video": batch["video"][:, :, :1]} if "latents" not in batch else batch)[:, :, :1]
+        B, C, _, h, w = z0.shape
+        if noise is None:
+            noise = torch.randn(B, C, cfg.latent_frames - 1, h, w, device=z0.device)
+        z1 = torch.cat([z0, noise], 2)
+        t = self.frame_times(torch.ones(B, device=z0.device), cfg.latent_frames)
+        v, hidden = self.video(self.video_input(z1), t, self.context(batch), set(self.bridge.layers) | set(layers))
+        return hidden, v, z1
+
+    @torch.no_grad()
+    def denoise_actions(self, hidden, state, noise, steps=None, attn_out=None):
+        """Euler from t = 1 (noise) to 0 over `steps` (App. A.2: 4) with the bridge computed once."""
+        G = self.bridge(hidden, self.cfg.token_grid)
+        steps = steps or self.cfg.action_steps
+        a, dt = noise, 1.0 / steps
+        for i in range(steps):
+            t = torch.full((a.shape[0],), 1.0 - i * dt, device=a.device)
+            a = a - dt * self.head(a, t, state, G, attn_out)             # x_{t-dt} = x_t - dt v
+        return a
+
+    @torch.no_grad()
+    def sample(self, batch, steps=None, generator=None):
+        """a_{1:K} = pi(o_0, s_0, c) (Eq. 1): one t = 1 video pass, then `steps` action Euler steps.
+
+        Returns normalized actions (B, K, d_a) and the one-step video estimate x0 = z_1 - v (B, C, T, h, w)."""
+        B = batch["state"].shape[0]
+        dev = batch["state"].device
+        gen_noise = lambda *s: torch.randn(*s, generator=generator).to(dev)  # noqa: E731
+        C, (_, h, w) = self.cfg.latent_channels, self.cfg.token_grid
+        ph, pw = self.cfg.patch[1:]
+        hidden, v, z1 = self.condition(batch, gen_noise(B, C, self.cfg.latent_frames - 1, h * ph, w * pw))
+        actions = self.denoise_actions(hidden, batch["state"], gen_noise(B, self.cfg.horizon, self.cfg.action_dim), steps)
+        return {"actions": actions, "video_x0": z1 - v}
+
+    @torch.no_grad()
+    def sample_video(self, batch, steps: int = 10, generator=None):
+        """Full video generation from the current frame (for pictures; the policy does not need it)."""
+        cfg = self.cfg
+        z0 = self.encode({"video": batch["video"][:, :, :1]})
+        B, C, _, h, w = z0.shape
+        z = torch.cat([z0, torch.randn(B, C, cfg.latent_frames - 1, h, w, generator=generator).to(z0.device)], 2)
+        ctx = self.context(batch)
+        for i in range(steps):
+            t = torch.full((B,), 1.0 - i / steps, device=z.device)
+            v, _ = self.video(self.video_input(z), self.frame_times(t, cfg.latent_frames), ctx)
+            z = torch.cat([z0, z[:, :, 1:] - v[:, :, 1:] / steps], 2)
+        return self.codec.decode(z).clamp(-1, 1)
+
+
+# -------------------------------------------------------------------------------------------------
+# Diagnostics (Sec. 3.2, 4.2.1, Table 1, Fig. 4c)
+# -------------------------------------------------------------------------------------------------
+
+
+def token_mask(pixel_mask: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Pixel mask (B, T, H, W) -> token mask (B, T, h, w): a token is in if any of its pixels is."""
+    _, h, w = cfg.token_grid
+    return F.adaptive_max_pool2d(pixel_mask.float().flatten(0, 1)[:, None], (h, w))[:, 0].unflatten(0, pixel_mask.shape[:2]) > 0
+
+
+@torch.no_grad()
+def cross_attention_maps(model: Model, batch, generator=None) -> torch.Tensor:
+    """Action-head cross-attention over the video tokens, averaged over heads, action tokens (the
+    state token is left out) and the denoising steps, per block: (B, N, T, h, w) (Sec. 3.2)."""
+    cfg = model.cfg
+    B = batch["state"].shape[0]
+    hidden, _, _ = model.condition(batch, torch.randn(B, cfg.latent_channels, cfg.latent_frames - 1,
+                                                      cfg.token_grid[1] * cfg.patch[1], cfg.token_grid[2] * cfg.patch[2],
+                                                      generator=generator).to(batch["state"].device))
+    attn = []
+    model.denoise_actions(hidden, batch["state"], torch.randn(B, cfg.horizon, cfg.action_dim, generator=generator)
+                          .to(batch["state"].device), attn_out=attn)
+    N = cfg.act_layers
+    a = torch.stack(attn).unflatten(0, (-1, N))                          # (steps, N, B, heads, 1 + K, N_v)
+    a = a[..., 1:, :].mean((0, 3, 4))                                    # (N, B, N_v)
+    return a.transpose(0, 1).unflatten(-1, cfg.token_grid)               # (B, N, T, h, w)
+
+
+def attention_metrics(attn: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Attention-in-Mask Ratio (mass inside the per-frame interaction mask / total mass, higher is
+    better) and Centroid Error (distance in grid units between the attention's 2D centroid and the
+    mask's centre, per latent frame, averaged; lower is better) (Sec. 4.2.1, Fig. 4c).
+    attn (B, T, h, w) >= 0, mask (B, T, h, w) bool."""
+    attn = attn.float()
+    ratio = (attn * mask).sum((1, 2, 3)) / attn.sum((1, 2, 3)).clamp_min(1e-12)
+    h, w = attn.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32).view(h, 1).expand(h, w)
+    xs = torch.arange(w, dtype=torch.float32).view(1, w).expand(h, w)
+
+    def centre(m):
+        s = m.sum((-1, -2)).clamp_min(1e-12)
+        return torch.stack([(m * ys).sum((-1, -2)) / s, (m * xs).sum((-1, -2)) / s], -1)
+    valid = mask.flatten(2).any(-1)                                      # frames whose mask is non-empty
+    err = (centre(attn) - centre(mask.float())).norm(dim=-1)             # (B, T)
+    err = (err * valid).sum(1) / valid.sum(1).clamp_min(1)
+    return {"in_mask_ratio": ratio.mean().item(), "centroid_error": err.mean().item()}
+
+
+def intervene(hidden: dict, tokens: torch.Tensor, kind: str, generator=None) -> dict:
+    """Replace the selected tokens (B, N_v bool) of every bridged hidden state (Sec. 3.2, Table 1).
+
+    zero: 0;  mean: the sample's mean token;  shuffle: permute the selected tokens among themselves;
+    swap: tokens drawn from the complement (the unselected tokens)."""
+    check_choice("intervention", kind, ("zero", "mean", "shuffle", "swap"))
+    out = {}
+    for l, h in hidden.items():
+        h = h.clone()
+        for b in range(h.shape[0]):
+            idx = tokens[b].nonzero().flatten()
+            if len(idx) == 0:
+                continue
+            if kind == "zero":
+                h[b, idx] = 0
+            elif kind == "mean":
+                h[b, idx] = hidden[l][b].mean(0)
+            elif kind == "shuffle":
+                h[b, idx] = hidden[l][b, idx[torch.randperm(len(idx), generator=generator)]]
+            else:
+                comp = (~tokens[b]).nonzero().flatten()
+                h[b, idx] = hidden[l][b, comp[torch.randint(len(comp), (len(idx),), generator=generator)]]
+        out[l] = h
+    return out
+
+
+@torch.no_grad()
+def _deviation(model, hidden, batch, tokens, kind, a_noise, a_ref, generator=None):
+    a = model.denoise_actions(intervene(hidden, tokens, kind, generator), batch["state"], a_noise)
+    return (a - a_ref).flatten(1).norm(dim=-1)                          # Euclidean action deviation (B,)
+
+
+@torch.no_grad()
+def intervention_heatmap(model: Model, batch, kind: str = "mean", generator=None) -> torch.Tensor:
+    """Action deviation when the tokens at one spatial location (all latent frames) are intervened
+    on, for every location, min-max normalized per sample: (B, h, w) (Sec. 3.2, Fig. 2 right)."""
+    cfg = model.cfg
+    B = batch["state"].shape[0]
+    dev = batch["state"].device
+    T, h, w = cfg.token_grid
+    hidden, _, _ = model.condition(batch, torch.randn(B, cfg.latent_channels, T - 1, h * cfg.patch[1], w * cfg.patch[2],
+                                                      generator=generator).to(dev))
+    a_noise = torch.randn(B, cfg.horizon, cfg.action_dim, generator=generator).to(dev)
+    a_ref = model.denoise_actions(hidden, batch["state"], a_noise)
+    heat = torch.zeros(B, h * w)
+    for loc in range(h * w):
+        tokens = torch.zeros(B, T, h * w, dtype=torch.bool, device=dev)
+        tokens[:, :, loc] = True
+        heat[:, loc] = _deviation(model, hidden, batch, tokens.flatten(1), kind, a_noise, a_ref, generator).cpu()
+    lo, hi = heat.min(1, keepdim=True).values, heat.max(1, keepdim=True).values
+    return ((heat - lo) / (hi - lo).clamp_min(1e-12)).view(B, h, w)
+
+
+@torch.no_grad()
+def sensitivity_ratio(model: Model, batch, kind: str = "mean", draws: int = 4, generator=None) -> float:
+    """Matched Sensitivity Ratio R = Delta(I) / Delta(B) (Sec. 4.2.1, Table 1): I = interaction
+    tokens (gripper + target object), B = an equally large random set outside I; deviations are
+    averaged over samples (and `draws` background sets) before the ratio."""
+    cfg = model.cfg
+    B = batch["state"].shape[0]
+    dev = batch["state"].device
+    T, h, w = cfg.token_grid
+    inter = token_mask(batch["interaction_mask"], cfg).flatten(1).to(dev)          # (B, N_v)
+    hidden, _, _ = model.condition(batch, torch.randn(B, cfg.latent_channels, T - 1, h * cfg.patch[1], w * cfg.patch[2],
+                                                      generator=generator).to(dev))
+    a_noise = torch.randn(B, cfg.horizon, cfg.action_dim, generator=generator).to(dev)
+    a_ref = model.denoise_actions(hidden, batch["state"], a_noise)
+    d_i = _deviation(model, hidden, batch, inter, kind, a_noise, a_ref, generator).mean()
+    d_b = 0.0
+    for _ in range(draws):
+        bg = torch.zeros_like(inter)
+        for b in range(B):
+            out = (~inter[b]).nonzero().flatten()
+            pick = out[torch.randperm(len(out), generator=generator)[: int(inter[b].sum())]]
+            bg[b, pick] = True
+        d_b += _deviation(model, hidden, batch, bg, kind, a_noise, a_ref, generator).mean() / draws
+    return (d_i / max(float(d_b), 1e-12)).item()
+
+
+# -------------------------------------------------------------------------------------------------
+# Presets
+# -------------------------------------------------------------------------------------------------
+
+CONFIGS = {
+    # trains in about 2 minutes on a 2-core CPU on the toy world
+    "tiny": Config(),
+    # App. C.1: Cosmos-Predict2.5-2B (28 x 2048, 16 heads, AdaLN-LoRA 256, Cosmos-Reason text 100352 -> 1024)
+    # + 8-block action DiT (32 heads, hidden 1024, cross-attention 2048), project module of 4 layers,
+    # AGRA on layer 8 against DINOv2-B, 17 frames at 192 x 336 -> 5 latent frames, K = 48 (real robot)
+    "full": Config(height=192, width=336, frames=17, latent_q=4, codec_p=8, latent_channels=16, action_dim=32,
+                   state_dim=64, horizon=48, video_dim=2048, video_layers=28, video_heads=16, adaln_lora_dim=256,
+                   concat_padding_mask=True, text_dim=1024, crossattn_proj_in=100352, act_dim=1024, act_layers=8,
+                   act_heads=32, bridge_dim=2048, project_layers=4, project_heads=32, agra_layers=(8,),
+                   teacher="dinov2", teacher_dim=768, teacher_patch=14, proj_dim=2048, lr_video=1e-5, lr_head=1e-4,
+                   batch_size=256, steps=60000),
+}

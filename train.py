@@ -1,0 +1,297 @@
+"""One plain training loop for the three world action models (SPEC section 7).
+
+    python train.py --model agra --tiny                      # toy world, about 2 CPU minutes
+    python train.py --model agra --tiny --set agra_weight=0  # the WAM baseline
+    python train.py --model agra --tiny --resume runs/agra   # continue a run bit-exactly
+    torchrun --nproc_per_node=2 train.py --model agra --tiny # DDP (gloo on CPU, nccl on GPU)
+
+Order of things (nanoGPT): settings -> device / distributed -> data -> model (fresh or resumed)
+-> optimizer with per-module LR groups -> schedule -> loop -> checkpoint.
+
+A checkpoint folder holds `model.safetensors` (weights; config, normalization stats and step in
+its metadata) and `train_state.pt` (optimizer, step, RNG states; loaded with weights_only=True),
+each written atomically; `metrics.jsonl` gets one line per step.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (atomic_write, config_from_dict, config_to_dict, dist_info, load_state_dict_strict,  # noqa: E402
+                    load_weights, lr_schedule, parse_override, pick_device, pick_dtype, save_weights)
+
+MODELS = {"agra": "agra", "mvwam": "mvwam", "eawm": "eawm"}        # --model -> module file
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache", "default")
+
+
+def model_module(name: str):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    try:
+        return importlib.import_module(MODELS[name])
+    except ModuleNotFoundError as e:
+        if e.name == MODELS[name]:
+            raise SystemExit(f"{name}.py is not implemented yet in this repository (see README, status)") from None
+        raise
+
+
+def make_config(name: str, preset: str, overrides=(), **flags):
+    """CONFIGS[preset] of the model, with `--set key=value` overrides and the named flags applied."""
+    mod = model_module(name)
+    if preset not in mod.CONFIGS:
+        raise ValueError(f"unknown preset {preset!r} for {name}; expected one of {sorted(mod.CONFIGS)}")
+    cfg = copy.deepcopy(mod.CONFIGS[preset])
+    for a in overrides:
+        parse_override(cfg, a)
+    for k, v in flags.items():
+        if v is not None:
+            parse_override(cfg, f"{k}={v}")
+    if hasattr(cfg, "vocab") and not cfg.vocab:
+        from data.toyworld import VOCAB
+        cfg.vocab = tuple(VOCAB)
+    return cfg
+
+
+def dataset_for(cfg, arrays, meta):
+    """The toy-world clip reader with the clip layout this model's config asks for."""
+    from data.toyworld import ClipDataset
+    if meta["res"] != cfg.height or meta["res"] != cfg.width:
+        raise ValueError(f"dataset frames are {meta['res']}x{meta['res']}, the model expects {cfg.height}x{cfg.width}")
+    return ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q,
+                       getattr(cfg, "teacher_patch", 0) if getattr(cfg, "teacher", "") == "toy" else 0,
+                       getattr(cfg, "teacher_dim", 16))
+
+
+def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None, data_meta=None):
+    """model.safetensors (+ train_state.pt when an optimizer is given), each atomic."""
+    meta = {"model": name, "config": config_to_dict(cfg), "stats": stats, "step": step, "format": "wam-v1"}
+    if data_meta is not None:
+        meta["data"] = {k: data_meta[k] for k in ("res", "fps", "camera", "task", "gamma") if k in data_meta}
+    save_weights(os.path.join(out, "model.safetensors"), model.state_dict(), meta)
+    if optimizer is not None:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "data_rng": gen.get_state() if gen is not None else None}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
+
+
+def load_model(path: str, expect: str | None = None, device="cpu"):
+    """-> (name, model, cfg, metadata) from a checkpoint folder or model.safetensors file."""
+    f = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    sd, meta = load_weights(f)
+    if "model" not in meta or "config" not in meta:
+        raise ValueError(f"{f} has no model/config metadata: not a checkpoint written by train.py")
+    name = meta["model"]
+    if expect is not None and name != expect:
+        raise ValueError(f"{f} is a checkpoint of model '{name}', but --model {expect} was asked for")
+    mod = model_module(name)
+    cfg = config_from_dict(mod.Config, meta["config"])
+    model = mod.Model(cfg)
+    load_state_dict_strict(model, sd, what=f)
+    return name, model.to(device), cfg, meta
+
+
+class LossModule(nn.Module):
+    """DDP reduces gradients of what runs inside forward(); the models keep forward pure and expose
+    loss(), so this wrapper's forward calls it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a world action model (AGRA / MV-WAM / EA-WM) on the toy world.")
+    p.add_argument("--model", required=True, choices=sorted(MODELS), help="which model file to train")
+    p.add_argument("--tiny", action="store_true", help="use the tiny preset (same as --preset tiny)")
+    p.add_argument("--preset", default=None, help="config preset: tiny (default) or full")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the main/head group; other groups keep "
+                   "their ratio to it from the config")
+    p.add_argument("--stage", default=None, help="training stage (AGRA: video | joint | finetune; MV-WAM: video | joint)")
+    p.add_argument("--data", default=None, help="toy-world dataset folder (default: generate and cache data/cache/default)")
+    p.add_argument("--episodes", type=int, default=400, help="episodes of the generated default dataset")
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument("--resume", default=None, help="checkpoint folder to continue from (optimizer, step, RNG restored)")
+    p.add_argument("--init", default=None, help="checkpoint folder to initialize weights from (new optimizer), e.g. "
+                   "the video stage before the joint stage")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any Config field")
+    p.add_argument("--log-every", type=int, default=25, help="print one line of named losses every N steps")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this "
+                   "invocation, keeping the schedule of --steps; resume later")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    # ------------------------------------------------------------------ settings
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = "tiny" if args.tiny else (args.preset or "tiny")
+    out = args.out or os.path.join("runs", args.model)
+    resumed = None
+    if args.resume:
+        name, _, cfg, meta = load_model(args.resume, expect=args.model)
+        for a in args.set:
+            parse_override(cfg, a)
+        if args.steps is not None:
+            cfg.steps = args.steps
+        resumed = args.resume
+    else:
+        cfg = make_config(args.model, preset, args.set, stage=args.stage, batch_size=args.batch_size, steps=args.steps)
+        if args.lr is not None:
+            ratio = {k: getattr(cfg, k) / cfg.lr_head for k in vars(cfg) if k.startswith("lr_") and k != "lr_head"
+                     and isinstance(getattr(cfg, k), float)}
+            cfg.lr_head = args.lr
+            for k, r in ratio.items():
+                setattr(cfg, k, r * args.lr)
+
+    # ------------------------------------------------------------------ device, distributed
+    ddp, rank, local_rank, world = dist_info()
+    device = pick_device(args.device)
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+    master = rank == 0
+    dtype = pick_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    torch.manual_seed(args.seed + rank)
+
+    # ------------------------------------------------------------------ data
+    from data.toyworld import default_dataset, load_dataset
+    if args.data:
+        arrays, dmeta = load_dataset(args.data)
+    else:
+        if master:
+            default_dataset(DEFAULT_DATA, episodes=args.episodes, res=cfg.height)
+        if ddp:
+            dist.barrier()
+        arrays, dmeta = load_dataset(DEFAULT_DATA)
+    data = dataset_for(cfg, arrays, dmeta)
+    gen = torch.Generator().manual_seed(1000 + args.seed + rank)
+
+    # ------------------------------------------------------------------ model
+    mod = model_module(args.model)
+    model = mod.Model(cfg)
+    start = 0
+    if resumed:
+        sd, meta = load_weights(os.path.join(resumed, "model.safetensors"))
+        load_state_dict_strict(model, sd, what=resumed)
+        state = torch.load(os.path.join(resumed, "train_state.pt"), weights_only=True)
+        if state["step"] != meta["step"]:
+            raise ValueError(f"{resumed}: model.safetensors is at step {meta['step']} but train_state.pt at "
+                             f"{state['step']} (a write was interrupted); restore a consistent pair")
+        start = state["step"]
+    elif args.init:
+        _, init_model, init_cfg, _ = load_model(args.init, expect=args.model)
+        load_state_dict_strict(model, init_model.state_dict(), what=args.init)
+    model.to(device)
+    groups = model.param_groups()
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    loss_module = LossModule(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        loss_module = DDP(loss_module, device_ids=[local_rank] if device.type == "cuda" else None,
+                          find_unused_parameters=True)
+    if args.compile:
+        loss_module = torch.compile(loss_module)
+
+    # ------------------------------------------------------------------ optimizer, schedule
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    if resumed:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("data_rng") is not None:
+            gen.set_state(state["data_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    total = cfg.steps
+    end = total if args.stop_after is None else min(total, start + args.stop_after)
+    if master:
+        os.makedirs(out, exist_ok=True)
+        print(f"{args.model} ({preset}, stage {cfg.stage}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params, {n_train / 1e6:.2f}M trainable; {len(data)} clips; steps {start}->{end} of {total}; "
+              f"batch {cfg.batch_size}x{args.grad_accum}x{world}; {device} {dtype}")
+
+    # ------------------------------------------------------------------ loop
+    from tqdm import tqdm
+    log = open(os.path.join(out, "metrics.jsonl"), "a") if master else None
+    bar = tqdm(range(start, end), disable=not master, dynamic_ncols=True, mininterval=1.0)
+    t0 = time.time()
+    for step in bar:
+        mult = lr_schedule(cfg.lr_schedule, step, total, cfg.warmup_frac, getattr(cfg, "const_frac", 0.0))
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        parts_sum, loss_sum = {}, 0.0
+        for micro in range(args.grad_accum):
+            batch = to_device(data.sample(cfg.batch_size, gen), device)
+            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else loss_module.no_sync()
+            with sync, autocast:
+                loss, parts = loss_module(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss.item()} (parts {({k: v.item() for k, v in parts.items()})})")
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.item() / args.grad_accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / args.grad_accum
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if master:
+            rec = {"step": step + 1, "loss": loss_sum, **parts_sum, "lr": optimizer.param_groups[0]["lr"],
+                   "grad_norm": gnorm, "time": round(time.time() - t0, 3)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss_sum:.4f}")
+            if (step + 1) % args.log_every == 0 or step + 1 == end:
+                named = " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
+                tqdm.write(f"step {step + 1:5d} | loss {loss_sum:.4f} | {named} | lr {rec['lr']:.2e} | "
+                           f"grad {gnorm:.2f} | {time.time() - t0:.0f}s")
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 != end:
+                save_checkpoint(out, args.model, model, cfg, dmeta["stats"], step + 1, optimizer, gen, dmeta)
+
+    # ------------------------------------------------------------------ checkpoint
+    if master:
+        save_checkpoint(out, args.model, model, cfg, dmeta["stats"], end, optimizer, gen, dmeta)
+        log.close()
+        print(f"saved {out}/model.safetensors at step {end} ({time.time() - t0:.0f}s)")
+    if ddp:
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main()
