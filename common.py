@@ -19,6 +19,7 @@ raster | image files
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -89,7 +90,7 @@ def parse_override(cfg, assignment: str):
     key, raw = assignment.split("=", 1)
     valid = {f.name: f for f in fields(cfg)}
     if key not in valid:
-        close = [k for k in valid if key.lower() in k.lower() or k.lower() in key.lower()]
+        close = difflib.get_close_matches(key, list(valid), n=3)
         hint = f" (did you mean {close}?)" if close else ""
         raise ValueError(f"unknown config key {key!r}{hint}; valid keys: {sorted(valid)}")
     cur = getattr(cfg, key)

@@ -466,7 +466,8 @@ def load_dataset(folder: str):
         a = arrays[k]
         ok = a.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, a.shape))
         if not ok:
-            raise ValueError(f"dataset {folder}: '{k}' expected shape {tuple('*' if s is None else s for s in shape)}, "
+            exp = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"dataset {folder}: '{k}' expected shape {exp}, "
                              f"received {a.shape}")
         if n is not None and a.shape[0] != n:
             raise ValueError(f"dataset {folder}: '{k}' has {a.shape[0]} frames, 'frames' has {n}")

@@ -1,0 +1,164 @@
+"""Speed measurements, reported as ratios measured in one run (SPEC section 8).
+
+    python bench.py                  # toy world + tiny AGRA on this machine, a table
+    python bench.py --json           # the same as JSON
+    python bench.py --device cuda --preset full --dtype bfloat16   # full-size AGRA step on a GPU
+
+Rows: the machine's measured matmul peak; toy-world rendering frames/s on one core and default
+dataset generation time; per model: training step time, samples/s, achieved FLOP/s as a fraction
+of the measured peak, inference latency (AGRA: one t = 1 video pass + 4 action Euler steps), and
+peak memory. No number here is asserted by a test: machines are shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import pick_device, pick_dtype  # noqa: E402
+
+
+def timeit(fn, repeat=5, warmup=2, sync=None):
+    """Median wall time of fn() over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_peak(device, dtype) -> float:
+    """Best measured FLOP/s of a square matmul (the denominator of every utilization figure)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    return 2 * n ** 3 / timeit(lambda: a @ b, repeat=5, sync=sync)
+
+
+def bench_toyworld(rows):
+    from data.toyworld import ToyWorld, generate
+    torch_threads = torch.get_num_threads()
+    env = ToyWorld(res=32)
+    env.reset(seed=0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:                   # numpy rendering is single-threaded
+        env.render()
+        n += 1
+    rows.append(("toyworld", "render 32x32 frames/s (1 core)", n / (time.perf_counter() - t0), "frames/s"))
+    env.reset(seed=1)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        _, _, term, trunc, _ = env.step(np.array([0.05, 0.02, -0.02, -1.0]))
+        n += 1
+        if term or trunc:
+            env.reset(seed=n)
+    rows.append(("toyworld", "env.step (+render) steps/s", n / (time.perf_counter() - t0), "steps/s"))
+    t0 = time.perf_counter()
+    arrays, _ = generate(400, "train", seed0=0)
+    dt = time.perf_counter() - t0
+    rows.append(("toyworld", "default dataset (400 expert episodes) s", dt, "s"))
+    rows.append(("toyworld", "expert frames generated /s", len(arrays["frames"]) / dt, "frames/s"))
+    torch.set_num_threads(torch_threads)
+
+
+def bench_agra(rows, device, dtype, preset, peak, batch_size=None):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import agra
+    from data.toyworld import VOCAB, ClipDataset, generate
+    cfg = copy.deepcopy(agra.CONFIGS[preset])
+    cfg.vocab = tuple(VOCAB)
+    B = batch_size or (cfg.batch_size if preset == "tiny" else 2)
+    torch.manual_seed(0)
+    model = agra.Model(cfg).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if preset == "tiny":
+        arrays, meta = generate(16, "train", seed0=0)
+        ds = ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q, cfg.teacher_patch, cfg.teacher_dim)
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in ds.sample(B, torch.Generator().manual_seed(0)).items()}
+    else:                                                   # synthetic full-size batch: Wan latents + Reason features
+        T, h, w = cfg.latent_frames, cfg.height // 8, cfg.width // 8
+        batch = {"latents": torch.randn(B, cfg.latent_channels, T, h, w, device=device),
+                 "video": torch.rand(B, 3, cfg.frames, cfg.height, cfg.width, device=device) * 2 - 1,
+                 "text_emb": torch.randn(B, 64, cfg.crossattn_proj_in, device=device),
+                 "state": torch.randn(B, cfg.state_dim, device=device),
+                 "actions": torch.randn(B, cfg.horizon, cfg.action_dim, device=device)}
+    opt = torch.optim.AdamW(model.param_groups(), lr=1e-5)
+
+    def step():
+        with autocast:
+            loss, _ = model.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as fc:
+        with autocast:
+            loss, _ = model.loss(batch)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    flops = fc.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = timeit(step, repeat=5 if preset == "tiny" else 3, sync=sync)
+    rows.append(("agra", f"{preset} train step (batch {B}) s", t, "s"))
+    rows.append(("agra", f"{preset} train samples/s", B / t, "samples/s"))
+    rows.append(("agra", f"{preset} train FLOP per step (G)", flops / 1e9, "GFLOP"))
+    rows.append(("agra", f"{preset} achieved FLOP/s / matmul peak", flops / t / peak, "ratio"))
+    model.eval()
+    one = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in batch.items()}
+    with autocast:
+        lat = timeit(lambda: model.sample(one), repeat=10 if preset == "tiny" else 5, sync=sync)
+    rows.append(("agra", f"{preset} inference: t=1 video pass + {cfg.action_steps} action steps, batch 1 (ms)", lat * 1e3, "ms"))
+    rows.append(("agra", f"{preset} inference actions/s (K={cfg.horizon} per chunk)", cfg.horizon / lat, "actions/s"))
+    if device.type == "cuda":
+        rows.append(("agra", f"{preset} peak GPU memory (GiB)", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB"))
+    else:
+        rows.append(("agra", f"{preset} process max RSS (GiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "GiB"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Measure toy-world and model speed as ratios measured in one run.")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--preset", default="tiny", help="model preset to time (full needs a large GPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the preset's)")
+    p.add_argument("--models", nargs="+", default=["agra"], help="models to time")
+    p.add_argument("--skip-toyworld", action="store_true", help="do not time the toy world")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    rows = []
+    peak = matmul_peak(device, dtype)
+    rows.append(("machine", f"matmul peak {dtype} on {device.type} ({torch.get_num_threads()} threads)", peak / 1e9, "GFLOP/s"))
+    if not args.skip_toyworld:
+        bench_toyworld(rows)
+    for m in args.models:
+        {"agra": bench_agra}[m](rows, device, dtype, args.preset, peak, args.batch_size)
+    if args.json:
+        print(json.dumps([{"group": g, "metric": k, "value": v, "unit": u} for g, k, v, u in rows], indent=1))
+    else:
+        print(f"{'group':9s} {'metric':66s} {'value':>12s}")
+        for g, k, v, u in rows:
+            print(f"{g:9s} {k:66s} {v:12.4g}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

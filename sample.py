@@ -1,0 +1,199 @@
+"""Inference on the toy world: closed-loop rollouts, success tables, pictures (SPEC section 7).
+
+    python sample.py --ckpt runs/agra                    # success per split + GIF + AGRA diagnostics
+    python sample.py --ckpt runs/agra --episodes 100 --splits train ood_layout
+
+Every run writes pictures to --out (default: <ckpt>/samples): `rollout_<split>.gif` (observation |
+the model's predicted future, re-planned every chunk) and, for AGRA, `agra_diagnostics_<split>.png`
+per split (frame | action-head cross-attention | intervention heatmap, interaction mask outlined) and
+`metrics.json` with every printed number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import colormap, pick_device, save_gif, save_png  # noqa: E402
+from data.toyworld import SPLITS, ClipDataset, ToyWorld, generate  # noqa: E402
+from train import dataset_for, load_model  # noqa: E402
+
+
+class Policy:
+    """Wraps a trained model: normalizes observations, samples a chunk, de-normalizes actions."""
+
+    def __init__(self, model, cfg, stats, device, steps=None):
+        self.model, self.cfg, self.device, self.steps = model.eval(), cfg, device, steps
+        self.a_mean, self.a_std = np.array(stats["actions"]["mean"]), np.array(stats["actions"]["std"])
+        self.s_mean, self.s_std = np.array(stats["state"]["mean"]), np.array(stats["state"]["std"])
+
+    def batch(self, frames, states, texts):
+        video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1   # (N, 3, 1, H, W)
+        state = torch.from_numpy((np.stack(states) - self.s_mean) / self.s_std).float()
+        return {"video": video.to(self.device), "state": state.to(self.device), "text": list(texts)}
+
+    @torch.no_grad()
+    def act(self, frames, states, texts, generator):
+        out = self.model.sample(self.batch(frames, states, texts), steps=self.steps, generator=generator)
+        return out["actions"].cpu().double().numpy() * self.a_std + self.a_mean                          # (N, K, d_a)
+
+
+def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: int, max_steps: int, res: int,
+            generator, record: int = 0, predict_video=None):
+    """Run `episodes` envs of `split` in lock-step, re-planning every `exec_steps` actions.
+
+    Returns per-episode success and stage flags, and (if record) frames of the first `record` envs."""
+    envs = [ToyWorld(res=res, max_steps=max_steps) for _ in range(episodes)]
+    obs = [env.reset(seed=seed0 + i, split=split)[0] for i, env in enumerate(envs)]
+    done = np.zeros(episodes, bool)
+    success = np.zeros(episodes, bool)
+    stages = [None] * episodes
+    frames_rec = [[] for _ in range(record)]
+    while not done.all():
+        live = np.flatnonzero(~done)
+        chunk = policy.act([obs[i] for i in live], [envs[i].proprio() for i in live], [envs[i].instruction() for i in live], generator)
+        pred = predict_video([obs[i] for i in live[:record]], [envs[i].instruction() for i in live[:record]]) \
+            if predict_video is not None and record and live[0] < record else None
+        for k in range(min(exec_steps, chunk.shape[1])):
+            for j, i in enumerate(live):
+                if done[i]:
+                    continue
+                if i < record:
+                    p = pred[j][min(k, len(pred[j]) - 1)] if pred is not None and j < len(pred) else np.zeros_like(obs[i])
+                    frames_rec[i].append(np.concatenate([obs[i], p], 1))
+                obs[i], _, term, trunc, info = envs[i].step(chunk[j, k])
+                stages[i] = info["stages"]
+                if term or trunc:
+                    done[i], success[i] = True, info["success"]
+                    if i < record:
+                        frames_rec[i].append(np.concatenate([obs[i], np.zeros_like(obs[i])], 1))
+    return success, stages, frames_rec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AGRA: diagnostics on held-out expert clips (Sec. 3.2, 4.2.1, Table 1)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def overlay(frame: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None, scale: int = 4) -> np.ndarray:
+    """Frame (H, W, 3) uint8 + heat (h, w) in [0, 1] -> blended (H*scale, W*scale, 3), mask outlined in white."""
+    H, W = frame.shape[:2]
+    big = frame.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
+    hm = F.interpolate(torch.tensor(heat)[None, None].float(), size=(H * scale, W * scale), mode="bilinear",
+                       align_corners=False)[0, 0].numpy()
+    out = 0.45 * big + 0.55 * colormap(hm).astype(np.float32)
+    if mask is not None:
+        m = mask.repeat(scale, 0).repeat(scale, 1)
+        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+        out[edge] = 255
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def agra_report(model, cfg, clips: ClipDataset, png: str, n: int, generator) -> dict:
+    import agra
+    rows = torch.randperm(len(clips), generator=generator)[:n].numpy()
+    batch = clips.get(rows)
+    attn = agra.cross_attention_maps(model, batch, generator)                          # (B, N, T, h, w)
+    mask = agra.token_mask(batch["interaction_mask"], cfg)                           # (B, T, h, w)
+    metrics = agra.attention_metrics(attn.mean(1), mask)
+    per_block = [agra.attention_metrics(attn[:, j], mask)["in_mask_ratio"] for j in range(attn.shape[1])]
+    metrics["in_mask_ratio_per_block"] = per_block
+    metrics["msr"] = {k: agra.sensitivity_ratio(model, batch, k, generator=generator) for k in ("mean", "zero", "shuffle", "swap")}
+    k = min(4, n)
+    heat = agra.intervention_heatmap(model, {kk: (v[:k] if torch.is_tensor(v) else v[:k]) for kk, v in batch.items()}, "mean", generator)
+    frames = ((batch["video"][:k, :, 0].permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    pix_mask = batch["interaction_mask"][:k, 0].numpy()
+    a0 = attn[:k].mean(1)[:, 0]                                                        # current latent frame
+    a0 = (a0 - a0.amin((1, 2), keepdim=True)) / (a0.amax((1, 2), keepdim=True) - a0.amin((1, 2), keepdim=True)).clamp_min(1e-12)
+    rows_img = [np.concatenate([frames[i].repeat(4, 0).repeat(4, 1), overlay(frames[i], a0[i].numpy(), pix_mask[i]),
+                                overlay(frames[i], heat[i].numpy(), pix_mask[i])], 1) for i in range(k)]
+    save_png(png, np.concatenate(rows_img, 0))
+    return metrics
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Roll out a trained world action model in the toy world and report success.")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py (or its model.safetensors)")
+    p.add_argument("--model", default=None, help="expected model name (agra, mvwam, eawm); checked against the checkpoint")
+    p.add_argument("--episodes", type=int, default=50, help="episodes per split")
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="which splits to evaluate")
+    p.add_argument("--seed", type=int, default=100000, help="first env seed of every split (train demos use 0..)")
+    p.add_argument("--exec-steps", type=int, default=None, help="actions executed per chunk before re-planning "
+                   "(default: half the horizon)")
+    p.add_argument("--max-steps", type=int, default=60, help="episode time limit")
+    p.add_argument("--steps", type=int, default=None, help="action denoising steps (default: the config's)")
+    p.add_argument("--gif-episodes", type=int, default=1, help="episodes per split recorded into the GIF")
+    p.add_argument("--video-steps", type=int, default=10, help="Euler steps of the predicted-video panel in GIFs")
+    p.add_argument("--diag-clips", type=int, default=32, help="AGRA: held-out clips per split for the diagnostics (0: skip)")
+    p.add_argument("--out", default=None, help="folder for GIFs, PNGs and metrics.json (default <ckpt>/samples)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    name, model, cfg, meta = load_model(args.ckpt, expect=args.model, device=device)
+    out_dir = args.out or os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    policy = Policy(model, cfg, meta["stats"], device, args.steps)
+    exec_steps = args.exec_steps or max(1, cfg.horizon // 2)
+    gen = torch.Generator().manual_seed(args.seed)
+    res = cfg.height
+
+    def predict_video(frames, texts):                     # decoded future frames of the model's own prediction
+        if not hasattr(model, "sample_video"):
+            return None
+        b = policy.batch(frames, [np.zeros(cfg.state_dim)] * len(frames), texts)
+        v = model.sample_video(b, steps=args.video_steps, generator=gen)                 # (N, 3, T, H, W)
+        return ((v[:, :, 1:].permute(0, 2, 3, 4, 1).cpu() + 1) * 127.5).round().byte().numpy()
+
+    results = {"model": name, "checkpoint": args.ckpt, "step": meta.get("step"), "episodes": args.episodes,
+               "exec_steps": exec_steps, "splits": {}}
+    print(f"{name} checkpoint {args.ckpt} (step {meta.get('step')}): {args.episodes} episodes per split, "
+          f"re-plan every {exec_steps} steps")
+    print(f"{'split':16s} {'success':>8s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s}   time")
+    for split in args.splits:
+        t0 = time.time()
+        success, stages, rec = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res, gen,
+                                       record=args.gif_episodes, predict_video=predict_video)
+        row = {"success": float(success.mean())}
+        for s in ("reached", "grasped", "lifted"):
+            row[s] = float(np.mean([st[s] for st in stages]))
+        results["splits"][split] = row
+        print(f"{split:16s} {row['success']:8.2f} {row['reached']:8.2f} {row['grasped']:8.2f} {row['lifted']:8.2f}"
+              f"   {time.time() - t0:.0f}s")
+        if rec and rec[0]:
+            save_gif(os.path.join(out_dir, f"rollout_{split}.gif"), np.stack([f for r in rec for f in r]), fps=6, scale=4)
+    if name == "agra" and args.diag_clips:
+        results["diagnostics"] = {}
+        print(f"\nAGRA diagnostics on {args.diag_clips} held-out expert clips per split "
+              f"(attention averaged over blocks; MSR = Matched Sensitivity Ratio, Table 1)")
+        print(f"{'split':16s} {'in-mask':>8s} {'centroid':>8s} {'MSR mean':>9s} {'zero':>6s} {'shuffle':>8s} {'swap':>6s}")
+        for split in args.splits:
+            arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res)
+            dmeta["stats"] = meta["stats"]
+            clips = dataset_for(cfg, arrays, dmeta)
+            d = agra_report(model, cfg, clips, os.path.join(out_dir, f"agra_diagnostics_{split}.png"), args.diag_clips, gen)
+            results["diagnostics"][split] = d
+            m = d["msr"]
+            print(f"{split:16s} {d['in_mask_ratio']:8.3f} {d['centroid_error']:8.2f} {m['mean']:9.2f} {m['zero']:6.2f} "
+                  f"{m['shuffle']:8.2f} {m['swap']:6.2f}")
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {out_dir}/ (rollout_*.gif, metrics.json{', agra_diagnostics_*.png' if name == 'agra' else ''})")
+    return results
+
+
+if __name__ == "__main__":
+    main()

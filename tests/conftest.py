@@ -1,0 +1,19 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "data"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """A small toy-world dataset written once per test session: (folder, arrays, meta)."""
+    from data.toyworld import generate, load_dataset, write_dataset
+    folder = str(tmp_path_factory.mktemp("toydata"))
+    arrays, meta = generate(24, "train", seed0=0)
+    write_dataset(folder, arrays, meta)
+    arrays, meta = load_dataset(folder)
+    return folder, arrays, meta

@@ -1,0 +1,225 @@
+"""AGRA: oracles for the bridge indices, the AGRA loss, teacher interpolation, the t = 1 pass,
+gradient flow per stage, the diagnostics; full-preset sizes and the Cosmos key map."""
+import copy
+
+import pytest
+import torch
+
+import agra
+from data.toyworld import VOCAB, ClipDataset
+
+
+def tiny_cfg(**kw):
+    cfg = copy.deepcopy(agra.CONFIGS["tiny"])
+    cfg.vocab = tuple(VOCAB)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    cfg.__post_init__()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def batch(toy_data):
+    _, arrays, meta = toy_data
+    cfg = tiny_cfg()
+    ds = ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q, cfg.teacher_patch, cfg.teacher_dim)
+    return ds.sample(4, torch.Generator().manual_seed(0))
+
+
+def test_bridge_layers_app_c1_and_eq14():
+    assert agra.bridge_layers(28, 8) == [0, 4, 8, 12, 15, 19, 23, 27]        # App. C.1 (round)
+    floor = [j * 27 // 7 for j in range(8)]                                   # Eq. 14 as printed
+    assert floor == [0, 3, 7, 11, 15, 19, 23, 27] and floor != agra.bridge_layers(28, 8)
+    assert agra.bridge_layers(6, 4) == [0, 2, 3, 5]                          # the tiny preset
+    assert agra.bridge_layers(28, 1) == [27]
+
+
+def test_agra_loss_oracle():
+    y = torch.randn(2, 3, 4, 4, 8)
+    assert agra.agra_loss(y, y).item() == pytest.approx(-1.0, abs=1e-6)       # identical
+    assert agra.agra_loss(3.0 * y, y).item() == pytest.approx(-1.0, abs=1e-6) # scale invariant
+    assert agra.agra_loss(-y, y).item() == pytest.approx(1.0, abs=1e-6)       # opposite
+    e = torch.eye(4)
+    assert agra.agra_loss(e[[0, 1]], e[[2, 3]]).item() == pytest.approx(0.0, abs=1e-7)   # orthogonal
+    z = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert agra.agra_loss(z, t).item() == pytest.approx(-(1 + 2 ** -0.5) / 2, abs=1e-6)  # mean of cosines
+
+
+def test_teacher_interpolation_shape_and_constant_field():
+    y = torch.randn(2, 3, 1, 1, 5).expand(2, 3, 16, 16, 5)
+    out = agra.interpolate_teacher(y, (8, 8))
+    assert out.shape == (2, 3, 8, 8, 5)
+    assert torch.allclose(out, y[:, :, :8, :8], atol=1e-5)                 # a constant field stays constant
+    assert agra.interpolate_teacher(torch.randn(1, 2, 8, 8, 3), (8, 8)).shape == (1, 2, 8, 8, 3)
+
+
+def test_t1_pass_future_is_pure_noise_condition_frame_untouched(batch):
+    torch.manual_seed(0)
+    model = agra.Model(tiny_cfg()).eval()
+    cfg = model.cfg
+    noise = torch.randn(4, cfg.latent_channels, cfg.latent_frames - 1, 16, 16)
+    hidden, v, z1 = model.condition(batch, noise)
+    assert torch.equal(z1[:, :, 1:], noise)
+    assert torch.equal(z1[:, :, 0], model.codec.encode(batch["video"][:, :, :1])[:, :, 0])
+    t = model.frame_times(torch.ones(4), cfg.latent_frames)
+    assert t[0].tolist() == pytest.approx([cfg.cond_t, 1.0, 1.0])
+    # inference reads only the current frame: changing the future frames changes nothing
+    other = dict(batch, video=torch.cat([batch["video"][:, :, :1], torch.rand_like(batch["video"][:, :, 1:])], 2))
+    hidden2, _, _ = model.condition(other, noise)
+    assert all(torch.equal(hidden[l], hidden2[l]) for l in hidden)
+    out = model.sample(batch, generator=torch.Generator().manual_seed(1))
+    assert out["actions"].shape == (4, cfg.horizon, cfg.action_dim) and out["video_x0"].shape == z1.shape
+
+
+def perturbed(model):
+    """Leave the zero-init (adaLN-Zero gates, zero output layers): at step 0 those block every gradient
+    upstream of them, as in DiT, which would make gradient-flow tests vacuous."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def video_grads(cfg, batch, seed=0):
+    torch.manual_seed(seed)
+    model = perturbed(agra.Model(cfg))
+    model.param_groups()
+    torch.manual_seed(seed + 1)
+    total, parts = model.loss(batch)
+    total.backward()
+    return model, parts, {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.video.named_parameters()}
+
+
+def test_action_gradients_reach_video_in_joint_and_not_in_finetune(batch):
+    _, _, g_with = video_grads(tiny_cfg(agra_weight=0.0, act_weight=1.0), batch)
+    _, _, g_without = video_grads(tiny_cfg(agra_weight=0.0, act_weight=0.0), batch)
+    diff = sum((g_with[n] - g_without[n]).abs().sum().item() for n in g_with if g_with[n] is not None)
+    assert diff > 0                                                      # L_act moves the video DiT (App. B.2.2)
+    model, parts, g = video_grads(tiny_cfg(stage="finetune"), batch)
+    assert set(parts) == {"action"}
+    assert all(v is None for v in g.values())
+    assert all(not p.requires_grad for p in model.video.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+    model, parts, g = video_grads(tiny_cfg(freeze_video=True), batch)       # the "Freeze backbone" variant
+    assert set(parts) == {"action"} and all(v is None for v in g.values())
+    model, parts, _ = video_grads(tiny_cfg(stage="video"), batch)
+    assert set(parts) == {"video"} and all(p.grad is None for p in model.head.parameters())
+
+
+def test_video_loss_does_not_depend_on_actions(batch):
+    torch.manual_seed(0)
+    model = agra.Model(tiny_cfg())
+    torch.manual_seed(5)
+    _, p1 = model.loss(batch)
+    other = dict(batch, actions=torch.randn_like(batch["actions"]))
+    torch.manual_seed(5)
+    _, p2 = model.loss(other)
+    assert p1["video"] == p2["video"] and p1["agra"] == p2["agra"] and p1["action"] != p2["action"]
+
+
+@pytest.mark.parametrize("agra_pass", ["action_cond", "video", "shared"])
+def test_agra_passes_and_bridge_variants_train(batch, agra_pass):
+    for bridge in ("multi", "single"):
+        torch.manual_seed(0)
+        model = perturbed(agra.Model(tiny_cfg(agra_pass=agra_pass, bridge=bridge, agra_layers=(1, 2))))
+        model.param_groups()
+        total, parts = model.loss(batch)
+        assert set(parts) == {"video", "action", "agra"} and torch.isfinite(total)
+        total.backward()
+        for name in ("projectors.1.0.weight", "projectors.2.0.weight", "bridge.proj.0.1.weight", "head.action_w1.weight",
+                     "video.blocks.0.self_attn.q.weight", "text_encoder.embed.weight"):
+            p = dict(model.named_parameters())[name]
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert model.bridge.layers == [1, 1, 1, 1]                              # AGRA-BridgeL: the first aligned layer
+
+
+def test_weight_zero_is_the_wam_baseline(batch):
+    model = agra.Model(tiny_cfg(agra_weight=0.0))
+    groups = {g["name"] for g in model.param_groups()}
+    _, parts = model.loss(batch)
+    assert "agra" not in parts and groups == {"video", "head"}
+
+
+def test_bad_shapes_and_config_values_are_named(batch):
+    model = agra.Model(tiny_cfg())
+    with pytest.raises(ValueError, match="batch\\['actions'\\]: expected shape \\(4, 8, 4\\), received \\(4, 5, 4\\)"):
+        model.loss(dict(batch, actions=batch["actions"][:, :5]))
+    with pytest.raises(ValueError, match="batch\\['video'\\]: expected shape"):
+        model.loss(dict(batch, video=batch["video"][..., :16]))
+    with pytest.raises(ValueError, match="agra_pass='both' is not valid"):
+        tiny_cfg(agra_pass="both")
+    with pytest.raises(ValueError, match="layer 9 outside"):
+        tiny_cfg(agra_layers=(9,))
+
+
+def test_attention_metrics_oracle_and_interventions():
+    attn = torch.zeros(1, 1, 4, 4)
+    attn[0, 0, 1, 2] = 3.0
+    attn[0, 0, 3, 0] = 1.0
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 1, 2] = True
+    m = agra.attention_metrics(attn, mask)
+    assert m["in_mask_ratio"] == pytest.approx(0.75)
+    # attention centroid = (0.75*1 + 0.25*3, 0.75*2 + 0.25*0) = (1.5, 1.5); mask centre (1, 2)
+    assert m["centroid_error"] == pytest.approx((0.5 ** 2 + 0.5 ** 2) ** 0.5)
+    h = {0: torch.arange(12.0).view(1, 6, 2)}
+    sel = torch.tensor([[True, True, False, False, False, False]])
+    assert torch.equal(agra.intervene(h, sel, "zero")[0][0, :2], torch.zeros(2, 2))
+    assert torch.allclose(agra.intervene(h, sel, "mean")[0][0, 0], h[0][0].mean(0))
+    shuf = agra.intervene(h, sel, "shuffle", torch.Generator().manual_seed(0))[0][0]
+    assert sorted(shuf[:2, 0].tolist()) == [0.0, 2.0] and torch.equal(shuf[2:], h[0][0, 2:])
+    swap = agra.intervene(h, sel, "swap", torch.Generator().manual_seed(0))[0][0]
+    assert all(v in (4.0, 6.0, 8.0, 10.0) for v in swap[:2, 0].tolist())
+
+
+def test_diagnostics_run_on_the_tiny_model(batch):
+    torch.manual_seed(0)
+    model = perturbed(agra.Model(tiny_cfg())).eval()
+    g = torch.Generator().manual_seed(0)
+    attn = agra.cross_attention_maps(model, batch, g)
+    assert attn.shape == (4, 4, 3, 8, 8) and torch.allclose(attn.sum((2, 3, 4)), torch.ones(4, 4), atol=1e-4)
+    heat = agra.intervention_heatmap(model, {k: v[:2] for k, v in batch.items()}, "zero", g)
+    assert heat.shape == (2, 8, 8) and heat.min() == 0 and heat.max() == 1
+    r = agra.sensitivity_ratio(model, batch, "mean", draws=2, generator=g)
+    assert r > 0
+
+
+def test_full_preset_sizes_on_meta_device():
+    cfg = agra.CONFIGS["full"]
+    with torch.device("meta"):
+        video = agra.VideoDiT(cfg)
+        model = agra.Model(cfg)
+    n_video = sum(p.numel() for p in video.parameters())
+    assert abs(n_video - 2_059_174_912) / 2_059_174_912 < 0.01
+    n_head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("bridge.", "head.")))
+    print(f"\nfull AGRA: video DiT {n_video:,} (Cosmos-2.5-2B: 2,059,174,912), action head + bridge {n_head:,}")
+    assert model.bridge.layers == [0, 4, 8, 12, 15, 19, 23, 27] and cfg.agra_layers == (8,)
+
+
+def test_cosmos_checkpoint_keys_map_onto_video_dit():
+    """The original Cosmos-Predict2.5 key set (reference/checkpoints.md section 3, `net.` stripped)
+    maps by cosmos_key_map exactly onto our VideoDiT, with the documented shapes."""
+    cfg = agra.CONFIGS["full"]
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in agra.VideoDiT(cfg).state_dict().items()}
+    orig = {"x_embedder.proj.1.weight": (2048, 72), "t_embedder.1.linear_1.weight": (2048, 2048),
+            "t_embedder.1.linear_2.weight": (6144, 2048), "t_embedding_norm.weight": (2048,),
+            "final_layer.adaln_modulation.1.weight": (256, 2048), "final_layer.adaln_modulation.2.weight": (4096, 256),
+            "final_layer.linear.weight": (64, 2048), "crossattn_proj.0.weight": (1024, 100352), "crossattn_proj.0.bias": (1024,)}
+    for i in range(28):
+        b = f"blocks.{i}."
+        for m in ("self_attn", "cross_attn", "mlp"):
+            orig[b + f"adaln_modulation_{m}.1.weight"] = (256, 2048)
+            orig[b + f"adaln_modulation_{m}.2.weight"] = (6144, 256)
+        for a, kv in (("self_attn", 2048), ("cross_attn", 1024)):
+            orig[b + f"{a}.q_proj.weight"] = (2048, 2048)
+            orig[b + f"{a}.k_proj.weight"] = (2048, kv)
+            orig[b + f"{a}.v_proj.weight"] = (2048, kv)
+            orig[b + f"{a}.output_proj.weight"] = (2048, 2048)
+            orig[b + f"{a}.q_norm.weight"] = (128,)
+            orig[b + f"{a}.k_norm.weight"] = (128,)
+        orig[b + "mlp.layer1.weight"] = (8192, 2048)
+        orig[b + "mlp.layer2.weight"] = (2048, 8192)
+    mapped = {agra.cosmos_key_map(k): s for k, s in orig.items()}
+    assert mapped == ours

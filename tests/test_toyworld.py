@@ -1,0 +1,152 @@
+"""Toy world: expert success, determinism, state save/restore, splits, masks, teacher, dataset I/O."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data import toyworld as tw
+
+
+def test_expert_succeeds_on_train_seeds():
+    env = tw.ToyWorld(res=32)
+    ok = [tw.run_expert_episode(env, s, "train")[1] for s in range(100)]
+    assert np.mean(ok) >= 0.98
+
+
+@pytest.mark.parametrize("split", tw.SPLITS[1:])
+def test_expert_succeeds_on_ood_splits(split):
+    env = tw.ToyWorld(res=32)
+    assert np.mean([tw.run_expert_episode(env, s, split)[1] for s in range(30)]) >= 0.95
+
+
+def test_reset_is_deterministic_and_state_restore_reproduces_frames():
+    env = tw.ToyWorld(res=32)
+    a, _ = env.reset(seed=5)
+    b, _ = env.reset(seed=5)
+    assert np.array_equal(a, b)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        env.step(rng.uniform(-0.1, 0.1, 4))
+    state = env.get_state()
+    actions = [np.append(rng.uniform(-0.12, 0.12, 3), rng.choice([-1, 1])) for _ in range(12)]
+    first = [env.step(a)[0] for a in actions]
+    env.reset(seed=99)                                        # scramble, then restore
+    env.set_state(state)
+    again = [env.step(a)[0] for a in actions]
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+
+
+def test_splits_hold_out_what_they_say():
+    env = tw.ToyWorld(res=32)
+    for s in range(40):
+        env.reset(seed=s, split="train")
+        sc = env.scene
+        assert all((c, k) not in tw.HELD_OUT_COMBOS for c, k in zip(sc["colors"], sc["shapes"]))
+        assert tuple(sc["table"]) in tw.TRAIN_TABLE and tuple(sc["wall"]) in tw.TRAIN_WALL
+        assert tw.NEAR_BAND[0] <= env.obj_pos[sc["target"], 0] <= tw.NEAR_BAND[1]
+        env.reset(seed=s, split="ood_object")
+        t = env.scene["target"]
+        assert (env.scene["colors"][t], env.scene["shapes"][t]) in tw.HELD_OUT_COMBOS
+        env.reset(seed=s, split="ood_background")
+        assert tuple(env.scene["table"]) in tw.OOD_TABLE and tuple(env.scene["wall"]) in tw.OOD_WALL
+        env.reset(seed=s, split="ood_layout")
+        t = env.scene["target"]
+        assert tw.FAR_BAND[0] <= env.obj_pos[t, 0] <= tw.FAR_BAND[1]
+        others = [i for i in range(len(env.scene["shapes"])) if i != t]
+        assert all(tw.NEAR_BAND[0] <= env.obj_pos[i, 0] <= tw.NEAR_BAND[1] for i in others)
+    # every colour and every shape alone appears in training
+    assert {c for c, _ in tw.HELD_OUT_COMBOS} == set(tw.COLOR_NAMES) and {s for _, s in tw.HELD_OUT_COMBOS} == set(tw.SHAPES)
+    with pytest.raises(ValueError, match="unknown split"):
+        env.reset(seed=0, split="ood_weather")
+
+
+def test_segmentation_interaction_mask_and_stage_flags():
+    env = tw.ToyWorld(res=64)
+    obs, info = env.reset(seed=3)
+    t = env.scene["target"]
+    seg = info["seg"]
+    assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+    assert (seg == tw.SEG_OBJ0 + t).any() and (seg == tw.SEG_ARM).any() and (seg == tw.SEG_BIN).any()
+    assert np.array_equal(info["interaction_mask"], (seg == tw.SEG_GRIPPER) | (seg == tw.SEG_OBJ0 + t))
+    rec, ok = tw.run_expert_episode(env, 3, "train")
+    assert ok and rec["rewards"][-2] == 1.0 and sum(rec["rewards"]) == 1.0
+    _, info = env.reset(seed=3)
+    with pytest.raises(ValueError, match="shape \\(4,\\)"):
+        env.step(np.zeros(3))
+
+
+def test_mc_returns_hand_example():
+    assert np.allclose(tw.mc_returns(np.array([0, 0, 1, 0.0]), 0.5), [0.25, 0.5, 1.0, 0.0])
+
+
+def test_semantic_teacher_is_orthonormal_pooled_and_colour_blind():
+    emb = tw.teacher_embedding(16)
+    assert np.allclose(emb @ emb.T, np.eye(len(tw.TEACHER_CLASSES)), atol=1e-6)
+    cls = np.zeros((4, 4), np.int64)
+    cls[:2, :2] = 3                                          # one 2x2 patch entirely "arm"
+    cls[2, 2] = 5                                            # a patch 1/4 cube, 3/4 wall
+    f = tw.semantic_teacher(cls, 2, emb)
+    assert f.shape == (2, 2, 16)
+    assert np.allclose(f[0, 0], emb[3]) and np.allclose(f[1, 1], 0.25 * emb[5] + 0.75 * emb[0])
+    # same layout, other colours -> identical teacher features
+    env = tw.ToyWorld(res=32)
+    env.reset(seed=7, split="train")
+    seg_a = env.render()[1]
+    env.scene["table"], env.scene["wall"] = np.array(tw.OOD_TABLE[0]), np.array(tw.OOD_WALL[0])
+    env.scene["colors"] = ["blue"] * len(env.scene["colors"])
+    env._make_background()
+    frame_b, seg_b = env.render()
+    assert np.array_equal(seg_a, seg_b)
+
+
+def test_dataset_roundtrip_and_batches(toy_data, tmp_path):
+    folder, arrays, meta = toy_data
+    assert set(arrays) >= set(tw.REQUIRED)
+    assert meta["episodes"][0]["instruction"].startswith("put the ")
+    assert len(meta["stats"]["actions"]["mean"]) == 4 and "<robot" in meta["urdf"]
+    ds = tw.ClipDataset(arrays, meta, frames=9, horizon=8, q=4, teacher_patch=2, teacher_dim=16)
+    b = ds.sample(5, torch.Generator().manual_seed(0))
+    assert b["video"].shape == (5, 3, 9, 32, 32) and -1 <= b["video"].min() and b["video"].max() <= 1
+    assert b["actions"].shape == (5, 8, 4) and b["state"].shape == (5, 4) and len(b["text"]) == 5
+    assert b["teacher"].shape == (5, 3, 16, 16, 16) and b["interaction_mask"].shape == (5, 3, 32, 32)
+    # the clip starting at an episode's last-but-one frame: one real action, then no-ops, frames repeat
+    e = meta["episodes"][0]
+    row = np.flatnonzero((ds.index[:, 0] == 0) & (ds.index[:, 1] == e["length"] - 2))
+    c = ds.get(row)
+    raw = c["actions"][0] * torch.tensor(ds.a_std) + torch.tensor(ds.a_mean)
+    assert torch.allclose(raw[1:, :3], torch.zeros(7, 3), atol=1e-5)
+    assert torch.equal(c["video"][0, :, 2], c["video"][0, :, -1])
+    # bad folders are named precisely
+    with pytest.raises(FileNotFoundError, match="missing episodes.safetensors"):
+        tw.load_dataset(str(tmp_path))
+    bad = tmp_path / "bad"
+    arrays2 = dict(arrays)
+    arrays2["actions"] = arrays["actions"][:, :3]
+    tw.write_dataset(str(bad), arrays2, meta)
+    with pytest.raises(ValueError, match="'actions' expected shape \\(\\*, 4\\), received"):
+        tw.load_dataset(str(bad))
+    del arrays2["value"]
+    arrays2["actions"] = arrays["actions"]
+    tw.write_dataset(str(bad), arrays2, meta)
+    with pytest.raises(ValueError, match="lacks 'value'"):
+        tw.load_dataset(str(bad))
+
+
+def test_dataset_cli(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "d"
+    r = subprocess.run([sys.executable, os.path.join(root, "data", "toyworld.py"), "--episodes", "3", "--out", str(out),
+                        "--gamma", "0.9"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    arrays, meta = tw.load_dataset(str(out))
+    assert meta["gamma"] == 0.9 and len(meta["episodes"]) == 3
+    e = meta["episodes"][0]
+    v = arrays["value"][e["start"]: e["start"] + e["length"]]
+    L = e["length"]
+    assert v[L - 2] == pytest.approx(1.0) and v[0] == pytest.approx(0.9 ** (L - 2))   # MC values with the CLI's gamma
+    assert not any(f.endswith((".pkl", ".pt", ".pickle")) for f in os.listdir(out))
+    json.load(open(out / "meta.json"))
