@@ -71,9 +71,9 @@ class Config:
     vocab: tuple = ()                    # tiny text encoder words (filled from the toy world)
     text_layers: int = 1
     # video DiT, Cosmos-Predict2.5 (App. A.1; reference/checkpoints.md section 3)
-    video_dim: int = 64                  # 2048
+    video_dim: int = 96                  # 2048 (tiny: 96 so a token can carry its 192 codec values)
     video_layers: int = 6                # M = 28
-    video_heads: int = 2                 # 16 x 128 (tiny: head_dim 32 keeps 5 RoPE frequencies per axis)
+    video_heads: int = 3                 # 16 x 128 (tiny: head_dim 32 keeps 5 RoPE frequencies per axis)
     mlp_ratio: float = 4.0
     adaln_lora_dim: int = 32             # 256
     patch: tuple = (1, 2, 2)             # (t, h, w)
@@ -93,6 +93,7 @@ class Config:
     project_heads: int = 2               # 32
     max_grid: tuple = (8, 64, 64)        # (T, h, w) sizes of the bridge position tables
     action_steps: int = 4                # Euler steps at inference (App. A.2)
+    action_repeats: int = 1              # action-noise draws per video pass (DiT4DiT's repeated_diffusion_steps; paper: 1)
     action_t_alpha: float = 1.5          # t_a = 0.001 + 0.999 Beta(1.5, 1) (pi0 / GR00T, our convention)
     action_t_beta: float = 1.0
     bridge: str = "multi"                # "multi" (Eq. 14) | "single" (AGRA-BridgeL8: one layer to all blocks)
@@ -112,14 +113,14 @@ class Config:
     # training (App. C.3)
     stage: str = "joint"                 # video | joint | finetune
     freeze_video: bool = False           # the "Freeze backbone" variant (finetune implies it)
-    lr_video: float = 5e-4               # 1e-5 real robot, 1e-4 simulation
-    lr_head: float = 5e-4                # 1e-4
+    lr_video: float = 1e-3               # 1e-5 real robot, 1e-4 simulation
+    lr_head: float = 1e-3                # 1e-4
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"
     warmup_frac: float = 0.05            # cosine with 5 % warm-up
     grad_clip: float = 1.0
     batch_size: int = 16
-    steps: int = 400                     # the `--tiny` default run (about 2 CPU minutes)
+    steps: int = 300                     # the `--tiny` default run (about 2 CPU minutes)
 
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint", "finetune"))
@@ -645,12 +646,16 @@ class Model(nn.Module):
         grid = tuple(s // p for s, p in zip(z.shape[2:], cfg.patch))    # (T, h, w) token grid
         if use_action:                                                   # Eq. 11, 13, 20
             G = self.bridge(hidden_b if cond_pass else hidden_a, grid)
-            a0 = batch["actions"]
+            a0, state = batch["actions"], batch["state"]
             check_shape("batch['actions']", a0, (B, cfg.horizon, cfg.action_dim))
-            tau_a = sample_t("beta", B, device=dev, alpha=cfg.action_t_alpha, beta=cfg.action_t_beta)
+            R = cfg.action_repeats                                       # R noise draws share one video pass
+            if R > 1:
+                G = [g.repeat(R, 1, 1) for g in G]
+                a0, state = a0.repeat(R, 1, 1), state.repeat(R, 1)
+            tau_a = sample_t("beta", B * R, device=dev, alpha=cfg.action_t_alpha, beta=cfg.action_t_beta)
             eps_a = torch.randn_like(a0)
             a_t = add_noise(a0, eps_a, tau_a[:, None, None])             # Eq. 11
-            v_act = self.head(a_t, tau_a, batch["state"], G)
+            v_act = self.head(a_t, tau_a, state, G)
             parts["action"] = F.mse_loss(v_act.float(), velocity_target(a0, eps_a).float())   # Eq. 13
             total = total + cfg.act_weight * parts["action"]             # Eq. 18
 
@@ -874,7 +879,7 @@ def sensitivity_ratio(model: Model, batch, kind: str = "mean", draws: int = 4, g
 
 CONFIGS = {
     # trains in about 2 minutes on a 2-core CPU on the toy world
-    "tiny": Config(),
+    "tiny": Config(action_repeats=4),
     # App. C.1: Cosmos-Predict2.5-2B (28 x 2048, 16 heads, AdaLN-LoRA 256, Cosmos-Reason text 100352 -> 1024)
     # + 8-block action DiT (32 heads, hidden 1024, cross-attention 2048), project module of 4 layers,
     # AGRA on layer 8 against DINOv2-B, 17 frames at 192 x 336 -> 5 latent frames, K = 48 (real robot)

@@ -87,8 +87,9 @@ def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None
         atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
 
 
-def load_model(path: str, expect: str | None = None, device="cpu"):
-    """-> (name, model, cfg, metadata) from a checkpoint folder or model.safetensors file."""
+def read_checkpoint(path: str, expect: str | None = None):
+    """-> (name, cfg, state_dict, metadata) of a checkpoint folder or model.safetensors file, checking
+    that it was written by train.py for the expected model."""
     f = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     sd, meta = load_weights(f)
     if "model" not in meta or "config" not in meta:
@@ -96,10 +97,14 @@ def load_model(path: str, expect: str | None = None, device="cpu"):
     name = meta["model"]
     if expect is not None and name != expect:
         raise ValueError(f"{f} is a checkpoint of model '{name}', but --model {expect} was asked for")
-    mod = model_module(name)
-    cfg = config_from_dict(mod.Config, meta["config"])
-    model = mod.Model(cfg)
-    load_state_dict_strict(model, sd, what=f)
+    return name, config_from_dict(model_module(name).Config, meta["config"]), sd, meta
+
+
+def load_model(path: str, expect: str | None = None, device="cpu"):
+    """-> (name, model, cfg, metadata) from a checkpoint folder or model.safetensors file (strict)."""
+    name, cfg, sd, meta = read_checkpoint(path, expect)
+    model = model_module(name).Model(cfg)
+    load_state_dict_strict(model, sd, what=path)
     return name, model.to(device), cfg, meta
 
 
@@ -158,7 +163,7 @@ def main(argv=None):
     out = args.out or os.path.join("runs", args.model)
     resumed = None
     if args.resume:
-        name, _, cfg, meta = load_model(args.resume, expect=args.model)
+        _, cfg, resume_sd, meta = read_checkpoint(args.resume, expect=args.model)
         for a in args.set:
             parse_override(cfg, a)
         if args.steps is not None:
@@ -205,16 +210,15 @@ def main(argv=None):
     model = mod.Model(cfg)
     start = 0
     if resumed:
-        sd, meta = load_weights(os.path.join(resumed, "model.safetensors"))
-        load_state_dict_strict(model, sd, what=resumed)
+        load_state_dict_strict(model, resume_sd, what=resumed)
         state = torch.load(os.path.join(resumed, "train_state.pt"), weights_only=True)
         if state["step"] != meta["step"]:
             raise ValueError(f"{resumed}: model.safetensors is at step {meta['step']} but train_state.pt at "
                              f"{state['step']} (a write was interrupted); restore a consistent pair")
         start = state["step"]
     elif args.init:
-        _, init_model, init_cfg, _ = load_model(args.init, expect=args.model)
-        load_state_dict_strict(model, init_model.state_dict(), what=args.init)
+        _, _, init_sd, _ = read_checkpoint(args.init, expect=args.model)
+        load_state_dict_strict(model, init_sd, what=args.init)
     model.to(device)
     groups = model.param_groups()
     n_train = sum(p.numel() for g in groups for p in g["params"])

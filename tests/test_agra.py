@@ -223,3 +223,16 @@ def test_cosmos_checkpoint_keys_map_onto_video_dit():
         orig[b + "mlp.layer2.weight"] = (2048, 8192)
     mapped = {agra.cosmos_key_map(k): s for k, s in orig.items()}
     assert mapped == ours
+
+
+def test_action_repeats_share_one_video_pass(batch):
+    """R action-noise draws per video pass: the video and AGRA losses are those of R = 1 (same pass),
+    the action loss averages over B * R draws."""
+    torch.manual_seed(0)
+    model = agra.Model(tiny_cfg())
+    torch.manual_seed(3)
+    _, p1 = model.loss(batch)
+    model.cfg.action_repeats = 3
+    torch.manual_seed(3)
+    total, p3 = model.loss(batch)
+    assert p1["video"] == p3["video"] and p1["agra"] == p3["agra"] and torch.isfinite(total)
