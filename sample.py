@@ -55,7 +55,7 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     done = np.zeros(episodes, bool)
     success = np.zeros(episodes, bool)
     stages = [None] * episodes
-    frames_rec = [[] for _ in range(record)]
+    frames_rec = [[np.concatenate([obs[i], np.zeros_like(obs[i])], 1)] for i in range(record)]
     while not done.all():
         live = np.flatnonzero(~done)
         chunk = policy.act([obs[i] for i in live], [envs[i].proprio() for i in live], [envs[i].instruction() for i in live], generator)
@@ -65,15 +65,13 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
             for j, i in enumerate(live):
                 if done[i]:
                     continue
-                if i < record:
-                    p = pred[j][min(k, len(pred[j]) - 1)] if pred is not None and j < len(pred) else np.zeros_like(obs[i])
-                    frames_rec[i].append(np.concatenate([obs[i], p], 1))
                 obs[i], _, term, trunc, info = envs[i].step(chunk[j, k])
                 stages[i] = info["stages"]
+                if i < record:                                   # observation at t+k+1 | predicted frame t+k+1
+                    p = pred[j][min(k, len(pred[j]) - 1)] if pred is not None and j < len(pred) else np.zeros_like(obs[i])
+                    frames_rec[i].append(np.concatenate([obs[i], p], 1))
                 if term or trunc:
                     done[i], success[i] = True, info["success"]
-                    if i < record:
-                        frames_rec[i].append(np.concatenate([obs[i], np.zeros_like(obs[i])], 1))
     return success, stages, frames_rec
 
 
