@@ -101,6 +101,7 @@ def agra_report(model, cfg, clips: ClipDataset, png: str, n: int, generator) -> 
     attn = agra.cross_attention_maps(model, batch, generator)                          # (B, N, T, h, w)
     mask = agra.token_mask(batch["interaction_mask"], cfg)                           # (B, T, h, w)
     metrics = agra.attention_metrics(attn.mean(1), mask)
+    metrics["mask_fraction"] = mask.float().mean().item()                           # chance level of the in-mask ratio
     per_block = [agra.attention_metrics(attn[:, j], mask)["in_mask_ratio"] for j in range(attn.shape[1])]
     metrics["in_mask_ratio_per_block"] = per_block
     metrics["msr"] = {k: agra.sensitivity_ratio(model, batch, k, generator=generator) for k in ("mean", "zero", "shuffle", "swap")}
@@ -177,7 +178,7 @@ def main(argv=None):
         results["diagnostics"] = {}
         print(f"\nAGRA diagnostics on {args.diag_clips} held-out expert clips per split "
               f"(attention averaged over blocks; MSR = Matched Sensitivity Ratio, Table 1)")
-        print(f"{'split':16s} {'in-mask':>8s} {'centroid':>8s} {'MSR mean':>9s} {'zero':>6s} {'shuffle':>8s} {'swap':>6s}")
+        print(f"{'split':16s} {'in-mask':>8s} {'(chance)':>8s} {'centroid':>8s} {'MSR mean':>9s} {'zero':>6s} {'shuffle':>8s} {'swap':>6s}")
         for split in args.splits:
             arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res)
             dmeta["stats"] = meta["stats"]
@@ -185,7 +186,7 @@ def main(argv=None):
             d = agra_report(model, cfg, clips, os.path.join(out_dir, f"agra_diagnostics_{split}.png"), args.diag_clips, gen)
             results["diagnostics"][split] = d
             m = d["msr"]
-            print(f"{split:16s} {d['in_mask_ratio']:8.3f} {d['centroid_error']:8.2f} {m['mean']:9.2f} {m['zero']:6.2f} "
+            print(f"{split:16s} {d['in_mask_ratio']:8.3f} {d['mask_fraction']:8.3f} {d['centroid_error']:8.2f} {m['mean']:9.2f} {m['zero']:6.2f} "
                   f"{m['shuffle']:8.2f} {m['swap']:6.2f}")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
