@@ -120,7 +120,7 @@ class Config:
     warmup_frac: float = 0.05            # cosine with 5 % warm-up
     grad_clip: float = 1.0
     batch_size: int = 16
-    steps: int = 300                     # the `--tiny` default run (about 2 CPU minutes)
+    steps: int = 200                     # the `--tiny` default run (about 2 CPU minutes)
 
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint", "finetune"))
