@@ -355,23 +355,25 @@ class Attention(nn.Module):
     """Multi-head self/cross attention on F.scaled_dot_product_attention, with Wan parameter names.
 
     q, k, v, o: Linear layers; norm_q / norm_k: RMSNorm on q and k, either over the full width
-    ("across_heads", Wan) or per head ("per_head", Cosmos). RoPE (angles + layout) is applied to
+    ("across_heads", Wan) or per head ("per_head", Cosmos). `inner_dim` (default: dim) is the width
+    q, k, v live in; o maps it back to dim (MV-WAM's narrow expert joins a wider shared attention). RoPE (angles + layout) is applied to
     q and k after the norm. `mask` is boolean, True = may attend, broadcastable to (B, heads, Lq, Lk).
     """
 
     def __init__(self, dim: int, heads: int, ctx_dim: int | None = None, bias: bool = True,
-                 qk_norm: str = "across_heads", eps: float = 1e-6):
+                 qk_norm: str = "across_heads", eps: float = 1e-6, inner_dim: int | None = None):
         super().__init__()
         check_choice("qk_norm", qk_norm, ("across_heads", "per_head", "none"))
-        if dim % heads:
-            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
-        self.heads, self.head_dim = heads, dim // heads
+        inner = inner_dim or dim                             # attention width (MV-WAM: 768 -> 1536 -> 768)
+        if inner % heads:
+            raise ValueError(f"attention width {inner} is not divisible by heads={heads}")
+        self.heads, self.head_dim = heads, inner // heads
         ctx_dim = ctx_dim or dim
-        self.q = nn.Linear(dim, dim, bias=bias)
-        self.k = nn.Linear(ctx_dim, dim, bias=bias)
-        self.v = nn.Linear(ctx_dim, dim, bias=bias)
-        self.o = nn.Linear(dim, dim, bias=bias)
-        norm_dim = {"across_heads": dim, "per_head": self.head_dim}.get(qk_norm)
+        self.q = nn.Linear(dim, inner, bias=bias)
+        self.k = nn.Linear(ctx_dim, inner, bias=bias)
+        self.v = nn.Linear(ctx_dim, inner, bias=bias)
+        self.o = nn.Linear(inner, dim, bias=bias)
+        norm_dim = {"across_heads": inner, "per_head": self.head_dim}.get(qk_norm)
         self.qk_norm = qk_norm
         self.norm_q = RMSNorm(norm_dim, eps) if norm_dim else nn.Identity()
         self.norm_k = RMSNorm(norm_dim, eps) if norm_dim else nn.Identity()
@@ -425,30 +427,120 @@ class WanBlock(nn.Module):
     x += g_ffn * FFN(LN2(x) (1 + s_ffn) + b_ffn)           norm2: no affine; FFN = Linear-GELU(tanh)-Linear
     modulation (1, 6, D) + e0 -> (shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn), fp32.
     e0 is (B, 6, D) (Wan2.1, one t per sample) or (B, L, 6, D) (Wan2.2, per-token t).
+
+    forward() = attn_input -> self_attn -> finish. The halves are public so that a mixture of
+    transformers (MV-WAM) can run one shared attention over several experts' tokens in between.
+    `attn_dim` (default dim) is the self-attention width (MV-WAM's action expert: 768 in a 1536 attention).
     """
 
     def __init__(self, dim: int, ffn_dim: int, heads: int, ctx_dim: int | None = None,
-                 cross_attn_norm: bool = True, eps: float = 1e-6):
+                 cross_attn_norm: bool = True, eps: float = 1e-6, attn_dim: int | None = None,
+                 cross_heads: int | None = None):
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = Attention(dim, heads, qk_norm="across_heads", eps=eps)
+        self.self_attn = Attention(dim, heads, qk_norm="across_heads", eps=eps, inner_dim=attn_dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
-        self.cross_attn = Attention(dim, heads, ctx_dim=ctx_dim, qk_norm="across_heads", eps=eps)
+        self.cross_attn = Attention(dim, cross_heads or heads, ctx_dim=ctx_dim, qk_norm="across_heads", eps=eps)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e0, ctx, rope=None, mask=None):
+    def modulation_terms(self, e0):
+        """-> 6 fp32 tensors (B, 1, D) or (B, L, D): shift/scale/gate for attention and FFN."""
         if e0.dim() == 3:                                   # (B, 6, D): one timestep per sample
-            mod = (self.modulation.float() + e0.float()).unsqueeze(2).unbind(1)      # 6 x (B, 1, D)
-        else:                                               # (B, L, 6, D): per-token timesteps
-            mod = (self.modulation.float().unsqueeze(0) + e0.float()).unbind(2)      # 6 x (B, L, D)
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
-        y = self.self_attn(modulate(self.norm1(x).float(), shift_msa, scale_msa).type_as(x), mask=mask, rope=rope)
-        x = x + (y.float() * gate_msa).type_as(x)
+            return (self.modulation.float() + e0.float()).unsqueeze(2).unbind(1)      # 6 x (B, 1, D)
+        return (self.modulation.float().unsqueeze(0) + e0.float()).unbind(2)         # 6 x (B, L, D)
+
+    def attn_input(self, x, mod):
+        """The modulated input of self-attention, LN1(x) (1 + s_msa) + b_msa."""
+        return modulate(self.norm1(x).float(), mod[0], mod[1]).type_as(x)
+
+    def finish(self, x, y, mod, ctx):
+        """Gated residual of the self-attention output y, then cross-attention and the gated FFN."""
+        x = x + (y.float() * mod[2]).type_as(x)
         x = x + self.cross_attn(self.norm3(x), ctx)
-        y = self.ffn(modulate(self.norm2(x).float(), shift_ffn, scale_ffn).type_as(x))
-        return x + (y.float() * gate_ffn).type_as(x)
+        y = self.ffn(modulate(self.norm2(x).float(), mod[3], mod[4]).type_as(x))
+        return x + (y.float() * mod[5]).type_as(x)
+
+    def forward(self, x, e0, ctx, rope=None, mask=None):
+        mod = self.modulation_terms(e0)
+        return self.finish(x, self.self_attn(self.attn_input(x, mod), mask=mask, rope=rope), mod, ctx)
+
+
+class WanHead(nn.Module):
+    """Wan output head: LN (no affine) modulated by (modulation (1, 2, D) + e) -> Linear(D, p_t p_h p_w C)."""
+
+    def __init__(self, dim: int, out: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+
+    def forward(self, x, e):
+        """x (B, L, D), e (B, D) or (B, L, D) (the unprojected time embedding)."""
+        if e.dim() == 2:
+            shift, scale = (self.modulation.float() + e.float().unsqueeze(1)).unsqueeze(2).unbind(1)   # (B, 1, D)
+        else:
+            shift, scale = (self.modulation.float().unsqueeze(0) + e.float().unsqueeze(2)).unbind(2)  # (B, L, D)
+        return self.head(modulate(self.norm(x).float(), shift, scale).type_as(x))
+
+
+class WanDiT(nn.Module):
+    """The Wan2.1 / Wan2.2 DiT with Wan's original top-level names (`patch_embedding`, `text_embedding`,
+    `time_embedding`, `time_projection`, `blocks.i`, `head`), so a Wan state dict maps 1:1.
+
+    Timesteps are per latent frame (B, T) (or (B,) = one per sample), expanded to tokens, which covers
+    Wan2.1 (all equal) and Wan2.2 TI2V (the clean first frame at t = 0). The time embedding sees
+    1000 t (Wan's timesteps). RoPE: 3D, interleaved pairs, head_dim split (d - 4 d/6, 2 d/6, 2 d/6).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dim: int, ffn_dim: int, heads: int, layers: int,
+                 text_dim: int, patch=(1, 2, 2), freq_dim: int = 256, eps: float = 1e-6, rope_theta: float = 10000.0):
+        super().__init__()
+        self.dim, self.heads, self.patch, self.freq_dim, self.out_dim = dim, heads, tuple(patch), freq_dim, out_dim
+        self.rope_theta = rope_theta
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch, stride=self.patch)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([WanBlock(dim, ffn_dim, heads, eps=eps) for _ in range(layers)])
+        self.head = WanHead(dim, out_dim * math.prod(self.patch), eps)
+
+    def embed(self, x):
+        """(B, C_in, T, H, W) -> tokens (B, L, D) and the token grid (T', h, w)."""
+        x = self.patch_embedding(x)
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
+
+    def time(self, t, grid):
+        """t (B,) or (B, T) per latent frame -> e (B, L, D), e0 (B, L, 6, D), fp32."""
+        T, h, w = grid
+        if t.dim() == 1:
+            t = t[:, None].expand(-1, T)
+        e = self.time_embedding(timestep_embedding(1000 * t.flatten().float(), self.freq_dim).to(self.time_embedding[0].weight.dtype))
+        e0 = self.time_projection(e).unflatten(-1, (6, self.dim))
+        e, e0 = e.unflatten(0, t.shape).float(), e0.unflatten(0, t.shape).float()       # (B, T, D), (B, T, 6, D)
+        return e.repeat_interleave(h * w, 1), e0.repeat_interleave(h * w, 1)
+
+    def rope(self, grid, device=None):
+        """(L, head_dim/2) angles of the video token grid, and the interleaved flag, for Attention."""
+        t, y, x = grid_positions(*grid, device=device)
+        return rope_3d(t, y, x, self.dim // self.heads, self.rope_theta), True
+
+    def unpatchify(self, x, grid):
+        """(B, L, p_t p_h p_w C) -> (B, C, T, H, W) (Wan's einsum 'fhwpqrc->cfphqwr')."""
+        (T, h, w), (pt, ph, pw) = grid, self.patch
+        x = x.reshape(x.shape[0], T, h, w, pt, ph, pw, self.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.out_dim, T * pt, h * ph, w * pw)
+
+    def forward(self, x, t, ctx, mask=None):
+        """x (B, C_in, T, H, W), t (B,) or (B, T), ctx (B, L_text, text_dim) -> (B, C_out, T, H, W)."""
+        tokens, grid = self.embed(x)
+        e, e0 = self.time(t, grid)
+        ctx = self.text_embedding(ctx)
+        rope = self.rope(grid, x.device)
+        for block in self.blocks:
+            tokens = block(tokens, e0, ctx, rope=rope, mask=mask)
+        return self.unpatchify(self.head(tokens, e), grid)
 
 
 # -------------------------------------------------------------------------------------------------

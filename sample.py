@@ -40,27 +40,70 @@ class Policy:
         return {"video": video.to(self.device), "state": state.to(self.device), "text": list(texts)}
 
     @torch.no_grad()
-    def act(self, frames, states, texts, generator):
+    def act(self, frames, states, texts, generator) -> dict:
+        """-> actions (N, K, d_a) in env units, plus value (N,) and the predicted future frames
+        (N, T-1, H, W, 3) uint8 when the model produces them (MV-WAM)."""
         out = self.model.sample(self.batch(frames, states, texts), steps=self.steps, generator=generator)
-        return out["actions"].cpu().double().numpy() * self.a_std + self.a_mean                          # (N, K, d_a)
+        plan = {"actions": out["actions"].cpu().double().numpy() * self.a_std + self.a_mean}
+        if out.get("value") is not None:
+            plan["value"] = out["value"].float().cpu().numpy()
+        if out.get("video_latents") is not None and hasattr(self.model, "decode"):
+            v = self.model.decode(out["video_latents"])[:, :, 1:]                                        # (N, 3, T-1, H, W)
+            plan["frames"] = ((v.permute(0, 2, 3, 4, 1).cpu() + 1) * 127.5).round().byte().numpy()
+        return plan
+
+
+def mark(frame: np.ndarray, color=(255, 0, 0)) -> np.ndarray:
+    """A 1-pixel coloured border (rollback frames in GIFs)."""
+    f = frame.copy()
+    f[0, :], f[-1, :], f[:, 0], f[:, -1] = color, color, color, color
+    return f
 
 
 def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: int, max_steps: int, res: int,
-            generator, record: int = 0, predict_video=None):
+            generator, record: int = 0, predict_video=None, rollback=None):
     """Run `episodes` envs of `split` in lock-step, re-planning every `exec_steps` actions.
 
-    Returns per-episode success and stage flags, and (if record) frames of the first `record` envs."""
+    rollback: None or a factory of MV-WAM's ValueRollback controllers (Sec. 3.2): before a chunk is
+    executed its predicted value is checked; on a drop below peak - delta the env is restored to the
+    peak's saved state (the episode clock keeps running: a rollback costs the time already spent) and
+    the chunk is resampled from there. Returns per-episode success, stage flags, rollback counts and
+    (if record) frames [observation | predicted frame] of the first `record` envs (restored frames
+    outlined in red)."""
     envs = [ToyWorld(res=res, max_steps=max_steps) for _ in range(episodes)]
     obs = [env.reset(seed=seed0 + i, split=split)[0] for i, env in enumerate(envs)]
     done = np.zeros(episodes, bool)
     success = np.zeros(episodes, bool)
     stages = [None] * episodes
+    ctrl = [rollback() for _ in range(episodes)] if rollback is not None else None
+    fired = np.zeros(episodes, int)
     frames_rec = [[np.concatenate([obs[i], np.zeros_like(obs[i])], 1)] for i in range(record)]
     while not done.all():
         live = np.flatnonzero(~done)
-        chunk = policy.act([obs[i] for i in live], [envs[i].proprio() for i in live], [envs[i].instruction() for i in live], generator)
-        pred = predict_video([obs[i] for i in live[:record]], [envs[i].instruction() for i in live[:record]]) \
-            if predict_video is not None and record and live[0] < record else None
+        act = lambda ids: policy.act([obs[i] for i in ids], [envs[i].proprio() for i in ids],  # noqa: E731
+                                     [envs[i].instruction() for i in ids], generator)
+        plan = act(live)
+        if ctrl is not None:                                     # value-guided rollback (Sec. 3.2)
+            redo = []
+            for j, i in enumerate(live):
+                saved = ctrl[i].check(envs[i].get_state(), float(plan["value"][j]))
+                if saved is not None:
+                    clock = envs[i].t
+                    envs[i].set_state(saved)
+                    envs[i].t = clock
+                    obs[i] = envs[i].render()[0]
+                    fired[i] += 1
+                    redo.append(j)
+                    if i < record:
+                        frames_rec[i].append(np.concatenate([mark(obs[i]), np.zeros_like(obs[i])], 1))
+            if redo:                                             # resample the chunk from the restored states
+                again = act(live[redo])
+                for key in plan:
+                    plan[key][redo] = again[key]
+        chunk = plan["actions"]
+        pred = plan.get("frames")
+        if pred is None and predict_video is not None and record and live[0] < record:
+            pred = predict_video([obs[i] for i in live[:record]], [envs[i].instruction() for i in live[:record]])
         for k in range(min(exec_steps, chunk.shape[1])):
             for j, i in enumerate(live):
                 if done[i]:
@@ -72,7 +115,17 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
                     frames_rec[i].append(np.concatenate([obs[i], p], 1))
                 if term or trunc:
                     done[i], success[i] = True, info["success"]
-    return success, stages, frames_rec
+    return success, stages, frames_rec, fired
+
+
+def value_report(model, cfg, clips: ClipDataset, n: int, generator) -> dict:
+    """MV-WAM: the sampled value against the true Monte-Carlo return (Eq. 4) on held-out expert clips."""
+    rows = torch.randperm(len(clips), generator=generator)[:n].numpy()
+    batch = clips.get(rows)
+    pred = model.sample(batch, generator=generator)["value"].float()
+    true = batch["value"].float()
+    r = torch.corrcoef(torch.stack([pred, true]))[0, 1].item()
+    return {"pearson": r, "mae": (pred - true).abs().mean().item(), "n": len(rows)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,7 +183,10 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="action denoising steps (default: the config's)")
     p.add_argument("--gif-episodes", type=int, default=1, help="episodes per split recorded into the GIF")
     p.add_argument("--video-steps", type=int, default=10, help="Euler steps of the predicted-video panel in GIFs")
-    p.add_argument("--diag-clips", type=int, default=32, help="AGRA: held-out clips per split for the diagnostics (0: skip)")
+    p.add_argument("--diag-clips", type=int, default=32, help="AGRA: held-out clips per split for the attention "
+                   "diagnostics; MV-WAM: for the value-vs-return correlation (0: skip)")
+    p.add_argument("--rollback", action="store_true", help="MV-WAM: also run every split with value-guided rollback "
+                   "(Sec. 3.2) and write rollback_<split>.gif of an episode where one fired")
     p.add_argument("--out", default=None, help="folder for GIFs, PNGs and metrics.json (default <ckpt>/samples)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -161,19 +217,50 @@ def main(argv=None):
                "exec_steps": exec_steps, "splits": {}}
     print(f"{name} checkpoint {args.ckpt} (step {meta.get('step')}): {args.episodes} episodes per split, "
           f"re-plan every {exec_steps} steps")
-    print(f"{'split':16s} {'success':>8s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s}   time")
+    rb = None
+    if args.rollback:
+        if name != "mvwam":
+            raise SystemExit(f"--rollback needs a value head (MV-WAM); {name} has none")
+        if not cfg.use_value:
+            raise SystemExit("--rollback: this MV-WAM checkpoint was trained without value tokens (use_value=False)")
+        import mvwam
+        rb = lambda: mvwam.ValueRollback(cfg.rollback_delta, cfg.max_rollbacks)          # noqa: E731
+        print(f"value-guided rollback: delta {cfg.rollback_delta}, at most {cfg.max_rollbacks} per episode")
+    print(f"{'split':16s} {'success':>8s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s}"
+          + (f" {'+rollback':>9s} {'rb/ep':>6s}" if rb else "") + "   time")
     for split in args.splits:
         t0 = time.time()
-        success, stages, rec = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res, gen,
-                                       record=args.gif_episodes, predict_video=predict_video)
+        success, stages, rec, _ = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res, gen,
+                                          record=args.gif_episodes, predict_video=predict_video)
         row = {"success": float(success.mean())}
         for s in ("reached", "grasped", "lifted"):
             row[s] = float(np.mean([st[s] for st in stages]))
+        extra = ""
+        if rb:                                            # the same episodes again, with rollback
+            s_rb, st_rb, rec_rb, fired = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res,
+                                                 gen, record=args.episodes, rollback=rb)
+            row["success_rollback"] = float(s_rb.mean())
+            row["rollbacks_per_episode"] = float(fired.mean())
+            row["rollback_episodes"] = int((fired > 0).sum())
+            extra = f" {row['success_rollback']:9.2f} {row['rollbacks_per_episode']:6.2f}"
+            if fired.any():                               # an episode where a rollback fired, restored frames outlined red
+                save_gif(os.path.join(out_dir, f"rollback_{split}.gif"), np.stack(rec_rb[int(np.argmax(fired > 0))]), fps=6, scale=4)
         results["splits"][split] = row
         print(f"{split:16s} {row['success']:8.2f} {row['reached']:8.2f} {row['grasped']:8.2f} {row['lifted']:8.2f}"
-              f"   {time.time() - t0:.0f}s")
+              f"{extra}   {time.time() - t0:.0f}s")
         if rec and rec[0]:
             save_gif(os.path.join(out_dir, f"rollout_{split}.gif"), np.stack([f for r in rec for f in r]), fps=6, scale=4)
+    if name == "mvwam" and cfg.use_value and args.diag_clips:
+        results["value"] = {}
+        print(f"\nMV-WAM value vs true Monte-Carlo return (Eq. 4) on {args.diag_clips} held-out expert clips per split")
+        print(f"{'split':16s} {'pearson r':>9s} {'MAE':>7s}")
+        for split in args.splits:
+            arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res,
+                                     gamma=meta.get("data", {}).get("gamma", 0.99))
+            dmeta["stats"] = meta["stats"]
+            d = value_report(model, cfg, dataset_for(cfg, arrays, dmeta), args.diag_clips, gen)
+            results["value"][split] = d
+            print(f"{split:16s} {d['pearson']:9.3f} {d['mae']:7.3f}")
     if name == "agra" and args.diag_clips:
         results["diagnostics"] = {}
         print(f"\nAGRA diagnostics on {args.diag_clips} held-out expert clips per split "
@@ -190,7 +277,8 @@ def main(argv=None):
                   f"{m['shuffle']:8.2f} {m['swap']:6.2f}")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nwrote {out_dir}/ (rollout_*.gif, metrics.json{', agra_diagnostics_*.png' if name == 'agra' else ''})")
+    extras = {"agra": ", agra_diagnostics_*.png", "mvwam": ", rollback_*.gif" if rb else ""}.get(name, "")
+    print(f"\nwrote {out_dir}/ (rollout_*.gif, metrics.json{extras})")
     return results
 
 

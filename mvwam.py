@@ -1,0 +1,523 @@
+"""MV-WAM: "Manifold-aware Video World Action Model" with progress-valued regulation
+(shared/papers/002_d3f0926f5419a0c2.txt).
+
+One diffusion transformer made of two experts of equal depth, coupled as a mixture of
+transformers (MoT): a Video Expert (Wan2.1-1.3B shapes, image-to-video input) and a narrower
+Action-Value Expert. In every layer each expert projects its own tokens to q/k/v, one attention
+runs over all tokens under a cross-modality causal mask (video sees only video; state/action see
+video and state/action; value sees everything), and each expert continues with its own output
+projection, cross-attention and FFN. The two modalities get different objectives: velocity for
+video (Eq. 2), the clean endpoint x0 for actions and the value (Eq. 3, without the 1/t^2 weight of
+App. F). A value token regresses the Monte-Carlo return (Eq. 4) and drives a rollback controller at
+execution time (Sec. 3.2).
+
+Time convention (all of this file): x_t = (1 - t) x0 + t noise, t = 1 is pure noise (Eq. 1, 6);
+velocity v = noise - x0; sampling integrates t = 1 -> 0. One t per sample is shared by video and
+actions (inference denoises them jointly); the current observation's latent frame is clean, t = 0.
+
+Paper -> code
+| paper                                      | code                                                 |
+|--------------------------------------------|------------------------------------------------------|
+| Eq. 1, 6   flow matching, x_t               | common.add_noise / velocity_target                   |
+| Eq. 2      video v-prediction loss          | Model.loss ("video")                                 |
+| Eq. 3      action x0-prediction loss        | Model.loss ("action", "value"), Config.action_target |
+| Eq. 4      Monte-Carlo value target         | data/toyworld.mc_returns (batch["value"])            |
+| Eq. 7, App. F  no 1/t^2 weight              | flow_loss                                            |
+| Table 6    v / x0 / eps -> velocity         | common.to_velocity, Model.sample                     |
+| Sec. 3.1   Video Expert (WoW-1.3B, I2V)     | common.WanDiT as Model.video, Model.video_input      |
+| Sec. 3.1   Action-Value Expert              | ActionValueExpert                                    |
+| Sec. 3.1   odd: language, even: image       | ActionValueExpert.context (0-indexed layer i odd/even)|
+| Sec. 3.1   shared / separate enc-dec        | ActionValueExpert.{state_action,value}_{encoder,head}|
+| Sec. 3.1   MoT + structured causal mask     | mot_mask, Model.forward                              |
+| Sec. 3.1   RoPE scaled 1/4 for actions      | Model.token_layout                                   |
+| Sec. 3.2   value-guided rollback, delta     | ValueRollback, sample.py --rollback                  |
+| Sec. 4.1   768 in a 1536 attention, stages  | CONFIGS["full"], Config.stage, Model.param_groups    |
+| Sec. 4.1   constant 20 % then linear to 0   | Config.lr_schedule / const_frac                      |
+| Fig. 3(a) targets, 3(b) steps, 3(c) value   | Config.action_target, sample(steps=), use_value      |
+
+Shape letters: B batch, C latent channels, T latent frames, h x w token grid, N_v = T h w video
+tokens, K horizon, D video width, A action-expert width, d_u unified state/action width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (PixelCodec, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise, check_choice, check_shape,
+                    grid_positions, rope_3d, sample_t, shift_t, timestep_embedding, to_velocity, velocity_target)
+
+# -------------------------------------------------------------------------------------------------
+# Config
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # data layout
+    height: int = 32                     # frame size (Sec. 4.1: 240 x 320)
+    width: int = 32
+    frames: int = 9                      # raw frames per clip = 1 + latent_q * (T - 1)
+    latent_q: int = 4                    # raw frames per latent frame (Wan VAE temporal stride 4)
+    codec_p: int = 2                     # tiny pixel codec space-to-depth (the Wan VAE is 8)
+    latent_channels: int = 48            # 3 q p^2 for the pixel codec; 16 for the Wan2.1 VAE
+    mask_channels: int = 4               # I2V mask channels (WoW: 4 = the VAE's temporal stride)
+    action_dim: int = 4                  # d_a (paper: the 128-dim RDT unified action space)
+    state_dim: int = 4                   # d_s
+    unified_dim: int = 0                 # d_u: states and actions are zero-padded to this width (0: max of both)
+    horizon: int = 8                     # K (Sec. 4.1: chunk 32)
+    vocab: tuple = ()                    # tiny text encoder words (filled from the toy world)
+    text_encoder: str = "tiny"           # tiny (trainable) | precomputed (umT5-XXL features in batch["text_emb"])
+    text_layers: int = 1
+    text_dim: int = 64                   # umT5-XXL: 4096
+    # video expert, Wan2.1-T2V-1.3B shapes (reference/checkpoints.md section 1)
+    video_dim: int = 96                  # D: 1536
+    video_ffn: int = 384                 # 8960
+    video_heads: int = 3                 # 12 x 128 (tiny: head_dim 32)
+    layers: int = 6                      # 30, both experts (Sec. 3.1: identical depth)
+    patch: tuple = (1, 2, 2)
+    freq_dim: int = 256
+    rope_theta: float = 10000.0
+    # action-value expert (Sec. 3.1, 4.1)
+    act_width: int = 64                  # A: 768
+    act_ffn: int = 256                   # 4480 (Wan's ffn/dim ratio at 768; the paper gives no FFN width)
+    act_cross_heads: int = 2             # heads of the expert's own cross-attention (12 x 64)
+    image_encoder: str = "tiny"          # tiny (trainable, stands in for SigLIP2) | precomputed (batch["image_emb"])
+    image_dim: int = 64                  # SigLIP2-so400m: 1152
+    image_patch: int = 4                 # tiny image encoder patch (pixels)
+    ground_actions: bool = True          # action k sees latent frames <= the one covering its step (Sec. 3.1)
+    rope_action_scale: float = 0.25      # temporal RoPE scale of action tokens, 1/4 (Sec. 3.1)
+    use_value: bool = True               # value token + value loss (False: Fig. 3(c)'s no-value baseline)
+    # objectives (Eq. 2-3, Table 6, App. F)
+    action_target: str = "x0"            # x0 | v | eps for action and value tokens (Fig. 3(a))
+    video_weight: float = 1.0            # lambda_v
+    action_weight: float = 1.0           # lambda_a
+    value_weight: float = 1.0            # value tokens share Eq. 3 (App. F); 1 like lambda_a
+    independent_t: bool = False          # draw the action/value t independently of the video t
+    t_sampler: str = "logit_normal"      # the paper does not name one (Wan's trainer draws shifted t)
+    t_shift: float = 1.0                 # for t_sampler="shifted" (Wan: 5)
+    sample_steps: int = 5                # joint Euler steps (Fig. 3(b): 5)
+    sample_shift: float = 1.0            # shift of the sampling grid
+    # value-guided rollback (Sec. 3.2)
+    rollback_delta: float = 0.2          # delta
+    max_rollbacks: int = 3               # cap per episode (the paper names none; ours)
+    # training (Sec. 4.1)
+    stage: str = "joint"                 # video (Video Expert pre-training) | joint
+    lr_video: float = 1e-3               # 1e-4
+    lr_head: float = 1e-3                # action-value expert + encoders: 1e-4
+    weight_decay: float = 1e-2           # AdamW 1e-2
+    lr_schedule: str = "constant_then_linear"
+    const_frac: float = 0.2              # constant for 20 % of the steps, then linear decay to 0
+    warmup_frac: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 16                 # 1024 (video) / 512 (joint)
+    steps: int = 200                     # the `--tiny` default run (about 2 CPU minutes); paper: 20k / 15k
+
+    def __post_init__(self):
+        check_choice("stage", self.stage, ("video", "joint"))
+        check_choice("action_target", self.action_target, ("x0", "v", "eps"))
+        check_choice("image_encoder", self.image_encoder, ("tiny", "precomputed"))
+        check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
+        check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
+        if (self.frames - 1) % self.latent_q:
+            raise ValueError(f"frames={self.frames} must be 1 + latent_q * k (latent_q={self.latent_q})")
+        if self.horizon > (self.frames - 1):
+            raise ValueError(f"horizon={self.horizon} actions need {self.horizon} predicted frames; frames={self.frames}")
+        if self.video_dim % self.video_heads or (self.video_dim // self.video_heads) % 2:
+            raise ValueError(f"video_dim={self.video_dim} must split into {self.video_heads} heads of even width")
+
+    @property
+    def latent_frames(self) -> int:
+        return 1 + (self.frames - 1) // self.latent_q
+
+    @property
+    def d_u(self) -> int:
+        return self.unified_dim or max(self.action_dim, self.state_dim)
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        p = self.codec_p
+        return self.latent_frames // self.patch[0], self.height // p // self.patch[1], self.width // p // self.patch[2]
+
+
+CONFIGS = {
+    "tiny": Config(),
+    # Sec. 4.1 + reference/checkpoints.md section 1 (Wan2.1-T2V-1.3B, I2V input 16 + 4 + 16 = 36 ch.)
+    "full": Config(height=240, width=320, frames=33, codec_p=8, latent_channels=16, action_dim=128, state_dim=128,
+                   horizon=32, text_encoder="precomputed", text_dim=4096, video_dim=1536, video_ffn=8960, video_heads=12, layers=30,
+                   act_width=768, act_ffn=4480, act_cross_heads=12, image_encoder="precomputed", image_dim=1152,
+                   lr_video=1e-4, lr_head=1e-4, batch_size=512, steps=15000),
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# The cross-modality causal mask (Sec. 3.1)
+# -------------------------------------------------------------------------------------------------
+
+VIDEO, STATE, ACTION, VALUE = 0, 1, 2, 3
+
+
+def mot_mask(kind: torch.Tensor, frame: torch.Tensor, ground: bool = True) -> torch.Tensor:
+    """(L, L) bool, True = row token may attend to column token, from per-token modality labels
+    `kind` (L,) and latent-frame indices `frame` (L,) (openpi's make_att_2d_masks idea):
+
+      video        -> video only (video generation stays uncontaminated by actions)
+      state/action -> video (frames <= its own frame if `ground`) + state + action
+      value        -> everything
+    """
+    row, col = kind[:, None], kind[None, :]
+    video_col = col == VIDEO
+    if ground:
+        video_col = video_col & (frame[None, :] <= frame[:, None])
+    sa_row = (row == STATE) | (row == ACTION)
+    sa_col = (col == STATE) | (col == ACTION)
+    return ((row == VIDEO) & (col == VIDEO)) | (sa_row & (video_col | sa_col)) | (row == VALUE)
+
+
+# -------------------------------------------------------------------------------------------------
+# Action-Value Expert (Sec. 3.1)
+# -------------------------------------------------------------------------------------------------
+
+
+def mlp(i: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(i, o), nn.SiLU(), nn.Linear(o, o))
+
+
+class TinyImageEncoder(nn.Module):
+    """Patch embedding + one transformer layer over the current frame: (B, 3, H, W) -> (B, N, dim).
+    The tiny preset's trainable stand-in for SigLIP2."""
+
+    def __init__(self, res: tuple[int, int], patch: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+        self.pos = nn.Parameter(torch.randn((res[0] // patch) * (res[1] // patch), dim) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, img):
+        x = self.proj(img).flatten(2).transpose(1, 2) + self.pos
+        return self.norm(self.layer(x))
+
+
+class ActionValueExpert(nn.Module):
+    """Same depth as the video expert, own parameters, width A. Its self-attention projects q/k/v
+    into the video expert's attention width and heads (768 -> 1536 -> 768, Sec. 4.1). Its blocks
+    cross-attend to language in odd layers and to image features of the current observation in even
+    layers (0-indexed i). State and action tokens share one encoder and decoder; the value token has
+    its own (Sec. 3.1). Per-token timesteps: the state token is clean (t = 0)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        A = cfg.act_width
+        self.freq_dim, self.width = cfg.freq_dim, A
+        self.state_action_encoder = mlp(cfg.d_u, A)
+        self.state_action_head = WanHead(A, cfg.d_u)
+        if cfg.use_value:
+            self.value_encoder = mlp(1, A)
+            self.value_head = WanHead(A, 1)
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, A), nn.SiLU(), nn.Linear(A, A))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(A, 6 * A))
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, A), nn.GELU(approximate="tanh"), nn.Linear(A, A))
+        self.image_embedding = nn.Sequential(nn.Linear(cfg.image_dim, A), nn.GELU(approximate="tanh"), nn.Linear(A, A))
+        self.blocks = nn.ModuleList([WanBlock(A, cfg.act_ffn, cfg.video_heads, attn_dim=cfg.video_dim,
+                                              cross_heads=cfg.act_cross_heads) for _ in range(cfg.layers)])
+
+    def time(self, t):
+        """t (B, L) -> e (B, L, A), e0 (B, L, 6, A)."""
+        e = self.time_embedding(timestep_embedding(1000 * t.flatten().float(), self.freq_dim)).unflatten(0, t.shape)
+        return e.float(), self.time_projection(e).unflatten(-1, (6, self.width)).float()
+
+    def context(self, text, image):
+        """Per-layer cross-attention context: language in odd layers, image features in even layers."""
+        text, image = self.text_embedding(text), self.image_embedding(image)
+        return [text if i % 2 == 1 else image for i in range(len(self.blocks))]
+
+
+# -------------------------------------------------------------------------------------------------
+# Losses
+# -------------------------------------------------------------------------------------------------
+
+
+def flow_loss(pred, x0, noise, target: str) -> torch.Tensor:
+    """MSE in the output's own parameterization (Table 6): v -> noise - x0 (Eq. 2), x0 -> x0 (Eq. 3,
+    with no 1/t^2 weight, App. F / Eq. 7), eps -> noise."""
+    goal = {"v": velocity_target(x0, noise), "x0": x0, "eps": noise}[target]
+    return F.mse_loss(pred.float(), goal.float())
+
+
+# -------------------------------------------------------------------------------------------------
+# Model
+# -------------------------------------------------------------------------------------------------
+
+
+class Model(nn.Module):
+    """MV-WAM: Video Expert + Action-Value Expert as a mixture of transformers."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        codec = PixelCodec(cfg.latent_q, cfg.codec_p)
+        self.codec = codec if codec.channels == cfg.latent_channels else None      # tiny: pixel codec; full: Wan VAE latents
+        C = cfg.latent_channels
+        if cfg.text_encoder == "tiny":                                             # full size: umT5 features in the batch
+            self.text_encoder = TinyTextEncoder(list(cfg.vocab), cfg.text_dim, layers=cfg.text_layers)
+        if cfg.image_encoder == "tiny":
+            self.image_encoder = TinyImageEncoder((cfg.height, cfg.width), cfg.image_patch, cfg.image_dim)
+        # Video Expert: WoW-1.3B = Wan2.1-T2V-1.3B with a 36-channel I2V patch embedding (noisy + mask + condition)
+        self.video = WanDiT(2 * C + cfg.mask_channels, C, cfg.video_dim, cfg.video_ffn, cfg.video_heads, cfg.layers,
+                            cfg.text_dim, cfg.patch, cfg.freq_dim, rope_theta=cfg.rope_theta)
+        self.action = ActionValueExpert(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Wan-style: xavier linears with zero biases, N(0, 0.02) time embeddings; zero output heads so
+        every stream starts by predicting 0 (the video expert would come from WoW-1.3B at full size)."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for emb in (self.video.time_embedding, self.action.time_embedding):
+            for m in emb:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        heads = [self.video.head, self.action.state_action_head] + ([self.action.value_head] if self.cfg.use_value else [])
+        for h in heads:
+            nn.init.zeros_(h.head.weight)
+            nn.init.zeros_(h.head.bias)
+
+    # ---------------------------------------------------------------- inputs
+    def encode(self, batch) -> torch.Tensor:
+        """Video latents (B, C, T, h, w): batch['latents'] (Wan-VAE latents at full size) or the pixel codec."""
+        if "latents" in batch:
+            return batch["latents"]
+        if self.codec is None:
+            raise ValueError(f"latent_channels={self.cfg.latent_channels} is not the pixel codec's "
+                             f"{3 * self.cfg.latent_q * self.cfg.codec_p ** 2}: pass Wan-VAE latents as batch['latents']")
+        check_shape("batch['video']", batch["video"], (None, 3, None, self.cfg.height, self.cfg.width))
+        return self.codec.encode(batch["video"])
+
+    def contexts(self, batch):
+        """(text context of the video expert, per-layer contexts of the action expert)."""
+        text = self.text_encoder(batch["text"]) if self.cfg.text_encoder == "tiny" else batch["text_emb"]
+        if self.cfg.image_encoder == "tiny":
+            image = self.image_encoder(batch["video"][:, :, 0])
+        else:
+            image = batch["image_emb"]                                          # SigLIP2 features of the current frame
+        return text, image
+
+    def video_input(self, z_t, z_cond):
+        """WoW / Wan2.1 I2V input: [noisy latents, mask (1 on the condition frame), condition latents
+        (the current frame's latent in frame 0, zeros after)] along channels: C + q + C channels."""
+        B, C, T, h, w = z_t.shape
+        mask = torch.zeros(B, self.cfg.mask_channels, T, h, w, device=z_t.device, dtype=z_t.dtype)
+        mask[:, :, 0] = 1
+        y = torch.zeros_like(z_t)
+        y[:, :, :1] = z_cond
+        return torch.cat([z_t, mask, y], 1)
+
+    def token_layout(self, device):
+        """Modality label, latent frame and RoPE (t, h, w) position of every token:
+        [video (T h w) | state | action_1..K | value].
+
+        Video tokens sit on their integer grid. The other tokens share the temporal grid scaled by
+        1/4 (Sec. 3.1): the state at t = 0 (the current frame), action k (0-indexed) at
+        t = 1 + k * rope_action_scale (one latent frame spans 4 steps; action k produces raw frame k+1,
+        which lies in latent frame 1 + k // q), the value at t = 0 (it scores the current state and
+        chunk). Spatially all of them sit at the centre of the h x w grid (our choice; the paper does
+        not say), so no side of the image is favoured.
+        """
+        cfg = self.cfg
+        T, h, w = cfg.token_grid
+        t_v, y_v, x_v = grid_positions(T, h, w, device)
+        K = cfg.horizon
+        k = torch.arange(K, device=device)
+        t_o = torch.cat([torch.zeros(1, device=device), 1 + k * cfg.rope_action_scale]
+                        + ([torch.zeros(1, device=device)] if cfg.use_value else []))
+        kind = torch.cat([torch.full((T * h * w,), VIDEO), torch.tensor([STATE]), torch.full((K,), ACTION)]
+                         + ([torch.tensor([VALUE])] if cfg.use_value else [])).to(device)
+        frame = torch.cat([t_v, torch.zeros(1, dtype=torch.long, device=device), 1 + k // cfg.latent_q]
+                          + ([torch.full((1,), T, device=device)] if cfg.use_value else []))
+        n_o = t_o.shape[0]
+        t = torch.cat([t_v.double(), t_o.double()])
+        y = torch.cat([y_v.double(), torch.full((n_o,), (h - 1) / 2, dtype=torch.float64, device=device)])
+        x = torch.cat([x_v.double(), torch.full((n_o,), (w - 1) / 2, dtype=torch.float64, device=device)])
+        return kind, frame, (t, y, x)
+
+    # ---------------------------------------------------------------- forward (one MoT pass)
+    def forward(self, z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action: bool = True):
+        """One pass of both experts.
+
+        z_t (B, C, T, h, w) noisy latents (frame 0 = the clean condition), t_video (B, T) per-frame t,
+        state (B, d_s), a_t (B, K, d_a) noisy actions, c_t (B,) noisy value, t_act (B,) their t,
+        text (B, L, text_dim), image (B, N, image_dim).
+        -> video output (B, C, T, h, w) (a velocity), actions (B, K, d_a) and value (B,) in
+        `action_target` parameterization (None when with_action=False: the video expert alone,
+        which the mask makes identical to its rows of the joint pass).
+        """
+        cfg, V = self.cfg, self.video
+        xv, grid = V.embed(self.video_input(z_t, z_cond))
+        e_v, e0_v = V.time(t_video, grid)
+        ctx_v = V.text_embedding(text)
+        kind, frame, (pt, py, px) = self.token_layout(z_t.device)
+        hd = cfg.video_dim // cfg.video_heads
+        angles = rope_3d(pt, py, px, hd, cfg.rope_theta)                     # (N_v + N_o, hd/2)
+        Nv = xv.shape[1]
+        if not with_action:
+            for block in V.blocks:
+                xv = block(xv, e0_v, ctx_v, rope=(angles[:Nv], True))
+            return V.unpatchify(V.head(xv, e_v), grid), None, None
+
+        AV, B, K = self.action, z_t.shape[0], cfg.horizon
+        pad = lambda x: F.pad(x, (0, cfg.d_u - x.shape[-1]))                # noqa: E731  (unified width)
+        xa = [AV.state_action_encoder(pad(state)[:, None]), AV.state_action_encoder(pad(a_t))]
+        ta = [torch.zeros(B, 1, device=z_t.device), t_act[:, None].expand(B, K)]
+        if cfg.use_value:
+            xa.append(AV.value_encoder(c_t[:, None, None]))
+            ta.append(t_act[:, None])
+        xa = torch.cat(xa, 1)                                                # (B, 1 + K (+1), A)
+        e_a, e0_a = AV.time(torch.cat(ta, 1))
+        ctx_a = AV.context(text, image)
+        mask = mot_mask(kind, frame, cfg.ground_actions)                     # (L, L)
+        rope_v, rope_a = (angles[:Nv], True), (angles[Nv:], True)
+        for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):
+            mv, ma = bv.modulation_terms(e0_v), ba.modulation_terms(e0_a)
+            qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)    # per-expert QKV
+            qa, ka, va = ba.self_attn.qkv(ba.attn_input(xa, ma), rope=rope_a)
+            out = F.scaled_dot_product_attention(torch.cat([qv, qa], 2), torch.cat([kv, ka], 2),
+                                                 torch.cat([vv, va], 2), attn_mask=mask)   # one shared attention
+            out = out.transpose(1, 2).flatten(2)
+            xv = bv.finish(xv, bv.self_attn.o(out[:, :Nv]), mv, ctx_v)            # per-expert output, cross-attn, FFN
+            xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a[i])
+        video_out = V.unpatchify(V.head(xv, e_v), grid)
+        act = AV.state_action_head(xa[:, 1:1 + K], e_a[:, 1:1 + K])[..., :cfg.action_dim]
+        value = AV.value_head(xa[:, -1:], e_a[:, -1:])[:, 0, 0] if cfg.use_value else None
+        return video_out, act, value
+
+    def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
+        """(B,) -> (B, T): the condition frame clean (t = 0, as Wan2.2 TI2V), future frames at t."""
+        tt = t[:, None].repeat(1, T)
+        tt[:, 0] = 0.0
+        return tt
+
+    # ---------------------------------------------------------------- training loss
+    def loss(self, batch):
+        cfg = self.cfg
+        z = self.encode(batch)                                               # (B, C, T, h, w)
+        B, T, dev = z.shape[0], z.shape[2], z.device
+        text, image = self.contexts(batch)
+        t = sample_t(cfg.t_sampler, B, device=dev, shift=cfg.t_shift)
+        noise = torch.randn_like(z)
+        z_t = add_noise(z, noise, t[:, None, None, None, None])              # Eq. 1 / 6
+        z_t[:, :, 0] = z[:, :, 0]                                            # the current observation is given
+        with_action = cfg.stage == "joint"
+        a0 = c0 = a_t = c_t = t_a = None
+        state = batch["state"]
+        if with_action:
+            a0 = batch["actions"]
+            check_shape("batch['actions']", a0, (B, cfg.horizon, cfg.action_dim))
+            check_shape("batch['state']", state, (B, cfg.state_dim))
+            t_a = sample_t(cfg.t_sampler, B, device=dev, shift=cfg.t_shift) if cfg.independent_t else t
+            eps_a = torch.randn_like(a0)
+            a_t = add_noise(a0, eps_a, t_a[:, None, None])
+            if cfg.use_value:
+                c0 = batch["value"].float()
+                eps_c = torch.randn_like(c0)
+                c_t = add_noise(c0, eps_c, t_a)
+        v_hat, a_hat, c_hat = self(z_t, self.frame_times(t, T), z[:, :, :1], state, a_t, c_t, t_a, text, image, with_action)
+        parts = {"video": F.mse_loss(v_hat[:, :, 1:].float(), velocity_target(z, noise)[:, :, 1:].float())}   # Eq. 2
+        total = cfg.video_weight * parts["video"]
+        if with_action:
+            parts["action"] = flow_loss(a_hat, a0, eps_a, cfg.action_target)                # Eq. 3
+            total = total + cfg.action_weight * parts["action"]
+            if cfg.use_value:
+                parts["value"] = flow_loss(c_hat, c0, eps_c, cfg.action_target)             # Eq. 3-4 (value token)
+                total = total + cfg.value_weight * parts["value"]
+        return total, {k: v.detach() for k, v in parts.items()}
+
+    def param_groups(self):
+        """Stage video: the Video Expert (+ tiny text encoder) alone. Stage joint: the full model,
+        video expert at lr_video, action-value expert + image encoder at lr_head (Sec. 4.1)."""
+        video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder."))]
+        head = [p for n, p in self.named_parameters() if n.startswith(("action.", "image_encoder."))]
+        for p in self.parameters():
+            p.requires_grad_(False)
+        groups = [{"name": "video", "params": video, "lr": self.cfg.lr_video}]
+        if self.cfg.stage == "joint":
+            groups.append({"name": "action_value", "params": head, "lr": self.cfg.lr_head})
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        return groups
+
+    # ---------------------------------------------------------------- inference (Fig. 3(b), Table 6)
+    @torch.no_grad()
+    def sample(self, batch, steps=None, generator=None):
+        """Jointly denoise future video latents, the action chunk and the value with `steps` Euler
+        steps (default 5) of the shared t grid. Video uses its velocity; actions and value convert
+        their x0 (or eps) output to a velocity (Table 6).
+
+        -> actions (B, K, d_a) normalized, video_latents (B, C, T, h, w) (frame 0 = the condition),
+           value (B,) (None without a value token)."""
+        cfg = self.cfg
+        steps = steps or cfg.sample_steps
+        state = batch["state"]
+        B, dev = state.shape[0], state.device
+        z0 = self.encode({"video": batch["video"][:, :, :1]} if "latents" not in batch else batch)[:, :, :1]
+        _, C, _, hh, ww = z0.shape
+        rand = lambda *s: torch.randn(*s, generator=generator).to(dev)      # noqa: E731
+        z = torch.cat([z0, rand(B, C, cfg.latent_frames - 1, hh, ww)], 2)
+        a = rand(B, cfg.horizon, cfg.action_dim)
+        c = rand(B) if cfg.use_value else None
+        text, image = self.contexts(batch)
+        ts = torch.linspace(1.0, 0.0, steps + 1)
+        if cfg.sample_shift != 1.0:
+            ts = shift_t(ts, cfg.sample_shift)
+        value = None
+        for i in range(steps):
+            t, dt = float(ts[i]), float(ts[i + 1] - ts[i])                   # dt < 0
+            tb = torch.full((B,), t, device=dev)
+            v_hat, a_hat, c_hat = self(z, self.frame_times(tb, cfg.latent_frames), z0, state, a, c, tb, text, image)
+            z = torch.cat([z0, z[:, :, 1:] + dt * v_hat[:, :, 1:]], 2)
+            a = a + dt * to_velocity(a_hat, a, tb[:, None, None], cfg.action_target)
+            if cfg.use_value:
+                c = c + dt * to_velocity(c_hat, c, tb, cfg.action_target)
+                value = c
+        return {"actions": a, "video_latents": z, "value": value}
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> frames (B, 3, frames, H, W) in [-1, 1] (pixel codec; tiny preset)."""
+        return self.codec.decode(z).clamp(-1, 1)
+
+
+# -------------------------------------------------------------------------------------------------
+# Value-guided rollback (Sec. 3.2)
+# -------------------------------------------------------------------------------------------------
+
+
+class ValueRollback:
+    """Keeps a buffer of (env state, predicted value) per control step and tracks the peak
+    c_peak = max_{i<t} c_i. When a new prediction falls below c_peak - delta, `check` returns the
+    state saved at the peak: the caller restores it and resamples the chunk from there (diffusion's
+    stochasticity gives a different chunk). At most `max_rollbacks` per episode."""
+
+    def __init__(self, delta: float = 0.2, max_rollbacks: int = 3):
+        self.delta, self.max_rollbacks = delta, max_rollbacks
+        self.reset()
+
+    def reset(self):
+        self.buffer: list = []                   # (state, value) of every control step so far
+        self.peak, self.peak_state, self.count = -math.inf, None, 0
+
+    def check(self, state, value: float):
+        """Record (state, value); -> the peak's state if a rollback is due, else None."""
+        if self.peak_state is not None and value < self.peak - self.delta and self.count < self.max_rollbacks:
+            self.count += 1
+            return self.peak_state
+        self.buffer.append((state, value))
+        if value > self.peak:
+            self.peak, self.peak_state = value, state
+        return None

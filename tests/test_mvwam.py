@@ -1,0 +1,291 @@
+"""MV-WAM (mvwam.py): mask oracles, parameterizations, value target, loss structure, rollback,
+full-size shapes, and train -> save -> resume -> sample with rollback on the tiny preset."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import mvwam
+import sample
+import train
+from common import to_velocity
+from data.toyworld import VOCAB, mc_returns
+
+FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2"]
+
+
+def tiny(**kw):
+    cfg = copy.deepcopy(mvwam.CONFIGS["tiny"])
+    cfg.vocab = tuple(VOCAB)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def batch_of(B=3, seed=0, cfg=None):
+    g = torch.Generator().manual_seed(seed)
+    cfg = cfg or tiny()
+    return {"video": torch.rand(B, 3, cfg.frames, cfg.height, cfg.width, generator=g) * 2 - 1,
+            "state": torch.randn(B, cfg.state_dim, generator=g), "actions": torch.randn(B, cfg.horizon, cfg.action_dim, generator=g),
+            "value": torch.rand(B, generator=g), "text": ["pick up the red cube"] * B}
+
+
+# ------------------------------------------------------------------ the cross-modality causal mask
+
+
+def layout(model):
+    kind, frame, _ = model.token_layout("cpu")
+    return kind, frame, mvwam.mot_mask(kind, frame, model.cfg.ground_actions)
+
+
+def test_mask_rows_by_modality():
+    model = mvwam.Model(tiny())
+    kind, frame, m = layout(model)
+    T, h, w = model.cfg.token_grid
+    V, S, A, VAL = (kind == mvwam.VIDEO), (kind == mvwam.STATE), (kind == mvwam.ACTION), (kind == mvwam.VALUE)
+    assert V.sum() == T * h * w and S.sum() == 1 and A.sum() == model.cfg.horizon and VAL.sum() == 1
+    assert m[V][:, V].all() and not m[V][:, ~V].any()            # video rows: video columns only
+    assert m[VAL].all()                                           # value rows: everything
+    assert not m[S | A][:, VAL].any()                             # no state/action row sees the value
+    assert m[S | A][:, S | A].all()                               # state/action see each other
+
+
+def test_action_k_sees_exactly_frames_up_to_its_grounded_frame():
+    model = mvwam.Model(tiny())
+    kind, frame, m = layout(model)
+    q, V = model.cfg.latent_q, kind == mvwam.VIDEO
+    video_frame = frame[V]
+    for k, row in enumerate(torch.nonzero(kind == mvwam.ACTION).flatten()):
+        grounded = 1 + k // q                                     # action k makes raw frame k+1 -> latent frame 1 + k//q
+        assert torch.equal(m[row][V], video_frame <= grounded), k
+    state_row = torch.nonzero(kind == mvwam.STATE).flatten()[0]
+    assert torch.equal(m[state_row][V], video_frame == 0)          # the state sees the current frame only
+    m_free = mvwam.mot_mask(kind, frame, ground=False)             # grounding off: all video
+    assert m_free[kind == mvwam.ACTION][:, V].all()
+
+
+def test_action_rope_positions_are_scaled_by_a_quarter():
+    model = mvwam.Model(tiny())
+    kind, _, (t, y, x) = model.token_layout("cpu")
+    ta = t[kind == mvwam.ACTION]
+    assert torch.allclose(ta, 1 + 0.25 * torch.arange(model.cfg.horizon, dtype=torch.float64))
+    T, h, w = model.cfg.token_grid
+    assert (y[kind != mvwam.VIDEO] == (h - 1) / 2).all() and t[kind == mvwam.STATE].item() == 0
+
+
+# ------------------------------------------------------------------ objectives and parameterizations
+
+
+def test_x0_to_velocity_and_last_step_lands_on_x0():
+    x0, noise, t = torch.tensor([0.2, -1.0]), torch.tensor([1.0, 0.5]), torch.tensor(0.25)
+    x_t = (1 - t) * x0 + t * noise                                # Eq. 6
+    v = to_velocity(x0, x_t, t, "x0")                             # Table 6: (x_t - x0_hat) / t
+    assert torch.allclose(v, noise - x0)                          # a perfect x0 gives the true velocity
+    assert torch.allclose(x_t + (0 - t) * v, x0)                  # an Euler step to t = 0 lands on x0_hat
+    eps_v = to_velocity(noise, x_t, t, "eps")                     # (eps_hat - x_t) / (1 - t)
+    assert torch.allclose(eps_v, noise - x0)
+
+
+def test_flow_loss_targets_have_no_time_weight():
+    x0, noise = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
+    pred = torch.tensor([[0.0, 0.0]])
+    assert mvwam.flow_loss(pred, x0, noise, "x0").item() == pytest.approx(2.5)      # mean((0-1)^2, (0-2)^2), no 1/t^2
+    assert mvwam.flow_loss(pred, x0, noise, "v").item() == pytest.approx(2.5)       # v = noise - x0 = (-1, -2)
+    assert mvwam.flow_loss(pred, x0, noise, "eps").item() == 0.0
+
+
+def test_mc_returns_eq4_hand_example():
+    """c_t = sum_i gamma^i r_{t+i}: sparse reward 1 at the last step, gamma = 0.99."""
+    r = np.array([0, 0, 0, 1.0])
+    assert np.allclose(mc_returns(r, 0.99), [0.99 ** 3, 0.99 ** 2, 0.99, 1.0])
+
+
+def test_video_loss_ignores_actions_but_action_loss_sees_video():
+    torch.manual_seed(0)
+    model = mvwam.Model(tiny())
+    with torch.no_grad():                                         # heads start at zero: perturb so outputs depend on inputs
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = batch_of()
+
+    def parts(batch):
+        torch.manual_seed(7)
+        return model.loss(batch)[1]
+    base = parts(b)
+    other_actions = dict(b, actions=torch.randn_like(b["actions"]), value=torch.rand_like(b["value"]))
+    changed = parts(other_actions)
+    assert torch.equal(base["video"], changed["video"])
+    assert not torch.equal(base["action"], changed["action"])
+    video2 = b["video"].clone()
+    video2[:, :, 1:] = -video2[:, :, 1:]                          # change the future frames only
+    changed = parts(dict(b, video=video2))
+    assert not torch.equal(base["action"], changed["action"]) and not torch.equal(base["value"], changed["value"])
+
+
+def test_video_only_pass_equals_the_joint_pass():
+    """The mask makes the video expert's output independent of the action-value expert."""
+    torch.manual_seed(0)
+    model = mvwam.Model(tiny())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = batch_of(2)
+    z = model.encode(b)
+    T = z.shape[2]
+    t = torch.tensor([0.3, 0.8])
+    text, image = model.contexts(b)
+    args = (z, model.frame_times(t, T), z[:, :, :1], b["state"], b["actions"], b["value"], t, text, image)
+    joint = model(*args, with_action=True)[0]
+    alone = model(*args, with_action=False)[0]
+    assert torch.allclose(joint, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["x0", "v", "eps"])
+def test_loss_finite_with_gradients_per_stage(target):
+    torch.manual_seed(0)
+    model = mvwam.Model(tiny(action_target=target))
+    groups = {g["name"]: g["params"] for g in model.param_groups()}
+    assert set(groups) == {"video", "action_value"}
+    loss, parts = model.loss(batch_of())
+    assert set(parts) == {"video", "action", "value"} and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for g in groups.values() for p in g)
+
+
+def test_video_stage_trains_the_video_expert_alone():
+    model = mvwam.Model(tiny(stage="video"))
+    groups = model.param_groups()
+    assert [g["name"] for g in groups] == ["video"]
+    loss, parts = model.loss(batch_of())
+    assert set(parts) == {"video"}
+    loss.backward()
+    assert all(p.grad is None for p in model.action.parameters())
+
+
+def test_no_value_variant_and_independent_t():
+    model = mvwam.Model(tiny(use_value=False, independent_t=True))
+    loss, parts = model.loss(batch_of())
+    assert set(parts) == {"video", "action"}
+    out = model.sample(batch_of(2), steps=2)
+    assert out["value"] is None and out["actions"].shape == (2, 8, 4)
+
+
+def test_sample_shapes_and_condition_frame():
+    torch.manual_seed(0)
+    model = mvwam.Model(tiny())
+    b = batch_of(2)
+    out = model.sample(b, steps=3, generator=torch.Generator().manual_seed(0))
+    assert out["actions"].shape == (2, 8, 4) and out["value"].shape == (2,)
+    z0 = model.encode({"video": b["video"][:, :, :1]})
+    assert out["video_latents"].shape == (2, 48, 3, 16, 16) and torch.equal(out["video_latents"][:, :, :1], z0)
+    frames = model.decode(out["video_latents"])
+    assert frames.shape == (2, 3, 9, 32, 32)
+
+
+def test_bad_shapes_are_named():
+    model = mvwam.Model(tiny())
+    b = batch_of()
+    with pytest.raises(ValueError, match=r"batch\['actions'\].*expected"):
+        model.loss(dict(b, actions=b["actions"][:, :5]))
+    with pytest.raises(ValueError, match="action_target"):
+        mvwam.Config(action_target="score")
+
+
+# ------------------------------------------------------------------ rollback (Sec. 3.2)
+
+
+def test_rollback_controller_peak_delta_and_cap():
+    rb = mvwam.ValueRollback(delta=0.2, max_rollbacks=2)
+    assert rb.check("s0", 0.5) is None
+    assert rb.check("s1", 0.9) is None                            # new peak at s1
+    assert rb.check("s2", 0.75) is None                           # within delta of the peak
+    assert rb.check("s3", 0.69) == "s1"                           # 0.69 < 0.9 - 0.2: back to the peak's state
+    assert rb.check("s4", 0.1) == "s1"
+    assert rb.check("s5", 0.1) is None                            # cap reached
+    rb.reset()
+    assert rb.count == 0 and rb.check("x", 0.0) is None
+
+
+def test_rollback_restores_the_saved_env_state():
+    """A fake policy whose value collapses after the first chunk: the env goes back to the state of the
+    peak (objects, robot, stages), with the clock still running."""
+    class FakePolicy:
+        def __init__(self):
+            self.calls = 0
+
+        def act(self, frames, states, texts, generator):
+            self.calls += 1
+            n = len(frames)
+            value = np.full(n, 1.0 if self.calls == 1 else 0.0)
+            return {"actions": np.tile(np.array([0.1, 0.1, 0.0, 0.0]), (n, 4, 1)), "value": value}
+
+    success, stages, rec, fired = sample.rollout(FakePolicy(), "train", 1, 3, 4, 12, 32, torch.Generator(), record=1,
+                                                 rollback=lambda: mvwam.ValueRollback(0.2, 1))
+    assert fired[0] == 1
+    # recorded frames: start, 4 steps, the restored frame (red border), 4 + 4 more steps until the clock runs out
+    first, moved, restored = rec[0][0][:, :32], rec[0][4][:, :32], rec[0][5][:, :32]
+    assert (restored[0, :] == [255, 0, 0]).all()                  # outlined in red
+    assert not np.array_equal(moved, first)                       # the arm had moved
+    assert np.array_equal(restored[1:-1, 1:-1], first[1:-1, 1:-1])  # back to the peak = the initial state
+    assert len(rec[0]) == 1 + 4 + 1 + 8                           # the clock kept running: 12 steps in all
+
+
+# ------------------------------------------------------------------ full preset
+
+
+def test_full_preset_shapes_on_meta():
+    cfg = mvwam.CONFIGS["full"]
+    with torch.device("meta"):
+        model = mvwam.Model(cfg)
+    n = lambda m: sum(p.numel() for p in m.parameters())          # noqa: E731
+    wan_1_3b = 1_418_996_800                                      # Wan2.1-T2V-1.3B (reference/checkpoints.md)
+    assert n(model.video) == wan_1_3b + (36 - 16) * 1536 * 2 * 2  # + the 36-channel I2V patch embedding
+    assert model.video.patch_embedding.weight.shape == (1536, 36, 1, 2, 2)
+    assert model.action.blocks[0].self_attn.q.weight.shape == (1536, 768)      # 768 -> the 1536 shared attention
+    assert model.action.blocks[0].self_attn.o.weight.shape == (768, 1536)
+    print(f"MV-WAM full: video expert {n(model.video):,}, action-value expert {n(model.action):,}, total {n(model):,} "
+          f"(paper: ~1.9 B without encoders)")
+    assert 1.7e9 < n(model) < 2.0e9
+
+
+def test_wan_key_names():
+    keys = set(mvwam.Model(tiny()).video.state_dict())
+    for k in ("patch_embedding.weight", "text_embedding.0.weight", "text_embedding.2.weight", "time_embedding.0.weight",
+              "time_projection.1.weight", "blocks.0.modulation", "blocks.0.self_attn.q.weight", "blocks.0.self_attn.norm_q.weight",
+              "blocks.0.cross_attn.o.bias", "blocks.0.norm3.weight", "blocks.0.ffn.0.weight", "blocks.0.ffn.2.bias",
+              "head.modulation", "head.head.weight"):
+        assert k in keys, k
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def mv_run(toy_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mv6"))
+    train.main(["--model", "mvwam", "--tiny", "--steps", "6", "--data", toy_data[0], "--out", out] + FAST)
+    return out
+
+
+def test_train_resume_bit_exact_and_sample_with_rollback(mv_run, toy_data, tmp_path):
+    out = str(tmp_path / "split")
+    train.main(["--model", "mvwam", "--tiny", "--steps", "6", "--stop-after", "3", "--data", toy_data[0], "--out", out] + FAST)
+    train.main(["--model", "mvwam", "--resume", out, "--data", toy_data[0], "--out", out] + FAST)
+    a = [json.loads(x) for x in open(os.path.join(mv_run, "metrics.jsonl"))]
+    b = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    for key in ("loss", "video", "action", "value", "lr", "grad_norm"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    _, m1, _, _ = train.load_model(mv_run, expect="mvwam")
+    _, m2, _, _ = train.load_model(out)
+    assert all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), m2.state_dict().values()))
+    with pytest.raises(ValueError, match="model 'mvwam'"):
+        train.load_model(mv_run, expect="agra")
+    res = sample.main(["--ckpt", mv_run, "--episodes", "2", "--splits", "train", "--rollback", "--diag-clips", "8",
+                       "--out", str(tmp_path / "s"), "--threads", "2", "--max-steps", "16"])
+    row = res["splits"]["train"]
+    assert 0 <= row["success"] <= 1 and 0 <= row["success_rollback"] <= 1 and "rollbacks_per_episode" in row
+    assert -1 <= res["value"]["train"]["pearson"] <= 1
+    assert os.path.getsize(tmp_path / "s" / "rollout_train.gif") > 100
