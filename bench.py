@@ -1,13 +1,13 @@
 """Speed measurements, reported as ratios measured in one run (SPEC section 8).
 
-    python bench.py                  # toy world + tiny AGRA on this machine, a table
+    python bench.py                  # toy world + tiny AGRA / MV-WAM on this machine, a table
     python bench.py --json           # the same as JSON
     python bench.py --device cuda --preset full --dtype bfloat16   # full-size AGRA step on a GPU
 
 Rows: the machine's measured matmul peak; toy-world rendering frames/s on one core and default
 dataset generation time; per model: training step time, samples/s, achieved FLOP/s as a fraction
-of the measured peak, inference latency (AGRA: one t = 1 video pass + 4 action Euler steps), and
-peak memory. No number here is asserted by a test: machines are shared and noisy.
+of the measured peak, inference latency (AGRA: one t = 1 video pass + 4 action Euler steps; MV-WAM:
+5 joint Euler steps, as actions/s like the paper's 17.9 actions/s headline), and peak memory. No number here is asserted by a test: machines are shared and noisy.
 """
 from __future__ import annotations
 
@@ -76,29 +76,52 @@ def bench_toyworld(rows):
     torch.set_num_threads(torch_threads)
 
 
-def bench_agra(rows, device, dtype, preset, peak, batch_size=None):
+def full_batch(name, cfg, B, device):
+    """A synthetic full-size batch: pre-encoded VAE latents and encoder features, as at paper scale."""
+    p = cfg.codec_p
+    T, h, w = cfg.latent_frames, cfg.height // p, cfg.width // p
+    batch = {"latents": torch.randn(B, cfg.latent_channels, T, h, w, device=device),
+             "video": torch.rand(B, 3, cfg.frames, cfg.height, cfg.width, device=device) * 2 - 1,
+             "state": torch.randn(B, cfg.state_dim, device=device),
+             "actions": torch.randn(B, cfg.horizon, cfg.action_dim, device=device)}
+    if name == "agra":
+        batch["text_emb"] = torch.randn(B, 64, cfg.crossattn_proj_in, device=device)        # Cosmos-Reason features
+    if name == "mvwam":
+        batch["text_emb"] = torch.randn(B, 64, cfg.text_dim, device=device)                 # umT5 features
+        batch["image_emb"] = torch.randn(B, 256, cfg.image_dim, device=device)              # SigLIP2 features
+        batch["value"] = torch.rand(B, device=device)
+    return batch
+
+
+INFERENCE = {   # what one `sample` call is, per model (SPEC section 8)
+    "agra": lambda cfg: f"t=1 video pass + {cfg.action_steps} action steps",
+    "mvwam": lambda cfg: f"{cfg.sample_steps} joint video+action Euler steps",
+}
+
+
+def bench_model(name, rows, device, dtype, preset, peak, batch_size=None):
+    """Training step time, samples/s, FLOP/s as a fraction of the matmul peak, inference latency and
+    actions/s at batch 1, memory."""
+    import importlib
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    import agra
     from data.toyworld import VOCAB, ClipDataset, generate
-    cfg = copy.deepcopy(agra.CONFIGS[preset])
+    mod = importlib.import_module(name)
+    cfg = copy.deepcopy(mod.CONFIGS[preset])
     cfg.vocab = tuple(VOCAB)
     B = batch_size or (cfg.batch_size if preset == "tiny" else 2)
     torch.manual_seed(0)
-    model = agra.Model(cfg).to(device)
+    model = mod.Model(cfg).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if preset == "tiny":
         arrays, meta = generate(16, "train", seed0=0)
-        ds = ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q, cfg.teacher_patch, cfg.teacher_dim)
+        ds = ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q, getattr(cfg, "teacher_patch", 0),
+                         getattr(cfg, "teacher_dim", 16))
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in ds.sample(B, torch.Generator().manual_seed(0)).items()}
-    else:                                                   # synthetic full-size batch: Wan latents + Reason features
-        T, h, w = cfg.latent_frames, cfg.height // 8, cfg.width // 8
-        batch = {"latents": torch.randn(B, cfg.latent_channels, T, h, w, device=device),
-                 "video": torch.rand(B, 3, cfg.frames, cfg.height, cfg.width, device=device) * 2 - 1,
-                 "text_emb": torch.randn(B, 64, cfg.crossattn_proj_in, device=device),
-                 "state": torch.randn(B, cfg.state_dim, device=device),
-                 "actions": torch.randn(B, cfg.horizon, cfg.action_dim, device=device)}
+    else:
+        batch = full_batch(name, cfg, B, device)
     opt = torch.optim.AdamW(model.param_groups(), lr=1e-5)
 
     def step():
@@ -116,20 +139,20 @@ def bench_agra(rows, device, dtype, preset, peak, batch_size=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = timeit(step, repeat=5 if preset == "tiny" else 3, sync=sync)
-    rows.append(("agra", f"{preset} train step (batch {B}) s", t, "s"))
-    rows.append(("agra", f"{preset} train samples/s", B / t, "samples/s"))
-    rows.append(("agra", f"{preset} train FLOP per step (G)", flops / 1e9, "GFLOP"))
-    rows.append(("agra", f"{preset} achieved FLOP/s / matmul peak", flops / t / peak, "ratio"))
+    rows.append((name, f"{preset} train step (batch {B}) s", t, "s"))
+    rows.append((name, f"{preset} train samples/s", B / t, "samples/s"))
+    rows.append((name, f"{preset} train FLOP per step (G)", flops / 1e9, "GFLOP"))
+    rows.append((name, f"{preset} achieved FLOP/s / matmul peak", flops / t / peak, "ratio"))
     model.eval()
     one = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in batch.items()}
     with autocast:
         lat = timeit(lambda: model.sample(one), repeat=10 if preset == "tiny" else 5, sync=sync)
-    rows.append(("agra", f"{preset} inference: t=1 video pass + {cfg.action_steps} action steps, batch 1 (ms)", lat * 1e3, "ms"))
-    rows.append(("agra", f"{preset} inference actions/s (K={cfg.horizon} per chunk)", cfg.horizon / lat, "actions/s"))
+    rows.append((name, f"{preset} inference: {INFERENCE[name](cfg)}, batch 1 (ms)", lat * 1e3, "ms"))
+    rows.append((name, f"{preset} inference actions/s (K={cfg.horizon} per chunk)", cfg.horizon / lat, "actions/s"))
     if device.type == "cuda":
-        rows.append(("agra", f"{preset} peak GPU memory (GiB)", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB"))
+        rows.append((name, f"{preset} peak GPU memory (GiB)", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB"))
     else:
-        rows.append(("agra", f"{preset} process max RSS (GiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "GiB"))
+        rows.append((name, f"{preset} process max RSS (GiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "GiB"))
 
 
 def main(argv=None):
@@ -138,7 +161,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--preset", default="tiny", help="model preset to time (full needs a large GPU)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the preset's)")
-    p.add_argument("--models", nargs="+", default=["agra"], help="models to time")
+    p.add_argument("--models", nargs="+", default=["agra", "mvwam"], choices=sorted(INFERENCE), help="models to time")
     p.add_argument("--skip-toyworld", action="store_true", help="do not time the toy world")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
@@ -150,7 +173,7 @@ def main(argv=None):
     if not args.skip_toyworld:
         bench_toyworld(rows)
     for m in args.models:
-        {"agra": bench_agra}[m](rows, device, dtype, args.preset, peak, args.batch_size)
+        bench_model(m, rows, device, dtype, args.preset, peak, args.batch_size)
     if args.json:
         print(json.dumps([{"group": g, "metric": k, "value": v, "unit": u} for g, k, v, u in rows], indent=1))
     else:

@@ -245,6 +245,19 @@ def lr_schedule(kind: str, step: int, total: int, warmup_frac: float = 0.0, cons
     raise ValueError(f"unknown lr schedule {kind!r}; expected cosine, constant_then_linear, constant")
 
 
+def bell_weight(t: torch.Tensor, shift: float = 5.0, n: int = 1000) -> torch.Tensor:
+    """Timestep loss weight of Wan's flow-matching trainer (DiffSynth-Studio's FlowMatchScheduler):
+
+        w(t) = (exp(-2 (t - 1/2)^2) - m) / Z,   m = min over the training grid, Z = mean over it of the
+        numerator, the grid being the n shifted sigmas shift_t(linspace(1, 0, n+1)[:-1], shift),
+
+    a bell centred on t = 1/2, zero at the grid's extreme, mean 1 over the grid (EA-WM Eq. 8's w(t))."""
+    grid = shift_t(torch.linspace(1.0, 0.0, n + 1)[:-1].double(), shift)
+    y = torch.exp(-2 * (grid - 0.5) ** 2)
+    m, Z = y.min(), (y - y.min()).mean()
+    return ((torch.exp(-2 * (t.double() - 0.5) ** 2) - m) / Z).to(t.dtype if t.is_floating_point() else torch.float32)
+
+
 # -------------------------------------------------------------------------------------------------
 # Normalization, modulation, timestep embedding
 # -------------------------------------------------------------------------------------------------
@@ -381,8 +394,9 @@ class Attention(nn.Module):
     def split_heads(self, x):                                # (B, L, D) -> (B, heads, L, d)
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
-    def qkv(self, x, ctx=None, rope=None):
-        """Projected, normalized, rotated q, k, v, each (B, heads, L, d)."""
+    def qkv(self, x, ctx=None, rope=None, rope_k=None):
+        """Projected, normalized, rotated q, k, v, each (B, heads, L, d). `rope` rotates q and (unless
+        `rope_k` gives the context's own angles, for cross-attention between two token grids) k."""
         ctx = x if ctx is None else ctx
         q, k, v = self.q(x), self.k(ctx), self.v(ctx)
         if self.qk_norm == "across_heads":
@@ -391,17 +405,17 @@ class Attention(nn.Module):
         if self.qk_norm == "per_head":
             q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
-            angles, interleaved = rope
-            q, k = apply_rope(q, angles, interleaved), apply_rope(k, angles, interleaved)
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *(rope_k or rope))
         return q, k, v
 
-    def forward(self, x, ctx=None, mask=None, rope=None, attn_out: list | None = None):
+    def forward(self, x, ctx=None, mask=None, rope=None, attn_out: list | None = None, rope_k=None):
         """x (B, Lq, D), ctx (B, Lk, Dc) or None for self-attention -> (B, Lq, D).
 
         If `attn_out` is a list, the attention weights (B, heads, Lq, Lk) are computed explicitly
         and appended to it (diagnostics only; the normal path is SDPA).
         """
-        q, k, v = self.qkv(x, ctx, rope)
+        q, k, v = self.qkv(x, ctx, rope, rope_k)
         if attn_out is not None:
             w = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
             if mask is not None:

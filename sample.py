@@ -1,12 +1,16 @@
-"""Inference on the toy world: closed-loop rollouts, success tables, pictures (SPEC section 7).
+"""Inference on the toy world: closed-loop rollouts, success tables, generation metrics, pictures (SPEC section 7).
 
     python sample.py --ckpt runs/agra                    # success per split + GIF + AGRA diagnostics
     python sample.py --ckpt runs/agra --episodes 100 --splits train ood_layout
+    python sample.py --ckpt runs/mvwam --rollback        # success with and without value-guided rollback
+    python sample.py --ckpt runs/eawm                    # video generation from first frame + actions / text
 
 Every run writes pictures to --out (default: <ckpt>/samples): `rollout_<split>.gif` (observation |
-the model's predicted future, re-planned every chunk) and, for AGRA, `agra_diagnostics_<split>.png`
-per split (frame | action-head cross-attention | intervention heatmap, interaction mask outlined) and
-`metrics.json` with every printed number.
+the model's predicted future, re-planned every chunk); AGRA: `agra_diagnostics_<split>.png` per split
+(frame | action-head cross-attention | intervention heatmap, interaction mask outlined); MV-WAM with
+--rollback: `rollback_<split>.gif` (an episode where a rollback fired, the restored frame outlined in
+red); EA-WM: `generation_<split>.gif` (true | generated from KVAF | generated jointly | generated KVAF).
+`metrics.json` holds every printed number.
 """
 from __future__ import annotations
 
@@ -170,6 +174,86 @@ def agra_report(model, cfg, clips: ClipDataset, png: str, n: int, generator) -> 
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# EA-WM: action-conditioned video generation against the toy world's true rendering
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def to_uint8(v: torch.Tensor) -> np.ndarray:
+    """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8."""
+    return ((v.permute(0, 2, 3, 4, 1).cpu().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+
+def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | None, steps=None) -> dict:
+    """Generate the future of `n` held-out clips in both modes; PSNR (future frames, 8-bit) and latent
+    MSE against the true rendering of the same commanded actions, and the end-effector track recovered
+    from the generated KVAF (joint mode; the numeric ablation: FK of its generated joints) against the
+    true one, in pixels."""
+    import eawm
+    from common import project
+    rows = torch.randperm(len(clips), generator=generator)[:n].numpy()
+    batch = clips.get(rows)
+    true = to_uint8(batch["video"])[:, 1:]
+    z_true = model.encode(batch["video"])
+    K, T_wc = batch["K"][0].numpy(), batch["T_wc"][0].numpy()
+    ee_true = project(batch["ee_pose"][..., :3].numpy().astype(np.float64), K, T_wc)[0][:, 1:]          # (B, F-1, 2)
+    out, pictures = {}, {}
+    for mode in ("kvaf", "joint"):
+        res = model.sample(batch, steps=steps, generator=generator, mode=mode)
+        gen = to_uint8(model.decode(res["video_latents"]))[:, 1:]
+        row = {"psnr": float(np.mean([psnr(g, t) for g, t in zip(gen, true)])),
+               "latent_mse": F.mse_loss(res["video_latents"][:, :, 1:], z_true[:, :, 1:]).item()}
+        if cfg.kvaf:
+            kv = to_uint8(model.decode(res["kvaf"]))
+            track = np.stack([eawm.recover_ee_track(k) for k in kv])[:, 1:]
+        else:                                                                    # numeric stream: FK of the joints
+            q = res["kvaf"].cpu().double().numpy()
+            fk = model.chain.fk(np.concatenate([q[..., :3], np.zeros(q.shape[:-1] + (1,))], -1))[cfg.ee_link]
+            track = project(fk[..., :3, 3], K, T_wc)[0][:, 1:]
+            kv = np.zeros_like(gen)
+        if mode == "joint":
+            err = np.linalg.norm(track - ee_true, axis=-1)
+            row["ee_track_px"] = float(np.nanmean(err)) if np.isfinite(err).any() else float("nan")
+            row["ee_detected"] = float(np.isfinite(err).mean())
+        out[mode] = row
+        pictures[mode] = (gen, kv[:, 1:] if cfg.kvaf else kv)
+    if gif:                                                                      # true | generated (KVAF mode) | generated (joint) | KVAF (joint)
+        k = min(3, n)
+        frames = [np.concatenate([np.concatenate([true[i, f], pictures["kvaf"][0][i, f], pictures["joint"][0][i, f],
+                                                  pictures["joint"][1][i, f]], 1) for i in range(k)], 0)
+                  for f in range(true.shape[1])]
+        save_gif(gif, np.stack(frames), fps=4, scale=4)
+    return out
+
+
+def eawm_main(args, model, cfg, meta, out_dir, gen):
+    """sample.py --model eawm: generation quality per split (SPEC section 7)."""
+    results = {"model": "eawm", "checkpoint": args.ckpt, "step": meta.get("step"), "clips": args.clips, "splits": {}}
+    print(f"eawm checkpoint {args.ckpt} (step {meta.get('step')}): {args.clips} held-out clips per split, "
+          f"{args.steps or cfg.sample_steps} Euler steps")
+    print(f"{'split':16s} {'PSNR kvaf-cond':>14s} {'MSE kvaf-cond':>13s} {'PSNR joint':>10s} {'MSE joint':>9s} "
+          f"{'EE track px':>11s} {'detected':>8s}")
+    for split in args.splits:
+        arrays, dmeta = generate(max(4, args.clips // 4), split, seed0=args.seed + 50000, res=cfg.height)
+        dmeta["stats"] = meta["stats"]
+        clips = dataset_for(cfg, arrays, dmeta)
+        r = eawm_report(model, cfg, clips, args.clips, gen, os.path.join(out_dir, f"generation_{split}.gif"), args.steps)
+        results["splits"][split] = r
+        j, c = r["joint"], r["kvaf"]
+        print(f"{split:16s} {c['psnr']:14.2f} {c['latent_mse']:13.4f} {j['psnr']:10.2f} {j['latent_mse']:9.4f} "
+              f"{j['ee_track_px']:11.2f} {j['ee_detected']:8.2f}")
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {out_dir}/ (generation_<split>.gif: true | generated, KVAF-conditioned | generated, joint | "
+          f"generated KVAF; metrics.json)")
+    return results
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Roll out a trained world action model in the toy world and report success.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py (or its model.safetensors)")
@@ -180,11 +264,12 @@ def get_args(argv=None):
     p.add_argument("--exec-steps", type=int, default=None, help="actions executed per chunk before re-planning "
                    "(default: half the horizon)")
     p.add_argument("--max-steps", type=int, default=60, help="episode time limit")
-    p.add_argument("--steps", type=int, default=None, help="action denoising steps (default: the config's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's; MV-WAM: joint steps, EA-WM: generation steps)")
     p.add_argument("--gif-episodes", type=int, default=1, help="episodes per split recorded into the GIF")
     p.add_argument("--video-steps", type=int, default=10, help="Euler steps of the predicted-video panel in GIFs")
     p.add_argument("--diag-clips", type=int, default=32, help="AGRA: held-out clips per split for the attention "
                    "diagnostics; MV-WAM: for the value-vs-return correlation (0: skip)")
+    p.add_argument("--clips", type=int, default=16, help="EA-WM: held-out clips per split to generate")
     p.add_argument("--rollback", action="store_true", help="MV-WAM: also run every split with value-guided rollback "
                    "(Sec. 3.2) and write rollback_<split>.gif of an episode where one fired")
     p.add_argument("--out", default=None, help="folder for GIFs, PNGs and metrics.json (default <ckpt>/samples)")
@@ -201,9 +286,11 @@ def main(argv=None):
     name, model, cfg, meta = load_model(args.ckpt, expect=args.model, device=device)
     out_dir = args.out or os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "samples")
     os.makedirs(out_dir, exist_ok=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    if name == "eawm":
+        return eawm_main(args, model, cfg, meta, out_dir, gen)
     policy = Policy(model, cfg, meta["stats"], device, args.steps)
     exec_steps = args.exec_steps or max(1, cfg.horizon // 2)
-    gen = torch.Generator().manual_seed(args.seed)
     res = cfg.height
 
     def predict_video(frames, texts):                     # decoded future frames of the model's own prediction

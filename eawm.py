@@ -1,0 +1,560 @@
+"""EA-WM: an Event-Aware generative World Model conditioned on Structured Kinematic-to-Visual
+Action Fields (shared/papers/003_20d68d00d4226ff3.txt).
+
+An action-conditioned robot video generator on a Wan2.2-TI2V backbone. Actions are not fed as
+numbers: the commanded joint trajectory is rendered, in the camera's own view, into a KVAF video
+(depth-coloured skeleton, joint landmarks, gripper fingers, end-effector heatmap, RGB pose axes;
+Sec. 3.1, App. A.2), encoded by the same VAE and processed by a full-depth copy of the DiT blocks.
+At a sparse set of layers the two token streams exchange information through gated, bidirectional
+cross-attention; the gate comes from an event representation that is also trained to predict the
+VAE latent of the frame-difference video (EDLS), so the exchange concentrates where things change.
+
+Time convention (all of this file): x_t = (1 - t) x0 + t noise, t = 1 is pure noise, v = noise - x0.
+Timesteps are per latent frame; the first frame (the given observation) is clean, t = 0 (Wan2.2 TI2V).
+
+Our copy of the paper lost its equations; the ones implemented, written from Sec. 3.1-3.2 and App. A.1-A.2:
+
+  (1)  T_l(t) = T_parent(l)(t) . T_static(l) . T_motion(q_l(t))          forward kinematics (URDF)
+       gripper g in [0, 1] -> prismatic offset d = d_min + g (d_max - d_min)
+  (2)  p_c = R_wc p_w + t_wc;  (u, v) = (f_x x_c / z_c + c_x, f_y y_c / z_c + c_y);  z_c <= 0 dropped
+  (3)  K_t = Render(skeleton coloured by colormap((z - z_min) / (z_max - z_min)), landmarks, fingers,
+                    H_t(u) = exp(-|u - u_ee|^2 / 2 s^2) for |u - u_ee| <= 3 s (else 0), axes p_ee + a R e_i)
+  (4)  e = MLP([h_v, h_k]);  g = sigmoid(W_g e + b_g)  (one gate per token);  e_hat = W_e e + b_e
+  (5)  h_v <- h_v + g * CrossAttn(h_v <- h_k)
+  (6)  h_k <- h_k + g * CrossAttn(h_k <- h_v)          (both from the pre-fusion tokens)
+  (7)  d_t = o_t - o_{t-1} (d_0 = 0);  z_d = VAE(d / 2), patchified to the token grid
+  (8)  L = w(t) (||v_hat_x - v_x||^2 + ||v_hat_k - v_k||^2) + lambda_e mean_{l in S} ||e_hat_l - z_d||^2
+       first latent frame excluded; w(t) = common.bell_weight (Wan / DiffSynth trainer weight)
+
+Paper -> code
+| paper                                 | code                                              |
+|---------------------------------------|---------------------------------------------------|
+| Eq. 1-3, App. A.2 KVAF rendering      | render_kvaf                                       |
+| App. A.3 action recovery (analysis)   | recover_ee_track                                  |
+| Sec. 3.2 video stream (Wan2.2 TI2V)   | Model.video (common.WanDiT, Wan names)            |
+| Sec. 3.2 KVAF branch, full-depth copy | Model.kvaf_patch_embedding / kvaf_blocks / kvaf_head |
+| Eq. 4-6 event-aware fusion            | EventFusion                                       |
+| Eq. 7 EDLS target                     | edls_target                                       |
+| Eq. 8 loss                            | Model.loss                                        |
+| Sec. 4.1 LoRA r = 32, two stages      | Config.lora_rank, Config.stage, Model.param_groups|
+| Table 1 / 4 joint / KVAF-conditioned  | Model.sample(mode=...), Config.kvaf_cond_prob     |
+| Sec. 4.3 w/o KVAF, w/o EAF            | Config.kvaf=False, Config.fusion="plain"          |
+
+Shape letters: B batch, C latent channels, T latent frames, h x w token grid, L = T h w tokens,
+D width, F raw frames.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Attention, FP32LayerNorm, PixelCodec, TinyTextEncoder, URDFChain, WanDiT, WanHead, add_noise,
+                    bell_weight, check_choice, check_shape, colormap, grid_positions, inject_lora, project, rope_3d,
+                    sample_t, shift_t, velocity_target)
+
+# -------------------------------------------------------------------------------------------------
+# KVAF renderer (Sec. 3.1, App. A.2)
+# -------------------------------------------------------------------------------------------------
+
+
+def _capsules(H: int, W: int, a: np.ndarray, b: np.ndarray, radius: float) -> np.ndarray:
+    """Pixel masks (F, H, W) of thick segments a -> b, a and b (F, 2) pixel coords (NaN: nothing)."""
+    v, u = np.mgrid[0:H, 0:W] + 0.5
+    u, v = u[None], v[None]
+    au, av, bu, bv = (x[:, None, None] for x in (a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
+    du, dv = bu - au, bv - av
+    s = np.clip(((u - au) * du + (v - av) * dv) / np.maximum(du * du + dv * dv, 1e-12), 0, 1)
+    d2 = (u - au - s * du) ** 2 + (v - av - s * dv) ** 2
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num(d2, nan=np.inf) <= radius ** 2
+
+
+def render_kvaf(chain: URDFChain, joints: np.ndarray, gripper: np.ndarray, K: np.ndarray, T_wc: np.ndarray,
+                height: int, width: int, ee_link: str = "tcp", depth_range=None, finger_length: float = 0.05,
+                axis_length: float = 0.06, sigma: float | None = None, line: float | None = None,
+                elements=("skeleton", "landmarks", "fingers", "heatmap", "axes")) -> np.ndarray:
+    """Render a KVAF video: (F, height, width, 3) uint8 on a black canvas, vectorized over frames.
+
+    chain: the parsed URDF; joints (F, n_arm): values of the actuated non-prismatic joints in chain
+    order; gripper (F,) in [0, 1] (1 = open), mapped onto every actuated prismatic joint's range
+    (App. A.2: normalized signal -> prismatic displacement); K (3, 3), T_wc (4, 4) world -> camera.
+    depth_range (z_min, z_max): the episode-level camera-depth range of the skeleton colours (default:
+    min / max over the frames given, i.e. pass a whole episode). Elements, in drawing order:
+    depth-coloured skeleton (every link-to-link segment of the tree), white joint landmarks (child
+    links of moving joints), grey gripper fingers (finger link + `finger_length` along the end
+    effector's x axis), a truncated Gaussian heatmap at the end effector (max-blended), and the end
+    effector's x / y / z axes in red / green / blue. Points behind the camera (z <= 0) are dropped.
+    `elements` picks a subset (for pictures and tests).
+    """
+    joints, gripper = np.asarray(joints, np.float64), np.asarray(gripper, np.float64).reshape(-1)
+    prismatic = [j.type == "prismatic" for j in chain.joints if j.name in chain.actuated]
+    order = [next(j for j in chain.joints if j.name == n) for n in chain.actuated]
+    n_arm = sum(not p for p in prismatic)
+    if joints.ndim != 2 or joints.shape[1] != n_arm or len(gripper) != len(joints):
+        raise ValueError(f"render_kvaf: expected joints (F, {n_arm}) for {[j.name for j, p in zip(order, prismatic) if not p]} "
+                         f"and gripper (F,), received {joints.shape} and {gripper.shape}")
+    F_, H, W = len(joints), height, width
+    q = np.zeros((F_, len(order)))
+    q[:, [i for i, p in enumerate(prismatic) if not p]] = joints
+    for i, (j, p) in enumerate(zip(order, prismatic)):
+        if p:
+            lo, hi = (j.lower if np.isfinite(j.lower) else 0.0), (j.upper if np.isfinite(j.upper) else 0.04)
+            q[:, i] = lo + np.clip(gripper, 0, 1) * (hi - lo)
+    poses = chain.fk(q)                                                          # Eq. 1: {link: (F, 4, 4)}
+    pos = {k: v[:, :3, 3] for k, v in poses.items()}
+    ee = poses[ee_link]
+    sigma = sigma or max(H, W) / 24
+    line = line or max(0.6, max(H, W) / 64)
+    img = np.zeros((F_, H, W, 3), np.uint8)
+
+    def paint(mask, color):                                                      # mask (F, H, W), color (F, 3) or (3,)
+        color = np.broadcast_to(np.asarray(color, np.uint8), (F_, 3))
+        img[:] = np.where(mask[..., None], color[:, None, None, :], img)
+
+    # skeleton: each joint draws its parent -> child segment, coloured by mean camera depth (Eq. 2-3)
+    fingers = {j.child for j in chain.joints if j.type == "prismatic"}
+    segs = [(j.parent, j.child) for j in chain.joints if j.child not in fingers and j.child != ee_link
+            and np.linalg.norm(j.origin[:3, 3]) > 1e-9]
+    uv = {k: project(p, K, T_wc) for k, p in pos.items()}                        # Eq. 2: {link: ((F, 2), (F,))}
+    if depth_range is None:
+        z = np.concatenate([uv[k][1] for k in pos])
+        z = z[z > 0]
+        depth_range = (z.min(), z.max()) if len(z) else (0.0, 1.0)
+    z0, z1 = depth_range
+    for a, b in segs if "skeleton" in elements else []:
+        depth = (uv[a][1] + uv[b][1]) / 2
+        paint(_capsules(H, W, uv[a][0], uv[b][0], line), colormap((depth - z0) / max(z1 - z0, 1e-6)))
+    for j in chain.joints if "landmarks" in elements else []:                     # joint landmarks
+        if j.type in ("revolute", "continuous") and j.child not in fingers:
+            paint(_capsules(H, W, uv[j.child][0], uv[j.child][0], line * 1.6), (255, 255, 255))
+    x_axis = ee[:, :3, 0]                                                        # gripper fingers
+    for f in fingers if "fingers" in elements else []:
+        tip = project(pos[f] + finger_length * x_axis, K, T_wc)[0]
+        paint(_capsules(H, W, uv[f][0], tip, line * 0.8), (200, 200, 200))
+    c = uv[ee_link][0]                                                           # truncated Gaussian heatmap
+    vv, uu = np.mgrid[0:H, 0:W] + 0.5
+    d2 = (uu[None] - c[:, 0, None, None]) ** 2 + (vv[None] - c[:, 1, None, None]) ** 2
+    with np.errstate(invalid="ignore"):
+        heat = np.where(np.nan_to_num(d2, nan=np.inf) <= (3 * sigma) ** 2, np.exp(-d2 / (2 * sigma ** 2)), 0.0)
+    if "heatmap" in elements:
+        img[:] = np.maximum(img, (255 * np.nan_to_num(heat))[..., None].astype(np.uint8))
+    for i, color in enumerate(((255, 0, 0), (0, 255, 0), (0, 0, 255)) if "axes" in elements else ()):  # p + a R e_i
+        end = project(ee[:, :3, 3] + axis_length * ee[:, :3, i], K, T_wc)[0]
+        paint(_capsules(H, W, c, end, line * 0.7), color)
+    return img
+
+
+def recover_ee_track(kvaf: np.ndarray, sigma: float | None = None) -> np.ndarray:
+    """App. A.3 in spirit: the end-effector pixel per KVAF frame (F, H, W, 3) uint8 -> (F, 2) (u, v),
+    NaN where nothing is detected. The heatmap is the only broad region bright in all three channels
+    (skeleton colours and axes are not grey; landmarks and fingers are thin): blur min(R, G, B) with
+    the renderer's sigma, take the peak, then the intensity centroid within one sigma of it."""
+    x = torch.from_numpy(kvaf.astype(np.float32) / 255).min(-1).values           # (F, H, W)
+    F_, H, W = x.shape
+    sigma = sigma or max(H, W) / 24
+    r = int(np.ceil(2 * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma ** 2))
+    blur = F.conv2d(x[:, None], (k[:, None] * k[None, :])[None, None] / k.sum() ** 2, padding=r)[:, 0]
+    peak = blur.flatten(1).argmax(1)
+    pv, pu = (peak // W).float() + 0.5, (peak % W).float() + 0.5
+    vv, uu = torch.meshgrid(torch.arange(H).float() + 0.5, torch.arange(W).float() + 0.5, indexing="ij")
+    near = ((uu - pu[:, None, None]) ** 2 + (vv - pv[:, None, None]) ** 2) <= sigma ** 2
+    w = x * near
+    m = w.sum((1, 2))
+    track = torch.stack([(w * uu).sum((1, 2)) / m.clamp_min(1e-12), (w * vv).sum((1, 2)) / m.clamp_min(1e-12)], -1).double().numpy()
+    track[(blur.flatten(1).max(1).values < 0.2).numpy() | (m <= 0).numpy()] = np.nan
+    return track
+
+
+# -------------------------------------------------------------------------------------------------
+# Config
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # data layout
+    height: int = 32                     # frame size (Wan2.2 TI2V: 704 x 1280)
+    width: int = 32
+    frames: int = 9                      # raw frames per clip, 1 + latent_q (T - 1)
+    latent_q: int = 4                    # raw frames per latent frame (Wan2.2 VAE: 4 x 16 x 16)
+    codec_p: int = 2                     # tiny pixel codec space-to-depth (the Wan2.2 VAE is 16)
+    latent_channels: int = 48            # 48 for the Wan2.2 VAE and for the tiny codec (3 * 4 * 2 * 2)
+    action_dim: int = 4                  # d_a (commanded actions; the KVAF renders the joint trajectory)
+    state_dim: int = 4
+    horizon: int = 8                     # actions per clip (frames - 1)
+    vocab: tuple = ()
+    text_encoder: str = "tiny"           # tiny | precomputed (umT5 features in batch["text_emb"])
+    text_layers: int = 1
+    text_dim: int = 64                   # umT5-XXL: 4096
+    urdf: str = "data/toyarm.urdf"       # robot description for render_kvaf (relative to this file)
+    ee_link: str = "tcp"
+    kvaf_depth_range: tuple = (0.7, 1.2)  # episode-level camera-depth range of the skeleton colours (toy arm: 0.74-1.16)
+    # backbone, Wan2.2-TI2V-5B shapes (reference/checkpoints.md section 2)
+    dim: int = 96                        # 3072
+    ffn_dim: int = 384                   # 14336
+    heads: int = 3                       # 24 x 128
+    layers: int = 4                      # 30
+    patch: tuple = (1, 2, 2)
+    freq_dim: int = 256
+    rope_theta: float = 10000.0
+    # KVAF branch and fusion (Sec. 3.2)
+    kvaf: bool = True                    # False: numeric joint/gripper tokens replace the KVAF video (Sec. 4.3)
+    fusion: str = "event"                # event (Eq. 4-6 + EDLS) | plain (bidirectional cross-attention, Sec. 4.3)
+    fusion_layers: tuple = (1, 3)        # S: sparse fusion layers (the paper does not list them)
+    event_dim: int = 64                  # width of the event representation e
+    edls_weight: float = 1.0             # lambda_e (the paper gives no value; 1 = same units as the flow losses)
+    kvaf_cond_prob: float = 0.0          # fraction of samples with a clean KVAF stream (0 = the paper's setting)
+    # training (Sec. 4.1)
+    lora_rank: int = 32                  # LoRA on both streams' blocks, base frozen; 0 = train the base in full
+    lora_pattern: str = r"^(video\.blocks|kvaf_blocks)\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])$"
+    stage: str = "stage1"                # stage1: LoRA + KVAF head, fusion frozen | stage2: + fusion
+    t_sampler: str = "shifted"           # Wan's trainer: uniform over the shifted grid
+    t_shift: float = 5.0                 # Wan2.2 TI2V shift
+    sample_steps: int = 20               # Euler steps of generation (Wan default 50)
+    lr_video: float = 1e-4               # one LR for all trainable components (value lost in our copy)
+    lr_head: float = 1e-4
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_frac: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 16                 # 32
+    steps: int = 200
+
+    def __post_init__(self):
+        check_choice("fusion", self.fusion, ("event", "plain"))
+        check_choice("stage", self.stage, ("stage1", "stage2"))
+        check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
+        check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
+        for l in self.fusion_layers:
+            if not 0 <= l < self.layers:
+                raise ValueError(f"fusion_layers={self.fusion_layers}: layer {l} outside 0..{self.layers - 1}")
+        if (self.frames - 1) % self.latent_q:
+            raise ValueError(f"frames={self.frames} must be 1 + latent_q * k (latent_q={self.latent_q})")
+
+    @property
+    def latent_frames(self) -> int:
+        return 1 + (self.frames - 1) // self.latent_q
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        p = self.codec_p
+        return self.latent_frames // self.patch[0], self.height // p // self.patch[1], self.width // p // self.patch[2]
+
+
+CONFIGS = {
+    # Tiny: there is no pretrained Wan2.2 to adapt, so the base is trained in full (lora_rank 0),
+    # in one run with fusion on (stage2), half the samples KVAF-conditioned so one checkpoint demos
+    # both generation modes; uniform t (no shift) and LR 1e-3 suit 192-token clips.
+    "tiny": Config(lora_rank=0, stage="stage2", kvaf_cond_prob=0.5, t_sampler="uniform", t_shift=1.0,
+                   lr_video=1e-3, lr_head=1e-3, sample_steps=10),
+    "full": Config(height=704, width=1280, frames=121, codec_p=16, text_encoder="precomputed", text_dim=4096,
+                   dim=3072, ffn_dim=14336, heads=24, layers=30, fusion_layers=(2, 8, 14, 20, 26), event_dim=512,
+                   batch_size=32, steps=10000, sample_steps=50, horizon=120),
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# Event-aware bidirectional fusion (Eq. 4-6)
+# -------------------------------------------------------------------------------------------------
+
+
+class EventFusion(nn.Module):
+    """At a fusion layer: an event MLP over each video token and its aligned KVAF token gives e; a
+    per-token gate g = sigmoid(W_g e) and an event latent e_hat = W_e e (Eq. 4); gated cross-attention
+    both ways (Eq. 5-6). Cross-attention outputs start at zero, so the module starts as the identity.
+    fusion="plain": no event MLP, gate or e_hat (g = 1). With numeric action tokens (kvaf=False) the
+    streams are not aligned; each token's partner is then the other stream's mean token."""
+
+    def __init__(self, dim: int, heads: int, event_dim: int, event_out: int, plain: bool):
+        super().__init__()
+        self.plain = plain
+        self.norm_v = FP32LayerNorm(dim, 1e-6, elementwise_affine=False)
+        self.norm_k = FP32LayerNorm(dim, 1e-6, elementwise_affine=False)
+        self.video_from_kvaf = Attention(dim, heads)
+        self.kvaf_from_video = Attention(dim, heads)
+        for a in (self.video_from_kvaf, self.kvaf_from_video):
+            nn.init.zeros_(a.o.weight)
+            nn.init.zeros_(a.o.bias)
+        if not plain:
+            self.event_mlp = nn.Sequential(nn.Linear(2 * dim, event_dim), nn.GELU(approximate="tanh"),
+                                           nn.Linear(event_dim, event_dim))
+            self.gate = nn.Linear(event_dim, 1)
+            self.event_head = nn.Linear(event_dim, event_out)
+
+    def forward(self, h_v, h_k, rope_v, rope_k):
+        """-> (h_v, h_k, e_hat (B, L_v, event_out) or None)."""
+        nv, nk = self.norm_v(h_v), self.norm_k(h_k)
+        e_hat, g_v, g_k = None, 1.0, 1.0
+        if not self.plain:
+            aligned = h_v.shape[1] == h_k.shape[1]
+            partner_k = nk if aligned else nk.mean(1, keepdim=True).expand_as(nv)
+            e_v = self.event_mlp(torch.cat([nv, partner_k], -1))                 # Eq. 4
+            g_v = torch.sigmoid(self.gate(e_v))
+            e_hat = self.event_head(e_v)
+            if aligned:
+                g_k = g_v
+            else:
+                g_k = torch.sigmoid(self.gate(self.event_mlp(torch.cat([nv.mean(1, keepdim=True).expand(-1, nk.shape[1], -1), nk], -1))))
+        out_v = h_v + g_v * self.video_from_kvaf(nv, nk, rope=rope_v, rope_k=rope_k)     # Eq. 5
+        out_k = h_k + g_k * self.kvaf_from_video(nk, nv, rope=rope_k, rope_k=rope_v)     # Eq. 6
+        return out_v, out_k, e_hat
+
+
+def patchify(z: torch.Tensor, patch) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, L, p_t p_h p_w C), the inverse of WanDiT.unpatchify (token order t, h, w)."""
+    B, C, T, H, W = z.shape
+    pt, ph, pw = patch
+    z = z.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
+    return z.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, (T // pt) * (H // ph) * (W // pw), pt * ph * pw * C)
+
+
+def edls_target(video: torch.Tensor, encode) -> torch.Tensor:
+    """Eq. 7: d_t = o_t - o_{t-1} (d_0 = 0) of a (B, 3, F, H, W) video in [-1, 1], halved into the
+    codec's [-1, 1] range, encoded with the same codec / VAE -> (B, C, T, h, w)."""
+    d = torch.zeros_like(video)
+    d[:, :, 1:] = video[:, :, 1:] - video[:, :, :-1]
+    return encode(d / 2)
+
+
+# -------------------------------------------------------------------------------------------------
+# Model
+# -------------------------------------------------------------------------------------------------
+
+
+class Model(nn.Module):
+    """EA-WM: Wan2.2-TI2V video stream + KVAF stream (full-depth block copy) + event-aware fusion."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        codec = PixelCodec(cfg.latent_q, cfg.codec_p)
+        self.codec = codec if codec.channels == cfg.latent_channels and cfg.codec_p < 8 else None
+        C = cfg.latent_channels
+        if cfg.text_encoder == "tiny":
+            self.text_encoder = TinyTextEncoder(list(cfg.vocab), cfg.text_dim, layers=cfg.text_layers)
+        self.video = WanDiT(C, C, cfg.dim, cfg.ffn_dim, cfg.heads, cfg.layers, cfg.text_dim, cfg.patch, cfg.freq_dim,
+                            rope_theta=cfg.rope_theta)
+        self.initialize_weights()
+        # KVAF branch: own input embedding, a full-depth copy of the (pretrained) blocks, own head
+        if cfg.kvaf:
+            self.kvaf_patch_embedding = copy.deepcopy(self.video.patch_embedding)
+            self.kvaf_head = copy.deepcopy(self.video.head)
+        else:                                                                    # numeric [joints, gripper] tokens
+            self.kvaf_patch_embedding = nn.Linear(cfg.state_dim, cfg.dim)
+            self.kvaf_head = WanHead(cfg.dim, cfg.state_dim)
+            nn.init.zeros_(self.kvaf_head.head.weight)
+        self.kvaf_blocks = copy.deepcopy(self.video.blocks)
+        out = C * int(np.prod(cfg.patch))
+        self.fusion = nn.ModuleDict({str(l): EventFusion(cfg.dim, cfg.heads, cfg.event_dim, out, cfg.fusion == "plain")
+                                     for l in cfg.fusion_layers})
+        if cfg.lora_rank:
+            inject_lora(self, cfg.lora_pattern, cfg.lora_rank)                   # base frozen, LoRA B = 0
+        self._chain = None
+
+    def initialize_weights(self):
+        """Xavier linears and zero biases, N(0, 0.02) time embedding, zero output head (at full size
+        these come from Wan2.2-TI2V-5B)."""
+        for m in self.video.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
+                nn.init.xavier_uniform_(m.weight.flatten(1) if m.weight.dim() > 2 else m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.video.time_embedding:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.video.head.head.weight)
+
+    # ---------------------------------------------------------------- inputs
+    @property
+    def chain(self) -> URDFChain:
+        if self._chain is None:
+            import os
+            path = self.cfg.urdf if os.path.isabs(self.cfg.urdf) else os.path.join(os.path.dirname(os.path.abspath(__file__)), self.cfg.urdf)
+            self._chain = URDFChain(path)
+        return self._chain
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        if self.codec is None:
+            raise ValueError("the full preset expects pre-encoded Wan2.2-VAE latents (batch['latents'], "
+                             "batch['kvaf_latents'], batch['edls_latents'])")
+        return self.codec.encode(video)
+
+    def render(self, batch) -> torch.Tensor:
+        """KVAF videos (B, 3, F, H, W) in [-1, 1] from batch joints (B, F, n), gripper (B, F, 1), K, T_wc."""
+        cfg = self.cfg
+        out = []
+        for b in range(batch["joints"].shape[0]):
+            img = render_kvaf(self.chain, batch["joints"][b].cpu().numpy(), batch["gripper"][b].reshape(-1).cpu().numpy(),
+                              batch["K"][b].cpu().numpy(), batch["T_wc"][b].cpu().numpy(), cfg.height, cfg.width,
+                              cfg.ee_link, cfg.kvaf_depth_range)
+            out.append(torch.from_numpy(img))
+        return torch.stack(out).permute(0, 4, 1, 2, 3).float().to(batch["joints"].device) / 127.5 - 1
+
+    def streams(self, batch):
+        """-> (video latents z (B, C, T, h, w), action-stream target a (KVAF latents, or numeric
+        [joints, gripper] per raw frame (B, F, state_dim)))."""
+        z = batch["latents"] if "latents" in batch else self.encode(batch["video"])
+        if not self.cfg.kvaf:
+            return z, torch.cat([batch["joints"], batch["gripper"]], -1).float()
+        if "kvaf_latents" in batch:
+            return z, batch["kvaf_latents"]
+        kv = batch["kvaf"] if "kvaf" in batch else self.render(batch)
+        return z, self.encode(kv)
+
+    def context(self, batch):
+        return self.text_encoder(batch["text"]) if self.cfg.text_encoder == "tiny" else batch["text_emb"]
+
+    def numeric_rope(self, n: int, device):
+        """RoPE of numeric action tokens (kvaf=False): raw frame f at latent time f / latent_q, the grid centre."""
+        _, h, w = self.cfg.token_grid
+        t = torch.arange(n, device=device, dtype=torch.float64) / self.cfg.latent_q
+        return rope_3d(t, torch.full_like(t, (h - 1) / 2), torch.full_like(t, (w - 1) / 2),
+                       self.cfg.dim // self.cfg.heads, self.cfg.rope_theta), True
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, z_t, t_v, k_t, t_k, ctx):
+        """z_t (B, C, T, h, w) noisy video latents, t_v (B, T); k_t noisy KVAF latents (B, C, T, h, w) with
+        t_k (B, T), or numeric tokens (B, F, d) with t_k (B, F); ctx (B, L_text, text_dim).
+        -> (video velocity, KVAF velocity (same layout as k_t), [e_hat per fusion layer])."""
+        V, cfg = self.video, self.cfg
+        hv, grid = V.embed(z_t)
+        e_v, e0_v = V.time(t_v, grid)
+        rope_v = V.rope(grid, z_t.device)
+        if cfg.kvaf:
+            hk = self.kvaf_patch_embedding(k_t).flatten(2).transpose(1, 2)
+            e_k, e0_k = V.time(t_k, grid)
+            rope_k = rope_v
+        else:
+            hk = self.kvaf_patch_embedding(k_t)
+            e_k, e0_k = V.time(t_k, (t_k.shape[1], 1, 1))
+            rope_k = self.numeric_rope(k_t.shape[1], z_t.device)
+        ctx = V.text_embedding(ctx)
+        e_hats = []
+        for i, (bv, bk) in enumerate(zip(V.blocks, self.kvaf_blocks)):
+            if str(i) in self.fusion:                                            # fuse, then each stream runs its block
+                hv, hk, e_hat = self.fusion[str(i)](hv, hk, rope_v, rope_k)
+                if e_hat is not None:
+                    e_hats.append(e_hat)
+            hv = bv(hv, e0_v, ctx, rope=rope_v)
+            hk = bk(hk, e0_k, ctx, rope=rope_k)
+        v_video = V.unpatchify(V.head(hv, e_v), grid)
+        v_kvaf = V.unpatchify(self.kvaf_head(hk, e_k), grid) if cfg.kvaf else self.kvaf_head(hk, e_k)
+        return v_video, v_kvaf, e_hats
+
+    def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
+        """(B,) -> (B, T): frame 0 is the given observation (t = 0, Wan2.2 TI2V), the rest at t."""
+        tt = t[:, None].repeat(1, T)
+        tt[:, 0] = 0.0
+        return tt
+
+    # ---------------------------------------------------------------- training loss (Eq. 8)
+    def loss(self, batch):
+        cfg = self.cfg
+        z, k = self.streams(batch)
+        B, T, dev = z.shape[0], z.shape[2], z.device
+        ctx = self.context(batch)
+        t = sample_t(cfg.t_sampler, B, device=dev, shift=cfg.t_shift)
+        n_z, n_k = torch.randn_like(z), torch.randn_like(k)
+        t_v = self.frame_times(t, T)
+        z_t = add_noise(z, n_z, t_v[:, None, :, None, None])
+        # KVAF stream: noised with the video's t (joint), or clean for a kvaf_cond_prob share of samples
+        clean = torch.rand(B, device=dev) < cfg.kvaf_cond_prob
+        tk = torch.where(clean, torch.zeros_like(t), t)
+        if cfg.kvaf:
+            t_k = self.frame_times(tk, T)
+            k_t = add_noise(k, n_k, t_k[:, None, :, None, None])
+        else:
+            t_k = tk[:, None].repeat(1, k.shape[1])
+            t_k[:, 0] = 0.0                                                      # the current state is known
+            k_t = add_noise(k, n_k, t_k[..., None])
+        v_hat, vk_hat, e_hats = self(z_t, t_v, k_t, t_k, ctx)
+        w = bell_weight(t, cfg.t_shift if cfg.t_sampler == "shifted" else 1.0).to(dev)       # w(t), Eq. 8
+        per_sample = lambda x: x.float().flatten(1).mean(1)                      # noqa: E731
+        l_video = per_sample((v_hat - velocity_target(z, n_z))[:, :, 1:] ** 2)   # first frame excluded
+        err_k = (vk_hat - velocity_target(k, n_k)) ** 2
+        l_kvaf = per_sample(err_k[:, :, 1:] if cfg.kvaf else err_k[:, 1:])
+        noisy = (~clean).float()                                                 # a clean KVAF has nothing to predict
+        parts = {"video": (w * l_video).mean(),
+                 "kvaf": (w * l_kvaf * noisy).sum() / noisy.sum().clamp(min=1)}
+        total = parts["video"] + parts["kvaf"]
+        if e_hats:                                                               # EDLS, Eq. 7-8
+            zd = batch["edls_latents"] if "edls_latents" in batch else edls_target(batch["video"], self.encode)
+            target = patchify(zd, cfg.patch)
+            first = int(np.prod(cfg.token_grid[1:]))                             # tokens of the first latent frame
+            parts["edls"] = torch.stack([F.mse_loss(e[:, first:].float(), target[:, first:].float()) for e in e_hats]).mean()
+            if cfg.stage == "stage2":                                            # frozen fusion in stage 1
+                total = total + cfg.edls_weight * parts["edls"]
+        return total, {k_: v.detach() for k_, v in parts.items()}
+
+    def param_groups(self):
+        """Stage 1: LoRA of both streams (or, with lora_rank=0, the base weights) + the KVAF branch's
+        embedding and head; fusion frozen. Stage 2: + fusion. LoRA base weights stay frozen."""
+        cfg = self.cfg
+        for p in self.parameters():
+            p.requires_grad_(False)
+        names = []
+        for n, p in self.named_parameters():
+            if n.startswith("fusion."):
+                ok = cfg.stage == "stage2"
+            elif cfg.lora_rank:
+                ok = ".lora_" in n or n.startswith(("kvaf_head.", "kvaf_patch_embedding.", "text_encoder."))
+            else:
+                ok = True
+            if ok:
+                names.append(n)
+        params = dict(self.named_parameters())
+        main = [params[n] for n in names if not n.startswith("fusion.")]
+        groups = [{"name": "lora" if cfg.lora_rank else "dit", "params": main, "lr": cfg.lr_video}]
+        if cfg.stage == "stage2":
+            groups.append({"name": "fusion", "params": [params[n] for n in names if n.startswith("fusion.")], "lr": cfg.lr_head})
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        return groups
+
+    # ---------------------------------------------------------------- generation (Table 1 / Table 4)
+    @torch.no_grad()
+    def sample(self, batch, steps=None, generator=None, mode: str = "kvaf"):
+        """Generate the clip's future from its first frame + text.
+
+        mode "kvaf": KVAF-conditioned, the KVAF stream is clean (t = 0) from the commanded trajectory
+        in the batch (joints / gripper / camera); mode "joint": video and KVAF are generated together
+        from noise with the same t. -> video_latents (B, C, T, h, w), kvaf (latents or numeric, the
+        generated one in joint mode, the given one otherwise)."""
+        check_choice("mode", mode, ("kvaf", "joint"))
+        cfg = self.cfg
+        steps = steps or cfg.sample_steps
+        z_true, k_true = self.streams(batch)
+        B, C, T = z_true.shape[:3]
+        dev = z_true.device
+        rand = lambda s: torch.randn(*s, generator=generator).to(dev)            # noqa: E731
+        z = torch.cat([z_true[:, :, :1], rand((B, C, T - 1) + tuple(z_true.shape[3:]))], 2)
+        first = (lambda x: x[:, :, :1]) if cfg.kvaf else (lambda x: x[:, :1])
+        if mode == "kvaf":
+            k = k_true
+        else:
+            k = torch.cat([first(k_true), rand((B, C, T - 1) + tuple(k_true.shape[3:])) if cfg.kvaf
+                           else rand((B, k_true.shape[1] - 1, k_true.shape[2]))], 2 if cfg.kvaf else 1)
+        ctx = self.context(batch)
+        ts = shift_t(torch.linspace(1.0, 0.0, steps + 1), cfg.t_shift if cfg.t_sampler == "shifted" else 1.0)
+        nk = k.shape[2] if cfg.kvaf else k.shape[1]
+        for i in range(steps):
+            t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
+            tb = torch.full((B,), t, device=dev)
+            t_v = self.frame_times(tb, T)
+            t_k = torch.zeros(B, nk, device=dev) if mode == "kvaf" else self.frame_times(tb, nk)
+            v, vk, _ = self(z, t_v, k, t_k, ctx)
+            z = torch.cat([z[:, :, :1], z[:, :, 1:] + dt * v[:, :, 1:]], 2)
+            if mode == "joint":
+                k = torch.cat([first(k), (k[:, :, 1:] + dt * vk[:, :, 1:]) if cfg.kvaf else (k[:, 1:] + dt * vk[:, 1:])],
+                              2 if cfg.kvaf else 1)
+        return {"video_latents": z, "kvaf": k}
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(z).clamp(-1, 1)

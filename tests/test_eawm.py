@@ -1,0 +1,253 @@
+"""EA-WM (eawm.py): KVAF renderer oracles, EDLS target, fusion identity at init, LoRA / stages,
+ablations, full-size shapes, and train -> save -> resume -> sample in both generation modes."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import eawm
+import sample
+import train
+from common import URDFChain, intrinsics, look_at, project
+from data.toyworld import URDF_PATH, VOCAB
+
+FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2"]
+
+
+def tiny(**kw):
+    cfg = copy.deepcopy(eawm.CONFIGS["tiny"])
+    cfg.vocab = tuple(VOCAB)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def clips(toy_data):
+    return train.dataset_for(tiny(), toy_data[1], toy_data[2])
+
+
+# ------------------------------------------------------------------ KVAF renderer (Eq. 1-3)
+
+
+def camera(res=64):
+    return intrinsics(res, res, 60.0), look_at(eye=(0.9, -0.6, 0.7), target=(0.25, 0.0, 0.1))
+
+
+def test_kvaf_lights_the_pixel_where_a_joint_projects():
+    chain = URDFChain(URDF_PATH)
+    K, T_wc = camera()
+    q = np.array([[0.3, -0.4, 1.2]])
+    img = eawm.render_kvaf(chain, q, np.array([1.0]), K, T_wc, 64, 64, axis_length=0.0)
+    elbow = chain.fk(np.append(q[0], 0.0))["forearm"][:3, 3]                 # the elbow joint's child link
+    (u, v), z = project(elbow, K, T_wc)
+    assert z > 0 and (img[0, int(v), int(u)] == 255).all()                   # white joint landmark
+    assert img.dtype == np.uint8 and img.shape == (1, 64, 64, 3)
+    assert (img[0].max(-1) == 0).mean() > 0.7                                # mostly black canvas
+
+
+def test_kvaf_draws_nothing_behind_the_camera():
+    chain = URDFChain(URDF_PATH)
+    K, T_wc = camera()
+    flip = np.diag([1.0, -1.0, -1.0, 1.0]) @ T_wc                            # turn the camera around (z -> -z)
+    q = np.zeros((2, 3))
+    img = eawm.render_kvaf(chain, q, np.ones(2), K, flip, 64, 64)
+    assert img.max() == 0
+
+
+def test_kvaf_heatmap_peaks_at_the_projected_end_effector():
+    chain = URDFChain(URDF_PATH)
+    K, T_wc = camera()
+    q = np.array([[0.0, -0.3, 1.0], [0.4, -0.6, 1.4], [-0.3, -0.2, 0.8]])
+    img = eawm.render_kvaf(chain, q, np.array([1.0, 0.5, 0.0]), K, T_wc, 64, 64)
+    tcp = chain.fk(np.concatenate([q, np.zeros((3, 1))], 1))["tcp"][:, :3, 3]
+    uv, _ = project(tcp, K, T_wc)
+    heat = eawm.render_kvaf(chain, q, np.array([1.0, 0.5, 0.0]), K, T_wc, 64, 64, elements=("heatmap",))
+    for f in range(3):
+        i, j = np.unravel_index(heat[f, :, :, 0].argmax(), (64, 64))
+        assert abs(j + 0.5 - uv[f, 0]) <= 0.5 and abs(i + 0.5 - uv[f, 1]) <= 0.5   # the peak pixel holds the EE
+        assert (heat[f] == heat[f, :, :, :1]).all()                               # grey: equal in R, G, B
+        sigma = 64 / 24
+        vv, uu = np.mgrid[0:64, 0:64] + 0.5
+        outside = (uu - uv[f, 0]) ** 2 + (vv - uv[f, 1]) ** 2 > (3 * sigma) ** 2
+        assert heat[f][outside].max() == 0                                       # truncated at 3 sigma
+    track = eawm.recover_ee_track(img)                                           # on the full render (axes on top)
+    assert np.abs(track - uv).max() < 2.0
+
+
+def test_kvaf_gripper_opening_moves_the_fingers_and_depth_changes_colour():
+    chain = URDFChain(URDF_PATH)
+    K, T_wc = camera()
+    q = np.array([[0.0, -0.3, 1.0]] * 2)
+    img = eawm.render_kvaf(chain, q, np.array([1.0, 0.0]), K, T_wc, 64, 64, depth_range=(0.5, 1.5))
+    assert not np.array_equal(img[0], img[1])
+    near = eawm.render_kvaf(chain, q[:1], np.ones(1), K, T_wc, 64, 64, depth_range=(1.5, 2.5))   # everything "near"
+    assert not np.array_equal(near[0], img[0])
+    with pytest.raises(ValueError, match="expected joints"):
+        eawm.render_kvaf(chain, np.zeros((2, 4)), np.ones(2), K, T_wc, 64, 64)
+
+
+# ------------------------------------------------------------------ EDLS (Eq. 7)
+
+
+def test_edls_target_on_a_hand_made_clip():
+    from common import PixelCodec
+    codec = PixelCodec(4, 2)
+    video = torch.zeros(1, 3, 9, 4, 4)
+    video[0, 0, 2, 0, 0] = 1.0                                               # one red pixel blinks at frame 2
+    z = eawm.edls_target(video, codec.encode)                                 # d_2 = +1, d_3 = -1 at (0, 0), halved
+    expected = torch.zeros(1, 48, 3, 2, 2)
+    # codec channel = c * q p p + (frame within group) * p p + dy * p + dx; frames 1..4 = latent frame 1
+    expected[0, 0 * 16 + 1 * 4, 1, 0, 0] = 0.5
+    expected[0, 0 * 16 + 2 * 4, 1, 0, 0] = -0.5
+    assert torch.equal(z, expected)
+    tokens = eawm.patchify(z, (1, 2, 2))
+    assert tokens.shape == (1, 3, 192)
+    m = eawm.Model(tiny())
+    assert torch.equal(m.video.unpatchify(tokens, (3, 1, 1)), z)              # patchify inverts unpatchify
+
+
+# ------------------------------------------------------------------ fusion, LoRA, stages
+
+
+def test_fusion_is_the_identity_at_initialization():
+    torch.manual_seed(0)
+    f = eawm.EventFusion(32, 2, 16, 8, plain=False)
+    hv, hk = torch.randn(2, 12, 32), torch.randn(2, 12, 32)
+    from common import rope_3d, grid_positions
+    rope = (rope_3d(*grid_positions(3, 2, 2), 16), True)
+    ov, ok, e_hat = f(hv, hk, rope, rope)
+    assert torch.equal(ov, hv) and torch.equal(ok, hk) and e_hat.shape == (2, 12, 8)
+    # and the whole model equals the same model with no fusion layers
+    torch.manual_seed(0)
+    a = eawm.Model(tiny())
+    torch.manual_seed(0)
+    b = eawm.Model(tiny(fusion_layers=()))
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("fusion.")})
+    with torch.no_grad():                                                    # make the video head non-zero
+        for m in (a, b):
+            m.video.head.head.weight.fill_(0.01)
+    z, k = torch.randn(2, 48, 3, 16, 16), torch.randn(2, 48, 3, 16, 16)
+    t = torch.tensor([[0, 0.5, 0.5], [0, 0.9, 0.9]])
+    ctx = torch.randn(2, 5, 64)
+    assert torch.allclose(a(z, t, k, t, ctx)[0], b(z, t, k, t, ctx)[0], atol=1e-6)
+
+
+def test_lora_stages_train_what_the_paper_says_and_leave_base_weights(clips):
+    torch.manual_seed(0)
+    model = eawm.Model(tiny(lora_rank=4, stage="stage1"))
+    with torch.no_grad():                                                    # a "pretrained" (non-zero) output head
+        for h in (model.video.head.head, model.kvaf_head.head):
+            h.weight.normal_(0, 0.02)
+    groups = model.param_groups()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith(("kvaf_head.", "kvaf_patch_embedding.", "text_encoder."))
+                             for n in trainable)
+    assert any(n.startswith("kvaf_blocks.") and ".lora_" in n for n in trainable)
+    assert any(n.startswith("video.blocks.") and ".lora_" in n for n in trainable)
+    assert not any(n.startswith("fusion.") for n in trainable)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for g in groups for p in g["params"]], lr=1e-2)
+    for _ in range(2):
+        loss, _ = model.loss(clips.sample(2, torch.Generator().manual_seed(0)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    assert any(p.abs().sum() > 0 for p in lora_b)                            # the adapters moved
+    model.cfg.stage = "stage2"
+    model.param_groups()
+    trainable2 = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable2 - trainable == {n for n, _ in model.named_parameters() if n.startswith("fusion.")}
+
+
+def test_kvaf_copy_starts_equal_to_the_video_blocks():
+    model = eawm.Model(tiny())
+    v, k = model.video.blocks.state_dict(), model.kvaf_blocks.state_dict()
+    assert v.keys() == k.keys() and all(torch.equal(v[n], k[n]) for n in v)
+    assert model.kvaf_blocks[0].self_attn.q.weight.data_ptr() != model.video.blocks[0].self_attn.q.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kw", [{}, {"kvaf": False}, {"fusion": "plain"}, {"stage": "stage1"}])
+def test_loss_and_both_generation_modes(clips, kw):
+    torch.manual_seed(0)
+    model = eawm.Model(tiny(**kw))
+    model.param_groups()
+    batch = clips.sample(2, torch.Generator().manual_seed(1))
+    loss, parts = model.loss(batch)
+    assert torch.isfinite(loss) and {"video", "kvaf"} <= set(parts)
+    assert ("edls" in parts) == (kw.get("fusion", "event") == "event")
+    loss.backward()
+    for mode in ("kvaf", "joint"):
+        out = model.sample(batch, steps=2, mode=mode, generator=torch.Generator().manual_seed(0))
+        z = out["video_latents"]
+        assert z.shape == (2, 48, 3, 16, 16)
+        assert torch.equal(z[:, :, :1], model.encode(batch["video"])[:, :, :1])   # the given first frame
+
+
+def test_kvaf_conditioned_generation_uses_the_given_kvaf(clips):
+    torch.manual_seed(0)
+    model = eawm.Model(tiny())
+    batch = clips.sample(2, torch.Generator().manual_seed(1))
+    out = model.sample(batch, steps=2, mode="kvaf")
+    assert torch.equal(out["kvaf"], model.encode(model.render(batch)))
+
+
+def test_timestep_weight_is_the_wan_bell():
+    from common import bell_weight
+    t = torch.tensor([0.5, 0.0, 1.0])
+    w = bell_weight(t, shift=5.0)
+    assert w[0] == w.max() and w[1] == pytest.approx(w[2].item(), abs=1e-5) and w[1] < 0.05
+    grid = torch.linspace(1.0, 0.0, 1001)[:-1]
+    from common import shift_t
+    assert bell_weight(shift_t(grid, 5.0), 5.0).mean().item() == pytest.approx(1.0, abs=1e-4)
+
+
+# ------------------------------------------------------------------ full preset
+
+
+def wan_params(D, F, C_in, C_out, layers, text=4096, freq=256, patch=4):
+    """Wan DiT parameter count from its architecture (reference/checkpoints.md section 1)."""
+    attn = 4 * (D * D + D) + 2 * D
+    block = 2 * attn + 2 * D + (D * F + F + F * D + D) + 6 * D
+    top = (D * C_in * patch + D) + (text * D + D + D * D + D) + (freq * D + D + D * D + D) + (6 * D * D + 6 * D)
+    head = 2 * D + D * patch * C_out + patch * C_out
+    return layers * block + top + head
+
+
+def test_full_preset_matches_wan22_ti2v_5b_on_meta():
+    assert wan_params(1536, 8960, 16, 16, 30) == 1_418_996_800          # the formula reproduces Wan2.1-1.3B
+    cfg = eawm.CONFIGS["full"]
+    with torch.device("meta"):
+        model = eawm.Model(cfg)
+    n = lambda ps: sum(p.numel() for p in ps)                                # noqa: E731
+    video = n(p for name, p in model.video.named_parameters() if ".lora_" not in name)
+    assert video == wan_params(3072, 14336, 48, 48, 30)
+    lora = n(p for name, p in model.named_parameters() if ".lora_" in name)
+    groups = model.param_groups()
+    print(f"EA-WM full: video stream {video:,} (Wan2.2-TI2V-5B), KVAF copy {n(model.kvaf_blocks.parameters()):,}, "
+          f"fusion {n(model.fusion.parameters()):,}, LoRA r=32 {lora:,}; stage-1 trainable {n(groups[0]['params']):,}")
+    assert 4.9e9 < video < 5.1e9 and model.video.blocks[0].self_attn.q.rank == 32
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(["--model", "eawm", "--tiny", "--steps", "4", "--data", toy_data[0], "--out", a] + FAST)
+    train.main(["--model", "eawm", "--tiny", "--steps", "4", "--stop-after", "2", "--data", toy_data[0], "--out", b] + FAST)
+    train.main(["--model", "eawm", "--resume", b, "--data", toy_data[0], "--out", b] + FAST)
+    la = [json.loads(x) for x in open(os.path.join(a, "metrics.jsonl"))]
+    lb = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl"))]
+    for key in ("loss", "video", "kvaf", "edls", "grad_norm"):
+        assert [r[key] for r in la] == [r[key] for r in lb], key
+    res = sample.main(["--ckpt", a, "--clips", "4", "--splits", "train", "--steps", "2", "--out", str(tmp_path / "s"),
+                       "--threads", "2"])
+    row = res["splits"]["train"]
+    assert set(row) == {"kvaf", "joint"} and np.isfinite(row["kvaf"]["psnr"]) and "ee_track_px" in row["joint"]
+    assert os.path.getsize(tmp_path / "s" / "generation_train.gif") > 100
