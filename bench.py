@@ -7,7 +7,8 @@
 Rows: the machine's measured matmul peak; toy-world rendering frames/s on one core and default
 dataset generation time; per model: training step time, samples/s, achieved FLOP/s as a fraction
 of the measured peak, inference latency (AGRA: one t = 1 video pass + 4 action Euler steps; MV-WAM:
-5 joint Euler steps, as actions/s like the paper's 17.9 actions/s headline), and peak memory. No number here is asserted by a test: machines are shared and noisy.
+5 joint Euler steps, as actions/s like the paper's 17.9 actions/s headline; EA-WM: time per
+generated frame), and peak memory. No number here is asserted by a test: machines are shared and noisy.
 """
 from __future__ import annotations
 
@@ -90,12 +91,17 @@ def full_batch(name, cfg, B, device):
         batch["text_emb"] = torch.randn(B, 64, cfg.text_dim, device=device)                 # umT5 features
         batch["image_emb"] = torch.randn(B, 256, cfg.image_dim, device=device)              # SigLIP2 features
         batch["value"] = torch.rand(B, device=device)
+    if name == "eawm":
+        batch["text_emb"] = torch.randn(B, 64, cfg.text_dim, device=device)
+        batch["kvaf_latents"] = torch.randn_like(batch["latents"])
+        batch["edls_latents"] = torch.randn_like(batch["latents"])
     return batch
 
 
 INFERENCE = {   # what one `sample` call is, per model (SPEC section 8)
     "agra": lambda cfg: f"t=1 video pass + {cfg.action_steps} action steps",
     "mvwam": lambda cfg: f"{cfg.sample_steps} joint video+action Euler steps",
+    "eawm": lambda cfg: f"{cfg.sample_steps} Euler steps, KVAF-conditioned",
 }
 
 
@@ -148,7 +154,10 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None):
     with autocast:
         lat = timeit(lambda: model.sample(one), repeat=10 if preset == "tiny" else 5, sync=sync)
     rows.append((name, f"{preset} inference: {INFERENCE[name](cfg)}, batch 1 (ms)", lat * 1e3, "ms"))
-    rows.append((name, f"{preset} inference actions/s (K={cfg.horizon} per chunk)", cfg.horizon / lat, "actions/s"))
+    if name == "eawm":                                      # a video generator: time per generated frame
+        rows.append((name, f"{preset} generation time per generated frame (ms)", lat * 1e3 / (cfg.frames - 1), "ms"))
+    else:
+        rows.append((name, f"{preset} inference actions/s (K={cfg.horizon} per chunk)", cfg.horizon / lat, "actions/s"))
     if device.type == "cuda":
         rows.append((name, f"{preset} peak GPU memory (GiB)", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB"))
     else:
@@ -161,7 +170,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--preset", default="tiny", help="model preset to time (full needs a large GPU)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the preset's)")
-    p.add_argument("--models", nargs="+", default=["agra", "mvwam"], choices=sorted(INFERENCE), help="models to time")
+    p.add_argument("--models", nargs="+", default=["agra", "mvwam", "eawm"], choices=sorted(INFERENCE), help="models to time")
     p.add_argument("--skip-toyworld", action="store_true", help="do not time the toy world")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)

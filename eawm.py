@@ -196,9 +196,9 @@ class Config:
     ee_link: str = "tcp"
     kvaf_depth_range: tuple = (0.7, 1.2)  # episode-level camera-depth range of the skeleton colours (toy arm: 0.74-1.16)
     # backbone, Wan2.2-TI2V-5B shapes (reference/checkpoints.md section 2)
-    dim: int = 96                        # 3072
-    ffn_dim: int = 384                   # 14336
-    heads: int = 3                       # 24 x 128
+    dim: int = 64                        # 3072
+    ffn_dim: int = 256                   # 14336
+    heads: int = 2                       # 24 x 128 (tiny: head_dim 32)
     layers: int = 4                      # 30
     patch: tuple = (1, 2, 2)
     freq_dim: int = 256
