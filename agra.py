@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Attention, FP32LayerNorm, PixelCodec, RMSNorm, TinyTextEncoder, add_noise, check_choice,
+from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, RMSNorm, TinyTextEncoder, add_noise, check_choice,
                     check_shape, grid_positions, modulate, rope_3d, sample_t, timestep_embedding, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
@@ -585,10 +585,8 @@ class Model(nn.Module):
         return torch.cat(parts, 1)
 
     def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
-        """(B,) -> (B, T): the condition frame at cond_t (clean), future frames at t."""
-        tt = t[:, None].repeat(1, T)
-        tt[:, 0] = self.cfg.cond_t
-        return tt
+        """(B,) -> (B, T): the given frame 0 clean at cond_t, future frames at t."""
+        return frame_times(t, T, self.cfg.cond_t)
 
     def teacher_features(self, batch) -> torch.Tensor:
         """Eq. 3: features of the first raw frame of each latent frame, (B, T, H_d, W_d, d_t)."""

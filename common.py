@@ -198,6 +198,14 @@ def sample_t(kind: str, n: int, generator: torch.Generator | None = None, device
     return t.to(device=device) if device is not None else t
 
 
+def frame_times(t: torch.Tensor, T: int, cond_t: float = 0.0) -> torch.Tensor:
+    """Per-latent-frame timesteps (B,) -> (B, T): frame 0, the given observation, at cond_t (clean:
+    0 as Wan2.2 TI2V, 1e-4 as Cosmos' conditional frame), the future frames at t."""
+    tt = t[:, None].repeat(1, T)
+    tt[:, 0] = cond_t
+    return tt
+
+
 @torch.no_grad()
 def euler_sample(velocity_fn, x: torch.Tensor, steps: int, clean_mask: torch.Tensor | None = None,
                  x_clean: torch.Tensor | None = None, shift: float = 1.0) -> torch.Tensor:

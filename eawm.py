@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Attention, FP32LayerNorm, PixelCodec, TinyTextEncoder, URDFChain, WanDiT, WanHead, add_noise,
+from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, TinyTextEncoder, URDFChain, WanDiT, WanHead, add_noise,
                     bell_weight, check_choice, check_shape, colormap, grid_positions, inject_lora, project, rope_3d,
                     sample_t, shift_t, velocity_target)
 
@@ -448,10 +448,8 @@ class Model(nn.Module):
         return v_video, v_kvaf, e_hats
 
     def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
-        """(B,) -> (B, T): frame 0 is the given observation (t = 0, Wan2.2 TI2V), the rest at t."""
-        tt = t[:, None].repeat(1, T)
-        tt[:, 0] = 0.0
-        return tt
+        """(B,) -> (B, T): the given frame 0 clean (t = 0), future frames at t."""
+        return frame_times(t, T)
 
     # ---------------------------------------------------------------- training loss (Eq. 8)
     def loss(self, batch):

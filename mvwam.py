@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (PixelCodec, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise, check_choice, check_shape,
+from common import (frame_times, PixelCodec, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise, check_choice, check_shape,
                     grid_positions, rope_3d, sample_t, shift_t, timestep_embedding, to_velocity, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
@@ -398,10 +398,8 @@ class Model(nn.Module):
         return video_out, act, value
 
     def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
-        """(B,) -> (B, T): the condition frame clean (t = 0, as Wan2.2 TI2V), future frames at t."""
-        tt = t[:, None].repeat(1, T)
-        tt[:, 0] = 0.0
-        return tt
+        """(B,) -> (B, T): the given frame 0 clean (t = 0), future frames at t."""
+        return frame_times(t, T)
 
     # ---------------------------------------------------------------- training loss
     def loss(self, batch):
