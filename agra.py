@@ -71,7 +71,7 @@ class Config:
     vocab: tuple = ()                    # tiny text encoder words (filled from the toy world)
     text_layers: int = 1
     # video DiT, Cosmos-Predict2.5 (App. A.1; reference/checkpoints.md section 3)
-    video_dim: int = 96                  # 2048 (tiny: 96 so a token can carry its 192 codec values)
+    video_dim: int = 96                  # 2048 (tiny: 96; still below the 192 codec values per token, see README)
     video_layers: int = 6                # M = 28
     video_heads: int = 3                 # 16 x 128 (tiny: head_dim 32 keeps 5 RoPE frequencies per axis)
     mlp_ratio: float = 4.0
