@@ -124,7 +124,7 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
 
 def value_report(model, cfg, clips: ClipDataset, n: int, generator) -> dict:
     """MV-WAM: the sampled value against the true Monte-Carlo return (Eq. 4) on held-out expert clips."""
-    rows = torch.randperm(len(clips), generator=generator)[:n].numpy()
+    rows = torch.randperm(len(clips), generator=torch.Generator().manual_seed(0))[:n].numpy()   # same clips for every model
     batch = clips.get(rows)
     pred = model.sample(batch, generator=generator)["value"].float()
     true = batch["value"].float()
@@ -153,7 +153,7 @@ def overlay(frame: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None,
 
 def agra_report(model, cfg, clips: ClipDataset, png: str, n: int, generator) -> dict:
     import agra
-    rows = torch.randperm(len(clips), generator=generator)[:n].numpy()
+    rows = torch.randperm(len(clips), generator=torch.Generator().manual_seed(0))[:n].numpy()   # same clips for every model
     batch = clips.get(rows)
     attn = agra.cross_attention_maps(model, batch, generator)                          # (B, N, T, h, w)
     mask = agra.token_mask(batch["interaction_mask"], cfg)                           # (B, T, h, w)
@@ -196,13 +196,17 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
     true one, in pixels."""
     import eawm
     from common import project
-    rows = torch.randperm(len(clips), generator=generator)[:n].numpy()
+    rows = torch.randperm(len(clips), generator=torch.Generator().manual_seed(0))[:n].numpy()   # same clips for every model
     batch = clips.get(rows)
     true = to_uint8(batch["video"])[:, 1:]
     z_true = model.encode(batch["video"])
     K, T_wc = batch["K"][0].numpy(), batch["T_wc"][0].numpy()
     ee_true = project(batch["ee_pose"][..., :3].numpy().astype(np.float64), K, T_wc)[0][:, 1:]          # (B, F-1, 2)
-    out, pictures = {}, {}
+    # reference: a "world model" that predicts no change (the first frame repeated)
+    still = to_uint8(batch["video"][:, :, :1].expand_as(batch["video"]))[:, 1:]
+    out = {"copy_first": {"psnr": float(np.mean([psnr(g, t) for g, t in zip(still, true)])),
+                          "latent_mse": F.mse_loss(z_true[:, :, :1].expand_as(z_true)[:, :, 1:], z_true[:, :, 1:]).item()}}
+    pictures = {}
     for mode in ("kvaf", "joint"):
         res = model.sample(batch, steps=steps, generator=generator, mode=mode)
         gen = to_uint8(model.decode(res["video_latents"]))[:, 1:]
@@ -237,18 +241,20 @@ def eawm_main(args, model, cfg, meta, out_dir, gen):
     print(f"eawm checkpoint {args.ckpt} (step {meta.get('step')}): {args.clips} held-out clips per split, "
           f"{args.steps or cfg.sample_steps} Euler steps")
     print(f"{'split':16s} {'PSNR kvaf-cond':>14s} {'MSE kvaf-cond':>13s} {'PSNR joint':>10s} {'MSE joint':>9s} "
-          f"{'EE track px':>11s} {'detected':>8s}")
+          f"{'EE track px':>11s} {'detected':>8s} {'PSNR copy-first':>15s}")
     for split in args.splits:
         arrays, dmeta = generate(max(4, args.clips // 4), split, seed0=args.seed + 50000, res=cfg.height)
         dmeta["stats"] = meta["stats"]
         clips = dataset_for(cfg, arrays, dmeta)
+        gen = torch.Generator().manual_seed(args.seed)                           # same noise per split for every model
         r = eawm_report(model, cfg, clips, args.clips, gen, os.path.join(out_dir, f"generation_{split}.gif"), args.steps)
         results["splits"][split] = r
         j, c = r["joint"], r["kvaf"]
         print(f"{split:16s} {c['psnr']:14.2f} {c['latent_mse']:13.4f} {j['psnr']:10.2f} {j['latent_mse']:9.4f} "
-              f"{j['ee_track_px']:11.2f} {j['ee_detected']:8.2f}")
+              f"{j['ee_track_px']:11.2f} {j['ee_detected']:8.2f} {r['copy_first']['psnr']:15.2f}")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
+    print("PSNR copy-first: the first frame repeated (a model that predicts no motion), on the same clips")
     print(f"\nwrote {out_dir}/ (generation_<split>.gif: true | generated, KVAF-conditioned | generated, joint | "
           f"generated KVAF; metrics.json)")
     return results
@@ -272,6 +278,8 @@ def get_args(argv=None):
     p.add_argument("--clips", type=int, default=16, help="EA-WM: held-out clips per split to generate")
     p.add_argument("--rollback", action="store_true", help="MV-WAM: also run every split with value-guided rollback "
                    "(Sec. 3.2) and write rollback_<split>.gif of an episode where one fired")
+    p.add_argument("--rollback-delta", type=float, default=None, help="MV-WAM: the rollback threshold delta "
+                   "(default: the checkpoint's Config.rollback_delta, the paper's 0.2; Fig. 3(c) varies it)")
     p.add_argument("--out", default=None, help="folder for GIFs, PNGs and metrics.json (default <ckpt>/samples)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -311,8 +319,10 @@ def main(argv=None):
         if not cfg.use_value:
             raise SystemExit("--rollback: this MV-WAM checkpoint was trained without value tokens (use_value=False)")
         import mvwam
-        rb = lambda: mvwam.ValueRollback(cfg.rollback_delta, cfg.max_rollbacks)          # noqa: E731
-        print(f"value-guided rollback: delta {cfg.rollback_delta}, at most {cfg.max_rollbacks} per episode")
+        delta = cfg.rollback_delta if args.rollback_delta is None else args.rollback_delta
+        rb = lambda: mvwam.ValueRollback(delta, cfg.max_rollbacks)                          # noqa: E731
+        print(f"value-guided rollback: delta {delta}, at most {cfg.max_rollbacks} per episode")
+        results["rollback_delta"] = delta
     print(f"{'split':16s} {'success':>8s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s}"
           + (f" {'+rollback':>9s} {'rb/ep':>6s}" if rb else "") + "   time")
     for split in args.splits:
