@@ -283,9 +283,13 @@ def test_train_resume_bit_exact_and_sample_with_rollback(mv_run, toy_data, tmp_p
     assert all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), m2.state_dict().values()))
     with pytest.raises(ValueError, match="model 'mvwam'"):
         train.load_model(mv_run, expect="agra")
-    res = sample.main(["--ckpt", mv_run, "--episodes", "2", "--splits", "train", "--rollback", "--diag-clips", "8",
-                       "--out", str(tmp_path / "s"), "--threads", "2", "--max-steps", "16"])
+    # delta = -1 makes every check after the first fire (value < peak + 1): chunks start at steps 0, 4, 8,
+    # 12 of the 16, so each episode rolls back at 4, 8 and 12 = max_rollbacks times, and the GIF is written
+    res = sample.main(["--ckpt", mv_run, "--episodes", "2", "--splits", "train", "--rollback", "--rollback-delta", "-1",
+                       "--diag-clips", "8", "--out", str(tmp_path / "s"), "--threads", "2", "--max-steps", "16"])
     row = res["splits"]["train"]
-    assert 0 <= row["success"] <= 1 and 0 <= row["success_rollback"] <= 1 and "rollbacks_per_episode" in row
+    assert 0 <= row["success"] <= 1 and 0 <= row["success_rollback"] <= 1
+    assert res["rollback_delta"] == -1 and row["rollbacks_per_episode"] == 3 and row["rollback_episodes"] == 2
+    assert os.path.getsize(tmp_path / "s" / "rollback_train.gif") > 100
     assert -1 <= res["value"]["train"]["pearson"] <= 1
     assert os.path.getsize(tmp_path / "s" / "rollout_train.gif") > 100
