@@ -49,7 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, RMSNorm, TinyTextEncoder, add_noise, check_choice,
-                    check_shape, grid_positions, modulate, rope_3d, sample_t, timestep_embedding, velocity_target)
+                    check_clip_frames, check_layers, check_shape, grid_positions, modulate, rope_3d, sample_t,
+                    set_trainable, timestep_embedding, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -127,11 +128,8 @@ class Config:
         check_choice("agra_pass", self.agra_pass, ("action_cond", "video", "shared"))
         check_choice("bridge", self.bridge, ("multi", "single"))
         check_choice("teacher", self.teacher, ("toy", "dinov2"))
-        for l in self.agra_layers:
-            if not 0 <= l < self.video_layers:
-                raise ValueError(f"agra_layers={self.agra_layers}: layer {l} outside 0..{self.video_layers - 1}")
-        if (self.frames - 1) % self.latent_q:
-            raise ValueError(f"frames={self.frames} must be 1 + latent_q * k (latent_q={self.latent_q})")
+        check_layers("agra_layers", self.agra_layers, self.video_layers)
+        check_clip_frames(self.frames, self.latent_q)
 
     @property
     def latent_frames(self) -> int:
@@ -673,8 +671,6 @@ class Model(nn.Module):
         video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder."))]
         head = [p for n, p in self.named_parameters() if n.startswith(("bridge.", "head."))]
         proj = [p for n, p in self.named_parameters() if n.startswith("projectors.")]
-        for p in self.parameters():
-            p.requires_grad_(False)
         groups = []
         if video_trainable:
             groups.append({"name": "video", "params": video, "lr": self.cfg.lr_video})
@@ -682,10 +678,7 @@ class Model(nn.Module):
             groups.append({"name": "head", "params": head, "lr": self.cfg.lr_head})
         if video_trainable and self.cfg.stage == "joint" and self.cfg.agra_weight > 0:
             groups.append({"name": "projectors", "params": proj, "lr": self.cfg.lr_head})
-        for g in groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
-        return groups
+        return set_trainable(self, groups)
 
     # ---------------------------------------------------------------- inference (App. A.2)
     @torch.no_grad()

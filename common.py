@@ -123,6 +123,29 @@ def check_choice(name: str, value, choices):
         raise ValueError(f"{name}={value!r} is not valid; expected one of {list(choices)}")
 
 
+def check_layers(name: str, layers, n: int):
+    """Every index in `layers` must name one of n layers."""
+    for l in layers:
+        if not 0 <= l < n:
+            raise ValueError(f"{name}={tuple(layers)}: layer {l} outside 0..{n - 1}")
+
+
+def check_clip_frames(frames: int, q: int):
+    """Causal video codecs / VAEs take 1 + q k raw frames (the first frame alone, then groups of q)."""
+    if (frames - 1) % q:
+        raise ValueError(f"frames={frames} must be 1 + latent_q * k (latent_q={q})")
+
+
+def set_trainable(module: nn.Module, groups: list[dict]) -> list[dict]:
+    """Freeze every parameter of `module`, then unfreeze those in the optimizer `groups`; returns groups."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
 def check_shape(name: str, x: torch.Tensor, expected: tuple):
     """Raise with expected vs received; None in `expected` matches any size."""
     ok = x.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, x.shape))

@@ -54,8 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, TinyTextEncoder, URDFChain, WanDiT, WanHead, add_noise,
-                    bell_weight, check_choice, check_shape, colormap, grid_positions, inject_lora, project, rope_3d,
-                    sample_t, shift_t, velocity_target)
+                    bell_weight, check_choice, check_clip_frames, check_layers, check_shape, colormap, grid_positions,
+                    inject_lora, project, rope_3d, sample_t, set_trainable, shift_t, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # KVAF renderer (Sec. 3.1, App. A.2)
@@ -231,11 +231,8 @@ class Config:
         check_choice("stage", self.stage, ("stage1", "stage2"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
-        for l in self.fusion_layers:
-            if not 0 <= l < self.layers:
-                raise ValueError(f"fusion_layers={self.fusion_layers}: layer {l} outside 0..{self.layers - 1}")
-        if (self.frames - 1) % self.latent_q:
-            raise ValueError(f"frames={self.frames} must be 1 + latent_q * k (latent_q={self.latent_q})")
+        check_layers("fusion_layers", self.fusion_layers, self.layers)
+        check_clip_frames(self.frames, self.latent_q)
 
     @property
     def latent_frames(self) -> int:
@@ -497,8 +494,6 @@ class Model(nn.Module):
         """Stage 1: LoRA of both streams (or, with lora_rank=0, the base weights) + the KVAF branch's
         embedding and head; fusion frozen. Stage 2: + fusion. LoRA base weights stay frozen."""
         cfg = self.cfg
-        for p in self.parameters():
-            p.requires_grad_(False)
         names = []
         for n, p in self.named_parameters():
             if n.startswith("fusion."):
@@ -514,10 +509,7 @@ class Model(nn.Module):
         groups = [{"name": "lora" if cfg.lora_rank else "dit", "params": main, "lr": cfg.lr_video}]
         if cfg.stage == "stage2":
             groups.append({"name": "fusion", "params": [params[n] for n in names if n.startswith("fusion.")], "lr": cfg.lr_head})
-        for g in groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
-        return groups
+        return set_trainable(self, groups)
 
     # ---------------------------------------------------------------- generation (Table 1 / Table 4)
     @torch.no_grad()

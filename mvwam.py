@@ -47,8 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (frame_times, PixelCodec, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise, check_choice, check_shape,
-                    grid_positions, rope_3d, sample_t, shift_t, timestep_embedding, to_velocity, velocity_target)
+from common import (frame_times, PixelCodec, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise, check_choice, check_clip_frames,
+                    check_shape, grid_positions, rope_3d, sample_t, set_trainable, shift_t, timestep_embedding, to_velocity,
+                    velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -122,8 +123,7 @@ class Config:
         check_choice("image_encoder", self.image_encoder, ("tiny", "precomputed"))
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
-        if (self.frames - 1) % self.latent_q:
-            raise ValueError(f"frames={self.frames} must be 1 + latent_q * k (latent_q={self.latent_q})")
+        check_clip_frames(self.frames, self.latent_q)
         if self.horizon > (self.frames - 1):
             raise ValueError(f"horizon={self.horizon} actions need {self.horizon} predicted frames; frames={self.frames}")
         if self.video_dim % self.video_heads or (self.video_dim // self.video_heads) % 2:
@@ -441,15 +441,10 @@ class Model(nn.Module):
         video expert at lr_video, action-value expert + image encoder at lr_head (Sec. 4.1)."""
         video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder."))]
         head = [p for n, p in self.named_parameters() if n.startswith(("action.", "image_encoder."))]
-        for p in self.parameters():
-            p.requires_grad_(False)
         groups = [{"name": "video", "params": video, "lr": self.cfg.lr_video}]
         if self.cfg.stage == "joint":
             groups.append({"name": "action_value", "params": head, "lr": self.cfg.lr_head})
-        for g in groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
-        return groups
+        return set_trainable(self, groups)
 
     # ---------------------------------------------------------------- inference (Fig. 3(b), Table 6)
     @torch.no_grad()

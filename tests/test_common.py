@@ -340,3 +340,17 @@ def decode_gif(data: bytes) -> np.ndarray:
             prev = code
         frames.append(pal[np.array(out)].reshape(H, W, 3))
     return np.stack(frames)
+
+
+def test_config_checks_and_set_trainable():
+    C.check_layers("agra_layers", (0, 5), 6)
+    with pytest.raises(ValueError, match=r"layer 6 outside 0..5"):
+        C.check_layers("agra_layers", (0, 6), 6)
+    C.check_clip_frames(9, 4)
+    with pytest.raises(ValueError, match=r"frames=8 must be 1 \+ latent_q \* k"):
+        C.check_clip_frames(8, 4)
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    m[0].weight.requires_grad_(True)
+    groups = C.set_trainable(m, [{"params": [m[1].weight]}])
+    assert groups[0]["params"][0] is m[1].weight
+    assert [p.requires_grad for p in m.parameters()] == [False, False, True, False]
