@@ -1,5 +1,5 @@
-"""MV-WAM: "Manifold-aware Video World Action Model" with progress-valued regulation
-(shared/papers/002_d3f0926f5419a0c2.txt).
+"""MV-WAM: "Manifold-Aware World Action Model with Value Augmentation" (2026, arXiv 2606.21088):
+a video world action model with manifold-aware objectives and progress-valued regulation.
 
 One diffusion transformer made of two experts of equal depth, coupled as a mixture of
 transformers (MoT): a Video Expert (Wan2.1-1.3B shapes, image-to-video input) and a narrower
@@ -26,14 +26,27 @@ Paper -> code
 | Table 6    v / x0 / eps -> velocity         | common.to_velocity, Model.sample                     |
 | Sec. 3.1   Video Expert (WoW-1.3B, I2V)     | common.WanDiT as Model.video, Model.video_input      |
 | Sec. 3.1   Action-Value Expert              | ActionValueExpert                                    |
-| Sec. 3.1   odd: language, even: image       | ActionValueExpert.context (0-indexed layer i odd/even)|
+| Sec. 3.1   odd: language, even: image       | ActionValueExpert.context, Config.layer_count_base   |
 | Sec. 3.1   shared / separate enc-dec        | ActionValueExpert.{state_action,value}_{encoder,head}|
-| Sec. 3.1   MoT + structured causal mask     | mot_mask, Model.forward                              |
+| Sec. 3.1   MoT + structured causal mask     | mot_mask, Model.forward, Config.action_attention     |
 | Sec. 3.1   RoPE scaled 1/4 for actions      | Model.token_layout                                   |
-| Sec. 3.2   value-guided rollback, delta     | ValueRollback, sample.py --rollback                  |
-| Sec. 4.1   768 in a 1536 attention, stages  | CONFIGS["full"], Config.stage, Model.param_groups    |
+| Sec. 3.2   value-guided rollback, delta     | ValueRollback (rolling buffer), sample.py --rollback |
+| Sec. 4.1   768 in a 1536 attention, stages  | CONFIGS["full_video"] / ["full"], Model.param_groups |
 | Sec. 4.1   constant 20 % then linear to 0   | Config.lr_schedule / const_frac                      |
 | Fig. 3(a) targets, 3(b) steps, 3(c) value   | Config.action_target, sample(steps=), use_value      |
+
+Two readings this file makes explicit (README, "Choices and deviations"):
+- Frame grounding. The mask row of action k allows only latent frames <= 1 + k // 4, but after two
+  layers information from later frames reaches action k by two paths: through the other action tokens
+  (the paper's "actions see actions", action_attention="full") and through the earlier frames' own
+  tokens, which attend to every frame (Wan's bidirectional video attention, video_attention="full").
+  action_attention="causal" (action k sees actions <= k, the state sees none) together with
+  video_attention="frame_causal" (a video token sees frames <= its own) makes the grounding hold
+  through any depth; either alone does not (tested).
+- Table 6's x0 row writes v = x_1 - x0_hat with x_1 the starting noise; Model.sample uses
+  v = (x_t - x0_hat) / t, the velocity of the straight path through the CURRENT x_t. The two agree at
+  t = 1 and along an exact trajectory; after a few inexact Euler steps only the second one corrects
+  the drift of x_t instead of steering back towards a noise sample the state has left.
 
 Shape letters: B batch, C latent channels, T latent frames, h x w token grid, N_v = T h w video
 tokens, K horizon, D video width, A action-expert width, d_u unified state/action width.
@@ -41,7 +54,8 @@ tokens, K horizon, D video width, A action-expert width, d_u unified state/actio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -74,7 +88,7 @@ class Config:
     text_encoder: str = "tiny"           # tiny (trainable) | precomputed (umT5-XXL features in batch["text_emb"])
     text_layers: int = 1
     text_dim: int = 64                   # umT5-XXL: 4096
-    # video expert, Wan2.1-T2V-1.3B shapes (reference/checkpoints.md section 1)
+    # video expert, Wan2.1-T2V-1.3B shapes (30 layers x 1536, 12 heads x 128, FFN 8960)
     video_dim: int = 96                  # D: 1536
     video_ffn: int = 384                 # 8960
     video_heads: int = 3                 # 12 x 128 (tiny: head_dim 32)
@@ -90,6 +104,12 @@ class Config:
     image_dim: int = 64                  # SigLIP2-so400m: 1152
     image_patch: int = 4                 # tiny image encoder patch (pixels)
     ground_actions: bool = True          # action k sees latent frames <= the one covering its step (Sec. 3.1)
+    action_attention: str = "full"       # full: every action sees every action (Sec. 3.1) | causal: action k sees
+                                         #   actions <= k and the state no action
+    video_attention: str = "full"        # full: Wan's bidirectional video attention | frame_causal: a video token sees
+                                         #   frames <= its own (with causal actions: grounding holds through depth)
+    layer_count_base: int = 1            # "language in odd layers" counted from 1 (Sec. 3.1): language in blocks
+                                         #   1, 3, 5, ... = 0-indexed 0, 2, 4; 0 counts from 0 (language in 1, 3, ...)
     rope_action_scale: float = 0.25      # temporal RoPE scale of action tokens, 1/4 (Sec. 3.1)
     use_value: bool = True               # value token + value loss (False: Fig. 3(c)'s no-value baseline)
     # objectives (Eq. 2-3, Table 6, App. F)
@@ -102,9 +122,12 @@ class Config:
     t_shift: float = 1.0                 # for t_sampler="shifted" (Wan: 5)
     sample_steps: int = 5                # joint Euler steps (Fig. 3(b): 5)
     sample_shift: float = 1.0            # shift of the sampling grid
+    eps_t_max: float = 0.0               # eps target only: actions / value start at t_max < 1 (0: 1 - 1/(steps + 1));
+                                         #   at t = 1 an eps output carries no information (Model.sample)
     # value-guided rollback (Sec. 3.2)
     rollback_delta: float = 0.2          # delta
     max_rollbacks: int = 3               # cap per episode (the paper names none; ours)
+    rollback_buffer: int = 8             # length of the rolling (state, action, value) buffer (the paper names none)
     # training (Sec. 4.1)
     stage: str = "joint"                 # video (Video Expert pre-training) | joint
     lr_video: float = 1e-3               # 1e-4
@@ -114,8 +137,8 @@ class Config:
     const_frac: float = 0.2              # constant for 20 % of the steps, then linear decay to 0
     warmup_frac: float = 0.0
     grad_clip: float = 1.0
-    batch_size: int = 16                 # 1024 (video) / 512 (joint)
-    steps: int = 200                     # the `--tiny` default run (about 2 CPU minutes); paper: 20k / 15k
+    batch_size: int = 16                 # 1024 (video stage) / 512 (joint stage)
+    steps: int = 200                     # the `--tiny` default run; paper: 20k (video stage) / 15k (joint stage)
 
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint"))
@@ -123,6 +146,9 @@ class Config:
         check_choice("image_encoder", self.image_encoder, ("tiny", "precomputed"))
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
+        check_choice("action_attention", self.action_attention, ("full", "causal"))
+        check_choice("video_attention", self.video_attention, ("full", "frame_causal"))
+        check_choice("layer_count_base", self.layer_count_base, (0, 1))
         check_clip_frames(self.frames, self.latent_q)
         if self.horizon > (self.frames - 1):
             raise ValueError(f"horizon={self.horizon} actions need {self.horizon} predicted frames; frames={self.frames}")
@@ -145,12 +171,16 @@ class Config:
 
 CONFIGS = {
     "tiny": Config(),
-    # Sec. 4.1 + reference/checkpoints.md section 1 (Wan2.1-T2V-1.3B, I2V input 16 + 4 + 16 = 36 ch.)
+    # Sec. 4.1, joint vision-action fine-tuning: Wan2.1-T2V-1.3B video expert with the WoW I2V input
+    # (16 noisy + 4 mask + 16 condition-latent channels = 36), 768-wide action-value expert, 240 x 320
+    # frames, chunk 32, batch 512, 15k steps, LR 1e-4, AdamW weight decay 1e-2
     "full": Config(height=240, width=320, frames=33, codec_p=8, latent_channels=16, action_dim=128, state_dim=128,
                    horizon=32, text_encoder="precomputed", text_dim=4096, video_dim=1536, video_ffn=8960, video_heads=12, layers=30,
                    act_width=768, act_ffn=4480, act_cross_heads=12, image_encoder="precomputed", image_dim=1152,
                    lr_video=1e-4, lr_head=1e-4, batch_size=512, steps=15000),
 }
+# Sec. 4.1, Video Expert pre-training (stage 1, action-free video + text): batch 1024, 20k steps, LR 1e-4
+CONFIGS["full_video"] = replace(CONFIGS["full"], stage="video", batch_size=1024, steps=20000)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -160,21 +190,35 @@ CONFIGS = {
 VIDEO, STATE, ACTION, VALUE = 0, 1, 2, 3
 
 
-def mot_mask(kind: torch.Tensor, frame: torch.Tensor, ground: bool = True) -> torch.Tensor:
+def mot_mask(kind: torch.Tensor, frame: torch.Tensor, ground: bool = True, causal_actions: bool = False,
+             causal_video: bool = False) -> torch.Tensor:
     """(L, L) bool, True = row token may attend to column token, from per-token modality labels
     `kind` (L,) and latent-frame indices `frame` (L,) (openpi's make_att_2d_masks idea):
 
       video        -> video only (video generation stays uncontaminated by actions)
+                      (causal_video: only frames <= its own)
       state/action -> video (frames <= its own frame if `ground`) + state + action
+                      (causal_actions: only the state / action tokens at or before its own position,
+                      so the state sees no action and action k sees actions 0..k)
       value        -> everything
+
+    A row's grounding holds for one layer; after two, later frames reach action k through action
+    j > k and through earlier frames' tokens. causal_actions and causal_video close both paths.
     """
     row, col = kind[:, None], kind[None, :]
+    earlier = frame[None, :] <= frame[:, None]                                 # column frame <= row frame
     video_col = col == VIDEO
     if ground:
-        video_col = video_col & (frame[None, :] <= frame[:, None])
+        video_col = video_col & earlier
+    video_video = (row == VIDEO) & (col == VIDEO)
+    if causal_video:
+        video_video = video_video & earlier
     sa_row = (row == STATE) | (row == ACTION)
     sa_col = (col == STATE) | (col == ACTION)
-    return ((row == VIDEO) & (col == VIDEO)) | (sa_row & (video_col | sa_col)) | (row == VALUE)
+    if causal_actions:                                  # token order is [video | state, a_0 .. a_K-1 | value]
+        pos = torch.arange(len(kind), device=kind.device)
+        sa_col = sa_col & (pos[None, :] <= pos[:, None])
+    return video_video | (sa_row & (video_col | sa_col)) | (row == VALUE)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -206,13 +250,14 @@ class ActionValueExpert(nn.Module):
     """Same depth as the video expert, own parameters, width A. Its self-attention projects q/k/v
     into the video expert's attention width and heads (768 -> 1536 -> 768, Sec. 4.1). Its blocks
     cross-attend to language in odd layers and to image features of the current observation in even
-    layers (0-indexed i). State and action tokens share one encoder and decoder; the value token has
-    its own (Sec. 3.1). Per-token timesteps: the state token is clean (t = 0)."""
+    layers, counting layers from `layer_count_base` (the paper's reading, 1: language in the first
+    block). State and action tokens share one encoder and decoder; the value token has its own
+    (Sec. 3.1). Per-token timesteps: the state token is clean (t = 0)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         A = cfg.act_width
-        self.freq_dim, self.width = cfg.freq_dim, A
+        self.freq_dim, self.width, self.base = cfg.freq_dim, A, cfg.layer_count_base
         self.state_action_encoder = mlp(cfg.d_u, A)
         self.state_action_head = WanHead(A, cfg.d_u)
         if cfg.use_value:
@@ -231,9 +276,10 @@ class ActionValueExpert(nn.Module):
         return e.float(), self.time_projection(e).unflatten(-1, (6, self.width)).float()
 
     def context(self, text, image):
-        """Per-layer cross-attention context: language in odd layers, image features in even layers."""
+        """Per-layer cross-attention context: language in odd layers, image features in even layers,
+        layer numbers starting at `layer_count_base` (block i is layer i + base)."""
         text, image = self.text_embedding(text), self.image_embedding(image)
-        return [text if i % 2 == 1 else image for i in range(len(self.blocks))]
+        return [text if (i + self.base) % 2 == 1 else image for i in range(len(self.blocks))]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -300,14 +346,15 @@ class Model(nn.Module):
         check_shape("batch['video']", batch["video"], (None, 3, None, self.cfg.height, self.cfg.width))
         return self.codec.encode(batch["video"])
 
-    def contexts(self, batch):
-        """(text context of the video expert, per-layer contexts of the action expert)."""
-        text = self.text_encoder(batch["text"]) if self.cfg.text_encoder == "tiny" else batch["text_emb"]
+    def text_context(self, batch) -> torch.Tensor:
+        """Language features (B, L, text_dim), shared by both experts: the tiny encoder or umT5 features."""
+        return self.text_encoder(batch["text"]) if self.cfg.text_encoder == "tiny" else batch["text_emb"]
+
+    def image_context(self, batch) -> torch.Tensor:
+        """Image features of the current observation (B, N, image_dim), for the action-value expert only."""
         if self.cfg.image_encoder == "tiny":
-            image = self.image_encoder(batch["video"][:, :, 0])
-        else:
-            image = batch["image_emb"]                                          # SigLIP2 features of the current frame
-        return text, image
+            return self.image_encoder(batch["video"][:, :, 0])
+        return batch["image_emb"]                                               # SigLIP2 features of the current frame
 
     def video_input(self, z_t, z_cond):
         """WoW / Wan2.1 I2V input: [noisy latents, mask (1 on the condition frame), condition latents
@@ -320,15 +367,23 @@ class Model(nn.Module):
         return torch.cat([z_t, mask, y], 1)
 
     def token_layout(self, device):
-        """Modality label, latent frame and RoPE (t, h, w) position of every token:
-        [video (T h w) | state | action_1..K | value].
+        """Modality label, latent frame and RoPE (t, h, w) position of every token of the joint sequence
+
+            [ video: T x h x w tokens | state | a_0 ... a_K-1 | value ]        L = T h w + 1 + K (+ 1)
+
+        with K = 8, q = 4 (the tiny preset; the paper: K = 32, one latent frame per 4 steps):
+
+            latent frame (mask)   0 | 1 1 1 1 | 2 2 2 2        a_k is grounded in frame 1 + k // q
+            RoPE time             0 | 1  1.25  1.5  1.75 | 2  2.25  2.5  2.75   a_k at 1 + k / q
+                                  ^ state (and value) at 0
 
         Video tokens sit on their integer grid. The other tokens share the temporal grid scaled by
         1/4 (Sec. 3.1): the state at t = 0 (the current frame), action k (0-indexed) at
         t = 1 + k * rope_action_scale (one latent frame spans 4 steps; action k produces raw frame k+1,
         which lies in latent frame 1 + k // q), the value at t = 0 (it scores the current state and
         chunk). Spatially all of them sit at the centre of the h x w grid (our choice; the paper does
-        not say), so no side of the image is favoured.
+        not say), so no side of the image is favoured. The value's `frame` is T (after every frame);
+        its row sees everything anyway.
         """
         cfg = self.cfg
         T, h, w = cfg.token_grid
@@ -359,16 +414,19 @@ class Model(nn.Module):
         which the mask makes identical to its rows of the joint pass).
         """
         cfg, V = self.cfg, self.video
-        xv, grid = V.embed(self.video_input(z_t, z_cond))
-        e_v, e0_v = V.time(t_video, grid)
-        ctx_v = V.text_embedding(text)
-        kind, frame, (pt, py, px) = self.token_layout(z_t.device)
+        xv, grid = V.embed(self.video_input(z_t, z_cond))                    # (B, N_v, D)
+        e_v, e0_v = V.time(t_video, grid)                                    # (B, N_v, D), (B, N_v, 6, D)
+        ctx_v = V.text_embedding(text)                                       # (B, L_text, D)
+        kind, frame, (pt, py, px) = self.token_layout(z_t.device)            # each (L,), L = N_v + N_o
         hd = cfg.video_dim // cfg.video_heads
-        angles = rope_3d(pt, py, px, hd, cfg.rope_theta)                     # (N_v + N_o, hd/2)
+        angles = rope_3d(pt, py, px, hd, cfg.rope_theta)                     # (L, hd/2)
         Nv = xv.shape[1]
+        mask = mot_mask(kind, frame, cfg.ground_actions, cfg.action_attention == "causal",
+                        cfg.video_attention == "frame_causal")              # (L, L)
         if not with_action:
+            video_mask = mask[:Nv, :Nv] if cfg.video_attention == "frame_causal" else None
             for block in V.blocks:
-                xv = block(xv, e0_v, ctx_v, rope=(angles[:Nv], True))
+                xv = block(xv, e0_v, ctx_v, rope=(angles[:Nv], True), mask=video_mask)
             return V.unpatchify(V.head(xv, e_v), grid), None, None
 
         AV, B, K = self.action, z_t.shape[0], cfg.horizon
@@ -378,20 +436,19 @@ class Model(nn.Module):
         if cfg.use_value:
             xa.append(AV.value_encoder(c_t[:, None, None]))
             ta.append(t_act[:, None])
-        xa = torch.cat(xa, 1)                                                # (B, 1 + K (+1), A)
-        e_a, e0_a = AV.time(torch.cat(ta, 1))
-        ctx_a = AV.context(text, image)
-        mask = mot_mask(kind, frame, cfg.ground_actions)                     # (L, L)
+        xa = torch.cat(xa, 1)                                                # (B, N_o, A), N_o = 1 + K (+1)
+        e_a, e0_a = AV.time(torch.cat(ta, 1))                                # (B, N_o, A), (B, N_o, 6, A)
+        ctx_a = AV.context(text, image)                                      # per block: (B, L_text or N_img, A)
         rope_v, rope_a = (angles[:Nv], True), (angles[Nv:], True)
         for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):
             mv, ma = bv.modulation_terms(e0_v), ba.modulation_terms(e0_a)
-            qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)    # per-expert QKV
-            qa, ka, va = ba.self_attn.qkv(ba.attn_input(xa, ma), rope=rope_a)
+            qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)    # per-expert QKV, (B, heads, N_v, d)
+            qa, ka, va = ba.self_attn.qkv(ba.attn_input(xa, ma), rope=rope_a)    # A -> video attention width, (B, heads, N_o, d)
             out = F.scaled_dot_product_attention(torch.cat([qv, qa], 2), torch.cat([kv, ka], 2),
-                                                 torch.cat([vv, va], 2), attn_mask=mask)   # one shared attention
-            out = out.transpose(1, 2).flatten(2)
+                                                 torch.cat([vv, va], 2), attn_mask=mask)   # one shared attention, (B, heads, L, d)
+            out = out.transpose(1, 2).flatten(2)                                 # (B, L, heads d)
             xv = bv.finish(xv, bv.self_attn.o(out[:, :Nv]), mv, ctx_v)            # per-expert output, cross-attn, FFN
-            xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a[i])
+            xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a[i])         # heads d -> A
         video_out = V.unpatchify(V.head(xv, e_v), grid)
         act = AV.state_action_head(xa[:, 1:1 + K], e_a[:, 1:1 + K])[..., :cfg.action_dim]
         value = AV.value_head(xa[:, -1:], e_a[:, -1:])[:, 0, 0] if cfg.use_value else None
@@ -403,19 +460,20 @@ class Model(nn.Module):
 
     # ---------------------------------------------------------------- training loss
     def loss(self, batch):
+        """Eq. 2-3 (+ the value token). Stage "video" (Sec. 4.1's Video Expert pre-training) reads only
+        the video (or `latents`) and the text: action-free clips such as egocentric video train it."""
         cfg = self.cfg
         z = self.encode(batch)                                               # (B, C, T, h, w)
         B, T, dev = z.shape[0], z.shape[2], z.device
-        text, image = self.contexts(batch)
+        text = self.text_context(batch)
         t = sample_t(cfg.t_sampler, B, device=dev, shift=cfg.t_shift)
         noise = torch.randn_like(z)
         z_t = add_noise(z, noise, t[:, None, None, None, None])              # Eq. 1 / 6
         z_t[:, :, 0] = z[:, :, 0]                                            # the current observation is given
         with_action = cfg.stage == "joint"
-        a0 = c0 = a_t = c_t = t_a = None
-        state = batch["state"]
+        a0 = c0 = a_t = c_t = t_a = state = image = None
         if with_action:
-            a0 = batch["actions"]
+            a0, state, image = batch["actions"], batch["state"], self.image_context(batch)
             check_shape("batch['actions']", a0, (B, cfg.horizon, cfg.action_dim))
             check_shape("batch['state']", state, (B, cfg.state_dim))
             t_a = sample_t(cfg.t_sampler, B, device=dev, shift=cfg.t_shift) if cfg.independent_t else t
@@ -451,7 +509,15 @@ class Model(nn.Module):
     def sample(self, batch, steps=None, generator=None):
         """Jointly denoise future video latents, the action chunk and the value with `steps` Euler
         steps (default 5) of the shared t grid. Video uses its velocity; actions and value convert
-        their x0 (or eps) output to a velocity (Table 6).
+        their x0 (or eps) output to a velocity (Table 6): x0 -> (x_t - x0_hat) / t, eps ->
+        (eps_hat - x_t) / (1 - t).
+
+        eps target: at t = 1, x_t IS the noise, so an eps output carries no information about x0 and
+        the velocity divides its error by 1 - t -> 0 (a 1 % error becomes a jump of ~10 in one step).
+        Actions and value therefore run on the same grid clipped at t_max = eps_t_max (default
+        1 - 1 / (steps + 1), below the first step of the grid: 0.5 for 1 step, 0.83 for 5), starting
+        from t_max * noise, the point of the path at t_max with x0 replaced by its mean 0 (actions are
+        normalized). Video starts at t = 1 as always; the two streams keep one model call per step.
 
         -> actions (B, K, d_a) normalized, video_latents (B, C, T, h, w) (frame 0 = the condition),
            value (B,) (None without a value token)."""
@@ -463,21 +529,25 @@ class Model(nn.Module):
         _, C, _, hh, ww = z0.shape
         rand = lambda *s: torch.randn(*s, generator=generator).to(dev)      # noqa: E731
         z = torch.cat([z0, rand(B, C, cfg.latent_frames - 1, hh, ww)], 2)
-        a = rand(B, cfg.horizon, cfg.action_dim)
-        c = rand(B) if cfg.use_value else None
-        text, image = self.contexts(batch)
+        t_max = 1.0                                                          # start of the action / value grid
+        if cfg.action_target == "eps":
+            t_max = cfg.eps_t_max or 1 - 1 / (steps + 1)
+        a = t_max * rand(B, cfg.horizon, cfg.action_dim)
+        c = t_max * rand(B) if cfg.use_value else None
+        text, image = self.text_context(batch), self.image_context(batch)
         ts = torch.linspace(1.0, 0.0, steps + 1)
         if cfg.sample_shift != 1.0:
             ts = shift_t(ts, cfg.sample_shift)
         value = None
         for i in range(steps):
             t, dt = float(ts[i]), float(ts[i + 1] - ts[i])                   # dt < 0
-            tb = torch.full((B,), t, device=dev)
-            v_hat, a_hat, c_hat = self(z, self.frame_times(tb, cfg.latent_frames), z0, state, a, c, tb, text, image)
+            ta, dta = min(t, t_max), min(float(ts[i + 1]), t_max) - min(t, t_max)   # the action / value grid
+            tb, tab = torch.full((B,), t, device=dev), torch.full((B,), ta, device=dev)
+            v_hat, a_hat, c_hat = self(z, self.frame_times(tb, cfg.latent_frames), z0, state, a, c, tab, text, image)
             z = torch.cat([z0, z[:, :, 1:] + dt * v_hat[:, :, 1:]], 2)
-            a = a + dt * to_velocity(a_hat, a, tb[:, None, None], cfg.action_target)
+            a = a + dta * to_velocity(a_hat, a, tab[:, None, None], cfg.action_target)     # Table 6
             if cfg.use_value:
-                c = c + dt * to_velocity(c_hat, c, tb, cfg.action_target)
+                c = c + dta * to_velocity(c_hat, c, tab, cfg.action_target)
                 value = c
         return {"actions": a, "video_latents": z, "value": value}
 
@@ -492,25 +562,34 @@ class Model(nn.Module):
 
 
 class ValueRollback:
-    """Keeps a buffer of (env state, predicted value) per control step and tracks the peak
-    c_peak = max_{i<t} c_i. When a new prediction falls below c_peak - delta, `check` returns the
-    state saved at the peak: the caller restores it and resamples the chunk from there (diffusion's
-    stochasticity gives a different chunk). At most `max_rollbacks` per episode."""
+    """Sec. 3.2: a rolling buffer of the last `size` (env state, action chunk, predicted value)
+    triplets, one per planned chunk. c_peak is the highest value in the buffer. When a new prediction
+    falls below c_peak - delta, `check` returns the state cached with the peak: the caller restores it
+    and resamples the chunk from there (diffusion's stochasticity gives a different chunk), and the
+    entries after the peak, the abandoned branch, leave the buffer. At most `max_rollbacks` per
+    episode. With `size` at least the number of chunks per episode, c_peak = max_{i<t} c_i exactly."""
 
-    def __init__(self, delta: float = 0.2, max_rollbacks: int = 3):
-        self.delta, self.max_rollbacks = delta, max_rollbacks
+    def __init__(self, delta: float = 0.2, max_rollbacks: int = 3, size: int = 8):
+        self.delta, self.max_rollbacks, self.size = delta, max_rollbacks, size
         self.reset()
 
     def reset(self):
-        self.buffer: list = []                   # (state, value) of every control step so far
-        self.peak, self.peak_state, self.count = -math.inf, None, 0
+        self.buffer: deque = deque(maxlen=self.size)       # (state, actions, value), oldest first
+        self.count = 0
 
-    def check(self, state, value: float):
-        """Record (state, value); -> the peak's state if a rollback is due, else None."""
-        if self.peak_state is not None and value < self.peak - self.delta and self.count < self.max_rollbacks:
+    @property
+    def peak(self) -> float:
+        """c_peak over the buffer (-inf when empty)."""
+        return max((v for _, _, v in self.buffer), default=-math.inf)
+
+    def check(self, state, value: float, actions=None):
+        """Before executing `actions`, planned at `state` with predicted `value`: -> the peak's cached
+        state if a rollback is due (c_t < c_peak - delta), else None after recording the triplet."""
+        if self.buffer and value < self.peak - self.delta and self.count < self.max_rollbacks:
+            i = max(range(len(self.buffer)), key=lambda j: self.buffer[j][2])
+            for _ in range(len(self.buffer) - 1 - i):                         # drop the branch after the peak
+                self.buffer.pop()
             self.count += 1
-            return self.peak_state
-        self.buffer.append((state, value))
-        if value > self.peak:
-            self.peak, self.peak_state = value, state
+            return self.buffer[i][0]
+        self.buffer.append((state, actions, value))
         return None

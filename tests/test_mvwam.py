@@ -41,6 +41,54 @@ def layout(model):
     return kind, frame, mvwam.mot_mask(kind, frame, model.cfg.ground_actions)
 
 
+def test_causal_action_attention_mask():
+    """action_attention="causal": the state sees no action, action k sees the state and actions 0..k;
+    video_attention="frame_causal": a video token sees the video tokens of its frame and earlier ones."""
+    model = mvwam.Model(tiny(action_attention="causal"))
+    kind, frame, _ = model.token_layout("cpu")
+    m = mvwam.mot_mask(kind, frame, True, causal_actions=True, causal_video=True)
+    S, A = (kind == mvwam.STATE).nonzero().flatten(), (kind == mvwam.ACTION).nonzero().flatten()
+    assert m[S[0], S[0]] and not m[S[0]][A].any()
+    for k, row in enumerate(A):
+        assert m[row][A].tolist() == [j <= k for j in range(len(A))] and m[row, S[0]]
+    V = kind == mvwam.VIDEO
+    fv = frame[V]
+    assert torch.equal(m[V][:, V], fv[None, :] <= fv[:, None]) and not m[V][:, ~V].any()
+
+
+@pytest.mark.parametrize("actions,video,leaks", [("full", "full", True), ("causal", "full", True),
+                                                 ("full", "frame_causal", True), ("causal", "frame_causal", False)])
+def test_frame_grounding_through_depth(actions, video, leaks):
+    """Changing latent frame 2 must not move actions 0-3 (grounded in frame 1). With the paper's full
+    action-to-action attention and Wan's full video attention it does after two layers (through
+    actions 4-7 and through frame 1's tokens); only both causal options make the grounding exact."""
+    torch.manual_seed(0)
+    model = mvwam.Model(tiny(action_attention=actions, video_attention=video))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = batch_of(2)
+    z = model.encode(b)
+    t = torch.tensor([0.5, 0.5])
+    text, image = model.text_context(b), model.image_context(b)
+    run = lambda zz: model(zz, model.frame_times(t, 3), zz[:, :, :1], b["state"], b["actions"], b["value"], t,  # noqa: E731
+                           text, image)[1]
+    z2 = z.clone()
+    z2[:, :, 2] += 1.0
+    a, a2 = run(z), run(z2)
+    assert torch.equal(a[:, :4], a2[:, :4]) != leaks
+    assert not torch.equal(a[:, 4:], a2[:, 4:])                   # actions 4-7 do see frame 2
+
+
+@pytest.mark.parametrize("base,text_blocks", [(1, [0, 2, 4]), (0, [1, 3, 5])])
+def test_language_in_odd_layers_counted_from_base(base, text_blocks):
+    """Sec. 3.1: language in odd layers, image features in even ones; the paper's count starts at 1."""
+    model = mvwam.Model(tiny(layer_count_base=base))
+    text, image = torch.randn(1, 5, 64), torch.randn(1, 7, 64)
+    ctx = model.action.context(text, image)
+    assert [i for i, c in enumerate(ctx) if c.shape[1] == 5] == text_blocks
+
+
 def test_mask_rows_by_modality():
     model = mvwam.Model(tiny())
     kind, frame, m = layout(model)
@@ -77,6 +125,34 @@ def test_action_rope_positions_are_scaled_by_a_quarter():
 
 
 # ------------------------------------------------------------------ objectives and parameterizations
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_near_perfect_predictor_samples_well_for_every_target(steps):
+    """A predictor that knows the true chunk and errs by 1 % (of a unit-variance target) must give an
+    action error of the order of that 1 % for x0, v and eps alike. Starting eps at t = 1 (eps_t_max=1,
+    the old sampler) divides the error by 1 - t = 1e-3 instead."""
+    torch.manual_seed(0)
+    a_true = torch.randn(4, 8, 4)
+
+    def oracle(target):
+        def forward(z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action=True):
+            t = t_act[:, None, None]
+            eps = (a_t - (1 - t) * a_true) / t                    # the noise that gives a_t from a_true at t
+            pred = {"x0": a_true, "v": eps - a_true, "eps": eps}[target]
+            return torch.zeros_like(z_t), pred + 0.01 * torch.randn_like(pred), torch.zeros_like(c_t)
+        return forward
+
+    err = {}
+    for target, t_max in (("x0", 0.0), ("v", 0.0), ("eps", 0.0), ("eps", 1.0)):
+        model = mvwam.Model(tiny(action_target=target, eps_t_max=t_max))
+        model.forward = oracle(target)
+        out = model.sample(batch_of(4), steps=steps, generator=torch.Generator().manual_seed(1))
+        err[(target, t_max)] = (out["actions"] - a_true).pow(2).mean().sqrt().item()
+    for key in (("x0", 0.0), ("v", 0.0), ("eps", 0.0)):
+        assert err[key] < 0.03, (key, err)
+    if steps == 1:
+        assert err[("eps", 1.0)] > 1.0                            # the artefact the clipped grid removes
 
 
 def test_x0_to_velocity_and_last_step_lands_on_x0():
@@ -136,7 +212,7 @@ def test_video_only_pass_equals_the_joint_pass():
     z = model.encode(b)
     T = z.shape[2]
     t = torch.tensor([0.3, 0.8])
-    text, image = model.contexts(b)
+    text, image = model.text_context(b), model.image_context(b)
     args = (z, model.frame_times(t, T), z[:, :, :1], b["state"], b["actions"], b["value"], t, text, image)
     joint = model(*args, with_action=True)[0]
     alone = model(*args, with_action=False)[0]
@@ -159,10 +235,21 @@ def test_video_stage_trains_the_video_expert_alone():
     model = mvwam.Model(tiny(stage="video"))
     groups = model.param_groups()
     assert [g["name"] for g in groups] == ["video"]
-    loss, parts = model.loss(batch_of())
+    b = batch_of()
+    loss, parts = model.loss({"video": b["video"], "text": b["text"]})   # action-free clip: video + text only
     assert set(parts) == {"video"}
     loss.backward()
     assert all(p.grad is None for p in model.action.parameters())
+
+
+def test_full_presets_carry_both_stage_recipes():
+    """Sec. 4.1: Video Expert pre-training with batch 1024 for 20k steps, then joint fine-tuning with
+    batch 512 for 15k steps, LR 1e-4, weight decay 1e-2 in both."""
+    video, joint = mvwam.CONFIGS["full_video"], mvwam.CONFIGS["full"]
+    assert (video.stage, video.batch_size, video.steps) == ("video", 1024, 20000)
+    assert (joint.stage, joint.batch_size, joint.steps) == ("joint", 512, 15000)
+    for c in (video, joint):
+        assert (c.lr_video, c.weight_decay, c.layers, c.video_dim) == (1e-4, 1e-2, 30, 1536)
 
 
 def test_no_value_variant_and_independent_t():
@@ -200,13 +287,27 @@ def test_bad_shapes_are_named():
 def test_rollback_controller_peak_delta_and_cap():
     rb = mvwam.ValueRollback(delta=0.2, max_rollbacks=2)
     assert rb.check("s0", 0.5) is None
-    assert rb.check("s1", 0.9) is None                            # new peak at s1
+    assert rb.check("s1", 0.9, "a1") is None                      # new peak at s1
     assert rb.check("s2", 0.75) is None                           # within delta of the peak
     assert rb.check("s3", 0.69) == "s1"                           # 0.69 < 0.9 - 0.2: back to the peak's state
+    assert [e[0] for e in rb.buffer] == ["s0", "s1"]              # the abandoned branch (s2) left the buffer
+    assert rb.buffer[1] == ("s1", "a1", 0.9)                      # (state, action, value) triplets
     assert rb.check("s4", 0.1) == "s1"
-    assert rb.check("s5", 0.1) is None                            # cap reached
+    assert rb.check("s5", 0.1) is None                            # cap reached: recorded instead
+    assert rb.buffer[-1][0] == "s5"
     rb.reset()
-    assert rb.count == 0 and rb.check("x", 0.0) is None
+    assert rb.count == 0 and len(rb.buffer) == 0 and rb.check("x", 0.0) is None
+
+
+def test_rollback_buffer_is_rolling_and_the_peak_is_read_from_it():
+    """The buffer keeps the last `size` triplets; c_peak is the best value still in it, so an old peak
+    that rolled out can no longer be restored (or trigger a rollback)."""
+    rb = mvwam.ValueRollback(delta=0.2, max_rollbacks=5, size=3)
+    for i, v in enumerate([0.7, 0.6, 0.6, 0.6]):                  # 0.7 at s0 rolls out after three more entries
+        assert rb.check(f"s{i}", v) is None
+    assert len(rb.buffer) == 3 and rb.peak == 0.6
+    assert rb.check("s4", 0.45) is None                           # 0.45 >= 0.6 - 0.2 (but < 0.7 - 0.2): no rollback
+    assert rb.check("s5", 0.3) == "s2"                            # buffer s2, s3, s4: the first best entry
 
 
 def test_rollback_restores_the_saved_env_state():
@@ -241,14 +342,13 @@ def test_full_preset_shapes_on_meta():
     with torch.device("meta"):
         model = mvwam.Model(cfg)
     n = lambda m: sum(p.numel() for p in m.parameters())          # noqa: E731
-    wan_1_3b = 1_418_996_800                                      # Wan2.1-T2V-1.3B (reference/checkpoints.md)
+    wan_1_3b = 1_418_996_800                                      # Wan2.1-T2V-1.3B, the published count
     assert n(model.video) == wan_1_3b + (36 - 16) * 1536 * 2 * 2  # + the 36-channel I2V patch embedding
     assert model.video.patch_embedding.weight.shape == (1536, 36, 1, 2, 2)
     assert model.action.blocks[0].self_attn.q.weight.shape == (1536, 768)      # 768 -> the 1536 shared attention
     assert model.action.blocks[0].self_attn.o.weight.shape == (768, 1536)
-    print(f"MV-WAM full: video expert {n(model.video):,}, action-value expert {n(model.action):,}, total {n(model):,} "
-          f"(paper: ~1.9 B without encoders)")
-    assert 1.7e9 < n(model) < 2.0e9
+    assert n(model.action) == 430_437_249                         # our action-value expert (FFN 4480, see Config)
+    assert n(model) == 1_849_556_929                              # the paper: "1.9B" without umT5 and SigLIP2
 
 
 def test_wan_key_names():
