@@ -1,5 +1,5 @@
 """AGRA: "Making Foresight Actionable: Repurposing Representation Alignment in World Action Models"
-(Qiu et al., 2026; shared/papers/000_57a6d1d9d774d77e.txt).
+(Qiu, Li, Chen, Ge, Ge, Liu, 2026; arXiv 2606.12217).
 
 A dual-DiT World Action Model: a Cosmos-Predict2.5-style video DiT predicts the future; a
 multi-layer bridge hands its hidden states at several depths to a GR00T-style action DiT that
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, RMSNorm, TinyTextEncoder, add_noise, check_choice,
                     check_clip_frames, check_layers, check_shape, grid_positions, modulate, rope_3d, sample_t,
-                    set_trainable, timestep_embedding, velocity_target)
+                    set_trainable, shift_t, timestep_embedding, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -69,9 +69,11 @@ class Config:
     action_dim: int = 4                  # d_a
     state_dim: int = 4                   # d_s
     horizon: int = 8                     # K (App. C.3: 48 real robot, 16 simulation)
+    frame_stride: int = 1                # control steps between video frames (App. C.3: 3, so the 16 future
+                                         #   frames span the 48-step chunk; the toy pairs one frame per step)
     vocab: tuple = ()                    # tiny text encoder words (filled from the toy world)
     text_layers: int = 1
-    # video DiT, Cosmos-Predict2.5 (App. A.1; reference/checkpoints.md section 3)
+    # video DiT, Cosmos-Predict2.5-2B (App. A.1): 28 blocks x 2048, 16 heads x 128, AdaLN-LoRA 256
     video_dim: int = 96                  # 2048 (tiny: 96; still below the 192 codec values per token, see README)
     video_layers: int = 6                # M = 28
     video_heads: int = 3                 # 16 x 128 (tiny: head_dim 32 keeps 5 RoPE frequencies per axis)
@@ -84,7 +86,9 @@ class Config:
     rope_theta: float = 10000.0
     rope_scale: tuple = (1.0, 3.0, 3.0)  # NTK factors (t, h, w) of Cosmos-2.5
     cond_t: float = 1e-4                 # timestep of the clean condition frame (Cosmos conditional_frame_timestep)
-    video_t_sampler: str = "logit_normal"  # tau_v ~ sigmoid(N(0,1)) (rectified-flow default)
+    video_t_sampler: str = "logit_normal"  # tau_v: Cosmos-Predict2.5's rectified-flow trainer draws
+    video_t_shift: float = 5.0           #   sigmoid(N(0, 1)) and maps it through its shift-5 grid (App. B.2.2's
+                                         #   "default sampling strategy of Cosmos-Predict2.5-2B"; see Model.loss)
     # action DiT, GR00T-N1.5 style (App. A.1, C.1)
     act_dim: int = 64                    # A: hidden 1024
     act_layers: int = 4                  # N cross-attention blocks: 8
@@ -92,6 +96,7 @@ class Config:
     bridge_dim: int = 64                 # G: cross-attention dim 2048
     project_layers: int = 1              # shared project module depth: 4 self-attention layers
     project_heads: int = 2               # 32
+    bridge_pos_embed: bool = True        # learned (t, h, w) position tables on G_j (ours, not in the paper; README)
     max_grid: tuple = (8, 64, 64)        # (T, h, w) sizes of the bridge position tables
     action_steps: int = 4                # Euler steps at inference (App. A.2)
     action_repeats: int = 1              # action-noise draws per video pass (DiT4DiT's repeated_diffusion_steps; paper: 1)
@@ -128,6 +133,7 @@ class Config:
         check_choice("agra_pass", self.agra_pass, ("action_cond", "video", "shared"))
         check_choice("bridge", self.bridge, ("multi", "single"))
         check_choice("teacher", self.teacher, ("toy", "dinov2"))
+        check_choice("video_t_sampler", self.video_t_sampler, ("uniform", "logit_normal"))
         check_layers("agra_layers", self.agra_layers, self.video_layers)
         check_clip_frames(self.frames, self.latent_q)
 
@@ -317,11 +323,16 @@ class SABlock(nn.Module):
 
 
 class Bridge(nn.Module):
-    """G_j = Project(Proj_j(H_{l_j})) (Eq. 15): per-layer LayerNorm + Linear to the bridge width, plus
-    learned (t, h, w) position tables, then the shared project module (LayerNorm + self-attention
-    transformer, App. C.1; GR00T-N1.5's vl-self-attention). The position tables are our addition:
-    the video DiT uses RoPE only, so its hidden states carry no absolute position for the action
-    head's cross-attention to read (see README, deviations)."""
+    """G_j = Project(Proj_j(H_{l_j})) (Eq. 15), one context per action block j:
+
+      layer_proj[j]   Proj_j: LayerNorm + Linear, video width D -> bridge width G, one per bridged layer
+      pos_t/h/w       learned (t, h, w) position tables added to every G_j (bridge_pos_embed; our
+                      addition: the video DiT uses RoPE only, so its hidden states carry no absolute
+                      position for the action head's cross-attention to read; README, deviations)
+      project_norm,   the shared "project module" of App. C.1: LayerNorm + a small self-attention
+      project         transformer (GR00T-N1.5's vl-self-attention), with the same weights for every j;
+                      it runs on each G_j separately (tokens attend within one layer, never across layers)
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -331,19 +342,23 @@ class Bridge(nn.Module):
         if len(self.layers) != cfg.act_layers:
             raise ValueError(f"bridge needs {cfg.act_layers} layers (one per action block), got {self.layers}")
         G = cfg.bridge_dim
-        self.proj = nn.ModuleList([nn.Sequential(nn.LayerNorm(cfg.video_dim), nn.Linear(cfg.video_dim, G))
-                                   for _ in self.layers])
-        Tm, hm, wm = cfg.max_grid
-        self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, G)) for n in (Tm, hm, wm))
+        self.layer_proj = nn.ModuleList([nn.Sequential(nn.LayerNorm(cfg.video_dim), nn.Linear(cfg.video_dim, G))
+                                         for _ in self.layers])
+        self.pos_embed = cfg.bridge_pos_embed
+        if self.pos_embed:
+            Tm, hm, wm = cfg.max_grid
+            self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, G)) for n in (Tm, hm, wm))
         self.project_norm = nn.LayerNorm(G)
         self.project = nn.ModuleList([SABlock(G, cfg.project_heads) for _ in range(cfg.project_layers)])
 
     def forward(self, hidden: dict, grid) -> list[torch.Tensor]:
-        T, h, w = grid
-        pos = (self.pos_t[:T, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]).reshape(T * h * w, -1)
-        g = torch.stack([proj(hidden[l]) for proj, l in zip(self.proj, self.layers)])   # (N, B, N_v, G) Eq. 15
+        g = torch.stack([proj(hidden[l]) for proj, l in zip(self.layer_proj, self.layers)])   # (N, B, N_v, G) Eq. 15
         N, B = g.shape[:2]
-        g = self.project_norm(g.flatten(0, 1) + pos)                     # shared module, all j at once
+        g = g.flatten(0, 1)                                              # (N B, N_v, G): each G_j on its own
+        if self.pos_embed:
+            T, h, w = grid
+            g = g + (self.pos_t[:T, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]).reshape(T * h * w, -1)
+        g = self.project_norm(g)                                         # the project module, shared by all j
         for block in self.project:
             g = block(g)
         return list(g.unflatten(0, (N, B)).unbind(0))                    # N x (B, N_v, G)
@@ -551,8 +566,9 @@ class Model(nn.Module):
         nn.init.zeros_(self.video.final_layer.adaln_modulation[2].weight)
         nn.init.zeros_(self.video.final_layer.linear.weight)
         nn.init.normal_(self.head.pos_embed.weight, std=0.02)
-        for p in (self.bridge.pos_t, self.bridge.pos_h, self.bridge.pos_w):
-            nn.init.normal_(p, std=0.02)
+        if self.bridge.pos_embed:
+            for p in (self.bridge.pos_t, self.bridge.pos_h, self.bridge.pos_w):
+                nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.head.action_decoder[2].weight)
         nn.init.zeros_(self.head.action_decoder[2].bias)
 
@@ -582,6 +598,12 @@ class Model(nn.Module):
         parts = [z_t, mask] + ([torch.zeros_like(mask)] if self.cfg.concat_padding_mask else [])
         return torch.cat(parts, 1)
 
+    def video_timesteps(self, n: int, device=None) -> torch.Tensor:
+        """tau_v of the denoising pass (B,): Cosmos-Predict2.5's rectified-flow trainer draws u from
+        `video_t_sampler` (logit-normal) and reads sigma off its shift-5 grid, sigma ~ shift_t(u, 5)
+        (its grid has 1000 discrete steps; we keep t continuous)."""
+        return shift_t(sample_t(self.cfg.video_t_sampler, n, device=device), self.cfg.video_t_shift)
+
     def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
         """(B,) -> (B, T): the given frame 0 clean at cond_t, future frames at t."""
         return frame_times(t, T, self.cfg.cond_t)
@@ -598,6 +620,20 @@ class Model(nn.Module):
 
     # ---------------------------------------------------------------- training loss
     def loss(self, batch):
+        """L = L_vid + lambda_act L_act + lambda_agra L_AGRA (Eq. 7, 18). Which video passes run, and
+        which hidden states feed the bridge (-> L_act) and the alignment (-> L_AGRA):
+
+          stage / variant                   pass (a) tau_v    pass (b) t = 1   bridge reads  AGRA reads
+          video                             L_vid             -                -             -
+          joint, agra_pass=action_cond      L_vid             yes              (b)           (b)   (default)
+          joint, agra_pass=video            L_vid             yes              (b)           (a)
+          joint, agra_pass=shared           L_vid             -                (a)           (a)
+          finetune / freeze_video           -                 yes (no grad)    (b)           -     (no L_vid)
+
+        agra_weight = 0 is the WAM baseline (no L_AGRA). Pass (a) noises the future latents at
+        tau_v (Eq. 8); pass (b) is the inference-time pass: the current frame clean and the future pure
+        noise (Eq. 16, 19). When both run they are one batched forward (the same values as two calls).
+        """
         cfg = self.cfg
         z = self.encode(batch)                                           # (B, C, T, h, w)
         B, T = z.shape[0], z.shape[2]
@@ -618,7 +654,7 @@ class Model(nn.Module):
             layers |= set(cfg.agra_layers)
         xs, ts = [], []
         if use_video_loss or not cond_pass:
-            tau_v = sample_t(cfg.video_t_sampler, B, device=dev)
+            tau_v = self.video_timesteps(B, dev)
             noise_a = torch.randn_like(z)
             z_a = add_noise(z, noise_a, self.frame_times(tau_v, T)[:, None, :, None, None])  # Eq. 8; frame 0 ~ clean
             z_a[:, :, 0] = z[:, :, 0]                                    # the condition frame is given exactly
@@ -749,8 +785,10 @@ def token_mask(pixel_mask: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 @torch.no_grad()
 def cross_attention_maps(model: Model, batch, generator=None) -> torch.Tensor:
-    """Action-head cross-attention over the video tokens, averaged over heads, action tokens (the
-    state token is left out) and the denoising steps, per block: (B, N, T, h, w) (Sec. 3.2)."""
+    """Action-head cross-attention over the video tokens, averaged over heads and action tokens (the
+    state token is left out), per block: (B, N, T, h, w) (Sec. 3.2). The paper does not say at which
+    of the 4 Euler steps it reads the maps; we average them over all steps (the contexts G_j are the
+    same at every step, only the noisy action queries change)."""
     cfg = model.cfg
     B = batch["state"].shape[0]
     hidden, _, _ = model.condition(batch, torch.randn(B, cfg.latent_channels, cfg.latent_frames - 1,
@@ -789,25 +827,33 @@ def intervene(hidden: dict, tokens: torch.Tensor, kind: str, generator=None) -> 
     """Replace the selected tokens (B, N_v bool) of every bridged hidden state (Sec. 3.2, Table 1).
 
     zero: 0;  mean: the sample's mean token;  shuffle: permute the selected tokens among themselves;
-    swap: tokens drawn from the complement (the unselected tokens)."""
+    swap: tokens drawn from the complement (the unselected tokens). One intervention for all layers:
+    the permutation / the drawn complement tokens are chosen once per sample and applied to every
+    bridged layer, so every action block sees the same edit of the scene."""
     check_choice("intervention", kind, ("zero", "mean", "shuffle", "swap"))
+    picks = []                                                           # per sample: (selected, source) indices
+    for b in range(tokens.shape[0]):
+        idx = tokens[b].nonzero().flatten()
+        src = idx
+        if kind == "shuffle":
+            src = idx[torch.randperm(len(idx), generator=generator)]
+        elif kind == "swap":
+            comp = (~tokens[b]).nonzero().flatten()
+            src = comp[torch.randint(len(comp), (len(idx),), generator=generator)]
+        picks.append((idx, src.to(idx.device)))
     out = {}
     for l, h in hidden.items():
-        h = h.clone()
-        for b in range(h.shape[0]):
-            idx = tokens[b].nonzero().flatten()
+        new = h.clone()
+        for b, (idx, src) in enumerate(picks):
             if len(idx) == 0:
                 continue
             if kind == "zero":
-                h[b, idx] = 0
+                new[b, idx] = 0
             elif kind == "mean":
-                h[b, idx] = hidden[l][b].mean(0)
-            elif kind == "shuffle":
-                h[b, idx] = hidden[l][b, idx[torch.randperm(len(idx), generator=generator)]]
+                new[b, idx] = h[b].mean(0)
             else:
-                comp = (~tokens[b]).nonzero().flatten()
-                h[b, idx] = hidden[l][b, comp[torch.randint(len(comp), (len(idx),), generator=generator)]]
-        out[l] = h
+                new[b, idx] = h[b, src]
+        out[l] = new
     return out
 
 
@@ -817,22 +863,31 @@ def _deviation(model, hidden, batch, tokens, kind, a_noise, a_ref, generator=Non
     return (a - a_ref).flatten(1).norm(dim=-1)                          # Euclidean action deviation (B,)
 
 
-@torch.no_grad()
-def intervention_heatmap(model: Model, batch, kind: str = "mean", generator=None) -> torch.Tensor:
-    """Action deviation when the tokens at one spatial location (all latent frames) are intervened
-    on, for every location, min-max normalized per sample: (B, h, w) (Sec. 3.2, Fig. 2 right)."""
+def _reference(model: Model, batch, generator):
+    """The t = 1 hidden states, fixed action noise and the unperturbed actions of an intervention study."""
     cfg = model.cfg
-    B = batch["state"].shape[0]
-    dev = batch["state"].device
+    B, dev = batch["state"].shape[0], batch["state"].device
     T, h, w = cfg.token_grid
     hidden, _, _ = model.condition(batch, torch.randn(B, cfg.latent_channels, T - 1, h * cfg.patch[1], w * cfg.patch[2],
                                                       generator=generator).to(dev))
     a_noise = torch.randn(B, cfg.horizon, cfg.action_dim, generator=generator).to(dev)
-    a_ref = model.denoise_actions(hidden, batch["state"], a_noise)
+    return hidden, a_noise, model.denoise_actions(hidden, batch["state"], a_noise)
+
+
+@torch.no_grad()
+def intervention_heatmap(model: Model, batch, kind: str = "mean", frame: int = -1, generator=None) -> torch.Tensor:
+    """Sec. 3.2, Fig. 2 (right): the action deviation when one token of latent frame `frame` (the paper
+    shows the last one, "where motion and interaction cues are most pronounced") is intervened on, for
+    every token of that frame, min-max normalized per sample: (B, h, w)."""
+    cfg = model.cfg
+    B, dev = batch["state"].shape[0], batch["state"].device
+    T, h, w = cfg.token_grid
+    hidden, a_noise, a_ref = _reference(model, batch, generator)
+    f = frame % T
     heat = torch.zeros(B, h * w)
     for loc in range(h * w):
         tokens = torch.zeros(B, T, h * w, dtype=torch.bool, device=dev)
-        tokens[:, :, loc] = True
+        tokens[:, f, loc] = True
         heat[:, loc] = _deviation(model, hidden, batch, tokens.flatten(1), kind, a_noise, a_ref, generator).cpu()
     lo, hi = heat.min(1, keepdim=True).values, heat.max(1, keepdim=True).values
     return ((heat - lo) / (hi - lo).clamp_min(1e-12)).view(B, h, w)
@@ -841,17 +896,12 @@ def intervention_heatmap(model: Model, batch, kind: str = "mean", generator=None
 @torch.no_grad()
 def sensitivity_ratio(model: Model, batch, kind: str = "mean", draws: int = 4, generator=None) -> float:
     """Matched Sensitivity Ratio R = Delta(I) / Delta(B) (Sec. 4.2.1, Table 1): I = interaction
-    tokens (gripper + target object), B = an equally large random set outside I; deviations are
-    averaged over samples (and `draws` background sets) before the ratio."""
+    tokens (gripper + target object, all latent frames), B = an equally large random set outside I;
+    deviations are averaged over samples (and `draws` background sets) before the ratio."""
     cfg = model.cfg
     B = batch["state"].shape[0]
-    dev = batch["state"].device
-    T, h, w = cfg.token_grid
-    inter = token_mask(batch["interaction_mask"], cfg).flatten(1).to(dev)          # (B, N_v)
-    hidden, _, _ = model.condition(batch, torch.randn(B, cfg.latent_channels, T - 1, h * cfg.patch[1], w * cfg.patch[2],
-                                                      generator=generator).to(dev))
-    a_noise = torch.randn(B, cfg.horizon, cfg.action_dim, generator=generator).to(dev)
-    a_ref = model.denoise_actions(hidden, batch["state"], a_noise)
+    inter = token_mask(batch["interaction_mask"], cfg).flatten(1).to(batch["state"].device)   # (B, N_v)
+    hidden, a_noise, a_ref = _reference(model, batch, generator)
     d_i = _deviation(model, hidden, batch, inter, kind, a_noise, a_ref, generator).mean()
     d_b = 0.0
     for _ in range(draws):
@@ -870,14 +920,16 @@ def sensitivity_ratio(model: Model, batch, kind: str = "mean", draws: int = 4, g
 
 CONFIGS = {
     # trains in about 2 minutes on a 2-core CPU on the toy world
-    "tiny": Config(action_repeats=4),
+    # (shift 1: Cosmos' shift 5 compensates for the 720p token count, the toy clips have 192 tokens)
+    "tiny": Config(action_repeats=4, video_t_shift=1.0),
     # App. C.1: Cosmos-Predict2.5-2B (28 x 2048, 16 heads, AdaLN-LoRA 256, Cosmos-Reason text 100352 -> 1024)
     # + 8-block action DiT (32 heads, hidden 1024, cross-attention 2048), project module of 4 layers,
-    # AGRA on layer 8 against DINOv2-B, 17 frames at 192 x 336 -> 5 latent frames, K = 48 (real robot)
+    # AGRA on layer 8 against DINOv2-B, 17 frames at 192 x 336 -> 5 latent frames, K = 48 (real robot),
+    # frames every 3 control steps (App. C.3)
     "full": Config(height=192, width=336, frames=17, latent_q=4, codec_p=8, latent_channels=16, action_dim=32,
                    state_dim=64, horizon=48, video_dim=2048, video_layers=28, video_heads=16, adaln_lora_dim=256,
                    concat_padding_mask=True, text_dim=1024, crossattn_proj_in=100352, act_dim=1024, act_layers=8,
                    act_heads=32, bridge_dim=2048, project_layers=4, project_heads=32, agra_layers=(8,),
                    teacher="dinov2", teacher_dim=768, teacher_patch=14, proj_dim=2048, lr_video=1e-5, lr_head=1e-4,
-                   batch_size=256, steps=60000),
+                   frame_stride=3, batch_size=256, steps=60000),
 }

@@ -1,4 +1,4 @@
-"""Inference on the toy world: closed-loop rollouts, success tables, generation metrics, pictures (SPEC section 7).
+"""Inference on the toy world: closed-loop rollouts, success tables, generation metrics, pictures.
 
     python sample.py --ckpt runs/agra                    # success per split + GIF + AGRA diagnostics
     python sample.py --ckpt runs/agra --episodes 100 --splits train ood_layout
@@ -7,7 +7,8 @@
 
 Every run writes pictures to --out (default: <ckpt>/samples): `rollout_<split>.gif` (observation |
 the model's predicted future, re-planned every chunk); AGRA: `agra_diagnostics_<split>.png` per split
-(frame | action-head cross-attention | intervention heatmap, interaction mask outlined); MV-WAM with
+(frame | action-head cross-attention | mean-intervention heatmap, all on the last latent frame, the
+interaction mask outlined); MV-WAM with
 --rollback: `rollback_<split>.gif` (an episode where a rollback fired, the restored frame outlined in
 red); EA-WM: `generation_<split>.gif` (true | generated from KVAF | generated jointly | generated KVAF).
 `metrics.json` holds every printed number.
@@ -90,7 +91,7 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
         if ctrl is not None:                                     # value-guided rollback (Sec. 3.2)
             redo = []
             for j, i in enumerate(live):
-                saved = ctrl[i].check(envs[i].get_state(), float(plan["value"][j]))
+                saved = ctrl[i].check(envs[i].get_state(), float(plan["value"][j]), plan["actions"][j])
                 if saved is not None:
                     clock = envs[i].t
                     envs[i].set_state(saved)
@@ -163,10 +164,13 @@ def agra_report(model, cfg, clips: ClipDataset, png: str, n: int, generator) -> 
     metrics["in_mask_ratio_per_block"] = per_block
     metrics["msr"] = {k: agra.sensitivity_ratio(model, batch, k, generator=generator) for k in ("mean", "zero", "shuffle", "swap")}
     k = min(4, n)
-    heat = agra.intervention_heatmap(model, {kk: (v[:k] if torch.is_tensor(v) else v[:k]) for kk, v in batch.items()}, "mean", generator)
-    frames = ((batch["video"][:k, :, 0].permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
-    pix_mask = batch["interaction_mask"][:k, 0].numpy()
-    a0 = attn[:k].mean(1)[:, 0]                                                        # current latent frame
+    # pictures on the last latent frame (Sec. 3.2 shows the intervention map there), drawn over its first raw frame
+    heat = agra.intervention_heatmap(model, {kk: (v[:k] if torch.is_tensor(v) else v[:k]) for kk, v in batch.items()}, "mean",
+                                     frame=-1, generator=generator)
+    last = 1 + (cfg.latent_frames - 2) * cfg.latent_q                                   # raw index of that frame
+    frames = ((batch["video"][:k, :, last].permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    pix_mask = batch["interaction_mask"][:k, -1].numpy()
+    a0 = attn[:k].mean(1)[:, -1]                                                       # last latent frame
     a0 = (a0 - a0.amin((1, 2), keepdim=True)) / (a0.amax((1, 2), keepdim=True) - a0.amin((1, 2), keepdim=True)).clamp_min(1e-12)
     rows_img = [np.concatenate([frames[i].repeat(4, 0).repeat(4, 1), overlay(frames[i], a0[i].numpy(), pix_mask[i]),
                                 overlay(frames[i], heat[i].numpy(), pix_mask[i])], 1) for i in range(k)]
@@ -236,7 +240,7 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
 
 
 def eawm_main(args, model, cfg, meta, out_dir, gen):
-    """sample.py --model eawm: generation quality per split (SPEC section 7)."""
+    """sample.py --model eawm: generation quality per split (EA-WM Table 1 / Table 4 style)."""
     results = {"model": "eawm", "checkpoint": args.ckpt, "step": meta.get("step"), "clips": args.clips, "splits": {}}
     print(f"eawm checkpoint {args.ckpt} (step {meta.get('step')}): {args.clips} held-out clips per split, "
           f"{args.steps or cfg.sample_steps} Euler steps")
@@ -320,8 +324,9 @@ def main(argv=None):
             raise SystemExit("--rollback: this MV-WAM checkpoint was trained without value tokens (use_value=False)")
         import mvwam
         delta = cfg.rollback_delta if args.rollback_delta is None else args.rollback_delta
-        rb = lambda: mvwam.ValueRollback(delta, cfg.max_rollbacks)                          # noqa: E731
-        print(f"value-guided rollback: delta {delta}, at most {cfg.max_rollbacks} per episode")
+        rb = lambda: mvwam.ValueRollback(delta, cfg.max_rollbacks, cfg.rollback_buffer)     # noqa: E731
+        print(f"value-guided rollback: delta {delta}, at most {cfg.max_rollbacks} per episode, "
+              f"buffer of the last {cfg.rollback_buffer} chunks")
         results["rollback_delta"] = delta
     print(f"{'split':16s} {'success':>8s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s}"
           + (f" {'+rollback':>9s} {'rb/ep':>6s}" if rb else "") + "   time")

@@ -127,11 +127,31 @@ def test_agra_passes_and_bridge_variants_train(batch, agra_pass):
         total, parts = model.loss(batch)
         assert set(parts) == {"video", "action", "agra"} and torch.isfinite(total)
         total.backward()
-        for name in ("projectors.1.0.weight", "projectors.2.0.weight", "bridge.proj.0.1.weight", "head.action_w1.weight",
+        for name in ("projectors.1.0.weight", "projectors.2.0.weight", "bridge.layer_proj.0.1.weight", "head.action_w1.weight",
                      "video.blocks.0.self_attn.q.weight", "text_encoder.embed.weight"):
             p = dict(model.named_parameters())[name]
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert model.bridge.layers == [1, 1, 1, 1]                              # AGRA-BridgeL: the first aligned layer
+
+
+def test_video_timesteps_follow_cosmos_shifted_logit_normal():
+    """tau_v = shift_t(sigmoid(N(0, 1)), 5): its median is shift_t(0.5, 5) = 5/6 (the tiny preset: shift 1)."""
+    torch.manual_seed(0)
+    full = agra.Model.__new__(agra.Model)
+    full.cfg = agra.CONFIGS["full"]
+    t = agra.Model.video_timesteps(full, 20000)
+    assert abs(t.median().item() - 5 / 6) < 0.01 and 0 < t.min() and t.max() < 1
+    tiny = agra.Model(tiny_cfg())
+    assert abs(tiny.video_timesteps(20000).median().item() - 0.5) < 0.01
+
+
+def test_bridge_without_position_tables(batch):
+    """bridge_pos_embed=False (the paper's bridge: no position tables) builds, trains and samples."""
+    model = agra.Model(tiny_cfg(bridge_pos_embed=False))
+    assert not any("pos_" in n for n, _ in model.bridge.named_parameters())
+    loss, _ = model.loss(batch)
+    loss.backward()
+    assert model.sample(batch)["actions"].shape == (4, 8, 4)
 
 
 def test_weight_zero_is_the_wam_baseline(batch):
@@ -173,13 +193,23 @@ def test_attention_metrics_oracle_and_interventions():
     assert all(v in (4.0, 6.0, 8.0, 10.0) for v in swap[:2, 0].tolist())
 
 
+@pytest.mark.parametrize("kind", ["shuffle", "swap"])
+def test_one_intervention_for_every_bridged_layer(kind):
+    """Shuffle / swap draw their permutation once per sample: two layers with equal hidden states stay
+    equal after the intervention (different draws per layer would inflate the deviation)."""
+    h = torch.randn(2, 16, 3)
+    sel = torch.rand(2, 16, generator=torch.Generator().manual_seed(1)) < 0.4
+    out = agra.intervene({0: h, 5: h.clone()}, sel, kind, torch.Generator().manual_seed(0))
+    assert torch.equal(out[0], out[5]) and not torch.equal(out[0], h)
+
+
 def test_diagnostics_run_on_the_tiny_model(batch):
     torch.manual_seed(0)
     model = perturbed(agra.Model(tiny_cfg())).eval()
     g = torch.Generator().manual_seed(0)
     attn = agra.cross_attention_maps(model, batch, g)
     assert attn.shape == (4, 4, 3, 8, 8) and torch.allclose(attn.sum((2, 3, 4)), torch.ones(4, 4), atol=1e-4)
-    heat = agra.intervention_heatmap(model, {k: v[:2] for k, v in batch.items()}, "zero", g)
+    heat = agra.intervention_heatmap(model, {k: v[:2] for k, v in batch.items()}, "zero", generator=g)
     assert heat.shape == (2, 8, 8) and heat.min() == 0 and heat.max() == 1
     r = agra.sensitivity_ratio(model, batch, "mean", draws=2, generator=g)
     assert r > 0
@@ -190,15 +220,15 @@ def test_full_preset_sizes_on_meta_device():
     with torch.device("meta"):
         video = agra.VideoDiT(cfg)
         model = agra.Model(cfg)
-    n_video = sum(p.numel() for p in video.parameters())
-    assert abs(n_video - 2_059_174_912) / 2_059_174_912 < 0.01
-    n_head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("bridge.", "head.")))
-    print(f"\nfull AGRA: video DiT {n_video:,} (Cosmos-2.5-2B: 2,059,174,912), action head + bridge {n_head:,}")
+    n = lambda m: sum(p.numel() for p in m.parameters())          # noqa: E731
+    assert n(video) == 2_059_174_912                              # diffusers' Cosmos-Predict2.5-2B transformer
+    assert n(model.bridge) == 235_319_296 and n(model.head) == 194_579_488   # ours (the paper: "500 M" head)
     assert model.bridge.layers == [0, 4, 8, 12, 15, 19, 23, 27] and cfg.agra_layers == (8,)
+    assert (cfg.frames, cfg.horizon, cfg.frame_stride) == (17, 48, 3)        # App. C.3: 16 frames span 48 steps
 
 
 def test_cosmos_checkpoint_keys_map_onto_video_dit():
-    """The original Cosmos-Predict2.5 key set (reference/checkpoints.md section 3, `net.` stripped)
+    """The original Cosmos-Predict2.5 key set (Cosmos-Predict2.5 MiniTrainDIT, `net.` stripped)
     maps by cosmos_key_map exactly onto our VideoDiT, with the documented shapes."""
     cfg = agra.CONFIGS["full"]
     with torch.device("meta"):
