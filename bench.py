@@ -1,4 +1,4 @@
-"""Speed measurements, reported as ratios measured in one run (SPEC section 8).
+"""Speed measurements, reported as ratios measured in one run (machines are shared and noisy).
 
     python bench.py                  # toy world + tiny AGRA / MV-WAM on this machine, a table
     python bench.py --json           # the same as JSON
@@ -98,7 +98,7 @@ def full_batch(name, cfg, B, device):
     return batch
 
 
-INFERENCE = {   # what one `sample` call is, per model (SPEC section 8)
+INFERENCE = {   # what one `sample` call is, per model
     "agra": lambda cfg: f"t=1 video pass + {cfg.action_steps} action steps",
     "mvwam": lambda cfg: f"{cfg.sample_steps} joint video+action Euler steps",
     "eawm": lambda cfg: f"{cfg.sample_steps} Euler steps, KVAF-conditioned",

@@ -1,9 +1,9 @@
 """Shared utilities for the three World Action Models (agra.py, mvwam.py, eawm.py).
 
-Only what two or more files use lives here (SPEC section 2). Method contributions (the AGRA
-bridge and loss, the MoT mask, the event gate) live in their own model file.
+Only what two or more files use lives here. Method contributions (the AGRA bridge and loss, the
+MoT mask, the event gate) live in their own model file.
 
-Flow-matching convention used everywhere in this repository (SPEC section 1):
+Flow-matching convention used everywhere in this repository (AGRA Eq. 8-9, MV-WAM Eq. 1 / 6, Wan):
 
     x_t = (1 - t) * x0 + t * noise,   t in [0, 1],   t = 1 is pure noise,
     velocity target v = noise - x0,   sampling integrates from t = 1 down to t = 0.
@@ -855,6 +855,26 @@ class URDFChain:
         self.lower = np.array([next(j.lower for j in order if j.name == n) for n in self.actuated])
         self.upper = np.array([next(j.upper for j in order if j.name == n) for n in self.actuated])
 
+    def full_q(self, joints: np.ndarray, gripper: np.ndarray) -> np.ndarray:
+        """Arm joint values (..., n_arm) (the actuated non-prismatic joints, in `actuated` order) and a
+        gripper opening (...,) in [0, 1] (1 = open) -> the actuated vector (..., n), the opening mapped
+        linearly onto every actuated prismatic joint's range (EA-WM App. A.2: normalized gripper signal
+        -> prismatic displacement)."""
+        joints, gripper = np.asarray(joints, np.float64), np.asarray(gripper, np.float64)
+        order = [next(j for j in self.joints if j.name == n) for n in self.actuated]
+        prismatic = [j.type == "prismatic" for j in order]
+        n_arm = len(order) - sum(prismatic)
+        if joints.shape[-1] != n_arm or joints.shape[:-1] != gripper.shape:
+            raise ValueError(f"expected joints (..., {n_arm}) for {[j.name for j, p in zip(order, prismatic) if not p]} "
+                             f"and gripper (...,), received {joints.shape} and {gripper.shape}")
+        q = np.zeros(joints.shape[:-1] + (len(order),))
+        q[..., [i for i, p in enumerate(prismatic) if not p]] = joints
+        for i, (j, p) in enumerate(zip(order, prismatic)):
+            if p:
+                lo, hi = (j.lower if np.isfinite(j.lower) else 0.0), (j.upper if np.isfinite(j.upper) else 0.04)
+                q[..., i] = lo + np.clip(gripper, 0, 1) * (hi - lo)
+        return q
+
     def fk(self, q: np.ndarray) -> dict[str, np.ndarray]:
         """Forward kinematics (EA-WM Eq. 1): q (..., n_actuated) -> {link: (..., 4, 4) world pose}."""
         q = np.asarray(q, dtype=np.float64)
@@ -875,6 +895,15 @@ class URDFChain:
                     raise ValueError(f"joint {j.name}: unsupported type {j.type!r}")
             poses[j.child] = poses[j.parent] @ j.origin @ motion
         return poses
+
+
+def depth_range(chain: URDFChain, q: np.ndarray, T_wc: np.ndarray) -> tuple[float, float]:
+    """(z_min, z_max) camera depth of every link origin over all poses q (..., n_actuated), points
+    behind the camera (z <= 0) left out: the range EA-WM colours the KVAF skeleton with (App. A.2)."""
+    p = np.stack([pose[..., :3, 3] for pose in chain.fk(q).values()], -2)       # (..., links, 3)
+    z = (p @ T_wc[2, :3] + T_wc[2, 3]).ravel()
+    z = z[z > 0]
+    return (float(z.min()), float(z.max())) if len(z) else (0.0, 1.0)
 
 
 def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:

@@ -1,5 +1,6 @@
 """EA-WM: an Event-Aware generative World Model conditioned on Structured Kinematic-to-Visual
-Action Fields (shared/papers/003_20d68d00d4226ff3.txt).
+Action Fields ("EA-WM: Event-Aware Generative World Model with Structured Kinematic-to-Visual Action
+Fields", 2026, arXiv 2605.06192).
 
 An action-conditioned robot video generator on a Wan2.2-TI2V backbone. Actions are not fed as
 numbers: the commanded joint trajectory is rendered, in the camera's own view, into a KVAF video
@@ -23,8 +24,9 @@ Our copy of the paper lost its equations; the ones implemented, written from Sec
   (5)  h_v <- h_v + g * CrossAttn(h_v <- h_k)
   (6)  h_k <- h_k + g * CrossAttn(h_k <- h_v)          (both from the pre-fusion tokens)
   (7)  d_t = o_t - o_{t-1} (d_0 = 0);  z_d = VAE(d / 2), patchified to the token grid
-  (8)  L = w(t) (||v_hat_x - v_x||^2 + ||v_hat_k - v_k||^2) + lambda_e mean_{l in S} ||e_hat_l - z_d||^2
-       first latent frame excluded; w(t) = common.bell_weight (Wan / DiffSynth trainer weight)
+  (8)  L = w(t) (||v_hat_x - v_x||^2 + ||v_hat_k - v_k||^2) + lambda_e mean_{l in S} ||e_hat_l - z_d||^2 / s
+       first latent frame excluded; w(t) = common.bell_weight (Wan / DiffSynth trainer weight);
+       s = mean z_d^2 of the batch (edls_normalize, ours) or 1
 
 Paper -> code
 | paper                                 | code                                              |
@@ -46,6 +48,7 @@ D width, F raw frames.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import depth_range as common_depth_range
 from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, TinyTextEncoder, URDFChain, WanDiT, WanHead, add_noise,
                     bell_weight, check_choice, check_clip_frames, check_layers, check_shape, colormap, grid_positions,
                     inject_lora, project, rope_3d, sample_t, set_trainable, shift_t, velocity_target)
@@ -83,8 +87,9 @@ def render_kvaf(chain: URDFChain, joints: np.ndarray, gripper: np.ndarray, K: np
     chain: the parsed URDF; joints (F, n_arm): values of the actuated non-prismatic joints in chain
     order; gripper (F,) in [0, 1] (1 = open), mapped onto every actuated prismatic joint's range
     (App. A.2: normalized signal -> prismatic displacement); K (3, 3), T_wc (4, 4) world -> camera.
-    depth_range (z_min, z_max): the episode-level camera-depth range of the skeleton colours (default:
-    min / max over the frames given, i.e. pass a whole episode). Elements, in drawing order:
+    depth_range (z_min, z_max): the episode-level camera-depth range of the skeleton colours
+    (common.depth_range over the episode's poses; default: over the frames given, i.e. the clip).
+    Elements, in drawing order:
     depth-coloured skeleton (every link-to-link segment of the tree), white joint landmarks (child
     links of moving joints), grey gripper fingers (finger link + `finger_length` along the end
     effector's x axis), a truncated Gaussian heatmap at the end effector (max-blended), and the end
@@ -92,19 +97,10 @@ def render_kvaf(chain: URDFChain, joints: np.ndarray, gripper: np.ndarray, K: np
     `elements` picks a subset (for pictures and tests).
     """
     joints, gripper = np.asarray(joints, np.float64), np.asarray(gripper, np.float64).reshape(-1)
-    prismatic = [j.type == "prismatic" for j in chain.joints if j.name in chain.actuated]
-    order = [next(j for j in chain.joints if j.name == n) for n in chain.actuated]
-    n_arm = sum(not p for p in prismatic)
-    if joints.ndim != 2 or joints.shape[1] != n_arm or len(gripper) != len(joints):
-        raise ValueError(f"render_kvaf: expected joints (F, {n_arm}) for {[j.name for j, p in zip(order, prismatic) if not p]} "
-                         f"and gripper (F,), received {joints.shape} and {gripper.shape}")
+    if joints.ndim != 2:
+        raise ValueError(f"render_kvaf: expected joints (F, n_arm), received {joints.shape}")
+    q = chain.full_q(joints, gripper)                                            # gripper -> prismatic offsets
     F_, H, W = len(joints), height, width
-    q = np.zeros((F_, len(order)))
-    q[:, [i for i, p in enumerate(prismatic) if not p]] = joints
-    for i, (j, p) in enumerate(zip(order, prismatic)):
-        if p:
-            lo, hi = (j.lower if np.isfinite(j.lower) else 0.0), (j.upper if np.isfinite(j.upper) else 0.04)
-            q[:, i] = lo + np.clip(gripper, 0, 1) * (hi - lo)
     poses = chain.fk(q)                                                          # Eq. 1: {link: (F, 4, 4)}
     pos = {k: v[:, :3, 3] for k, v in poses.items()}
     ee = poses[ee_link]
@@ -121,11 +117,7 @@ def render_kvaf(chain: URDFChain, joints: np.ndarray, gripper: np.ndarray, K: np
     segs = [(j.parent, j.child) for j in chain.joints if j.child not in fingers and j.child != ee_link
             and np.linalg.norm(j.origin[:3, 3]) > 1e-9]
     uv = {k: project(p, K, T_wc) for k, p in pos.items()}                        # Eq. 2: {link: ((F, 2), (F,))}
-    if depth_range is None:
-        z = np.concatenate([uv[k][1] for k in pos])
-        z = z[z > 0]
-        depth_range = (z.min(), z.max()) if len(z) else (0.0, 1.0)
-    z0, z1 = depth_range
+    z0, z1 = depth_range if depth_range is not None else common_depth_range(chain, q, T_wc)
     for a, b in segs if "skeleton" in elements else []:
         depth = (uv[a][1] + uv[b][1]) / 2
         paint(_capsules(H, W, uv[a][0], uv[b][0], line), colormap((depth - z0) / max(z1 - z0, 1e-6)))
@@ -194,8 +186,7 @@ class Config:
     text_dim: int = 64                   # umT5-XXL: 4096
     urdf: str = "data/toyarm.urdf"       # robot description for render_kvaf (relative to this file)
     ee_link: str = "tcp"
-    kvaf_depth_range: tuple = (0.7, 1.2)  # episode-level camera-depth range of the skeleton colours (toy arm: 0.74-1.16)
-    # backbone, Wan2.2-TI2V-5B shapes (reference/checkpoints.md section 2)
+    # backbone, Wan2.2-TI2V-5B shapes: 30 blocks x 3072, 24 heads x 128, FFN 14336, 48 latent channels
     dim: int = 64                        # 3072
     ffn_dim: int = 256                   # 14336
     heads: int = 2                       # 24 x 128 (tiny preset: 3 x 64)
@@ -208,12 +199,15 @@ class Config:
     fusion: str = "event"                # event (Eq. 4-6 + EDLS) | plain (bidirectional cross-attention, Sec. 4.3)
     fusion_layers: tuple = (1, 3)        # S: sparse fusion layers (the paper does not list them)
     event_dim: int = 64                  # width of the event representation e
-    edls_weight: float = 1.0             # lambda_e (the paper gives no value; 1 = same units as the flow losses)
+    edls_weight: float = 1.0             # lambda_e (the paper gives no value)
+    edls_normalize: bool = True          # divide the EDLS MSE by the target's mean square, so predicting "no change"
+                                         #   scores 1 like a flow loss at init (ours; the raw target is tiny: README)
     kvaf_cond_prob: float = 0.0          # fraction of samples with a clean KVAF stream (0 = the paper's setting)
     # training (Sec. 4.1)
     lora_rank: int = 32                  # LoRA on both streams' blocks, base frozen; 0 = train the base in full
     lora_pattern: str = r"^(video\.blocks|kvaf_blocks)\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])$"
-    stage: str = "stage1"                # stage1: LoRA + KVAF head, fusion frozen | stage2: + fusion
+    stage: str = "stage1"                # stage1: LoRA + KVAF head, fusion frozen at the identity, so the two streams
+                                         #   run independently and actions reach the video only in stage2 (+ fusion)
     t_sampler: str = "shifted"           # Wan's trainer: uniform over the shifted grid
     t_shift: float = 5.0                 # Wan2.2 TI2V shift
     sample_steps: int = 20               # Euler steps of generation (Wan default 50)
@@ -267,13 +261,17 @@ CONFIGS = {
 class EventFusion(nn.Module):
     """At a fusion layer: an event MLP over each video token and its aligned KVAF token gives e; a
     per-token gate g = sigmoid(W_g e) and an event latent e_hat = W_e e (Eq. 4); gated cross-attention
-    both ways (Eq. 5-6). Cross-attention outputs start at zero, so the module starts as the identity.
-    fusion="plain": no event MLP, gate or e_hat (g = 1). With numeric action tokens (kvaf=False) the
-    streams are not aligned; each token's partner is then the other stream's mean token."""
+    both ways (Eq. 5-6). fusion="plain": no event MLP, gate or e_hat (g = 1).
 
-    def __init__(self, dim: int, heads: int, event_dim: int, event_out: int, plain: bool):
+    Identity at initialization: the output projections `o` of both cross-attentions are zero, so each
+    stream adds g * 0 until training moves them (in stage 1 the fusion is frozen there, so the two
+    streams run independently). `aligned` (= Config.kvaf): the KVAF grid has one token per video token,
+    the event MLP reads the pair; with numeric action tokens (kvaf=False) the streams have different
+    lengths and each token's partner is the other stream's mean token."""
+
+    def __init__(self, dim: int, heads: int, event_dim: int, event_out: int, plain: bool, aligned: bool = True):
         super().__init__()
-        self.plain = plain
+        self.plain, self.aligned = plain, aligned
         self.norm_v = FP32LayerNorm(dim, 1e-6, elementwise_affine=False)
         self.norm_k = FP32LayerNorm(dim, 1e-6, elementwise_affine=False)
         self.video_from_kvaf = Attention(dim, heads)
@@ -287,20 +285,21 @@ class EventFusion(nn.Module):
             self.gate = nn.Linear(event_dim, 1)
             self.event_head = nn.Linear(event_dim, event_out)
 
+    def gates(self, nv, nk):
+        """Eq. 4 -> (g_v (B, L_v, 1), g_k (B, L_k, 1), e_hat (B, L_v, event_out)) from normalized tokens."""
+        if self.aligned:                                                         # KVAF: token i pairs with token i
+            e = self.event_mlp(torch.cat([nv, nk], -1))                          # e = MLP([h_v, h_k])
+            g = torch.sigmoid(self.gate(e))                                      # one gate per token, both directions
+            return g, g, self.event_head(e)
+        # numeric action tokens: the partner of each token is the other stream's mean token
+        e_v = self.event_mlp(torch.cat([nv, nk.mean(1, keepdim=True).expand_as(nv)], -1))
+        e_k = self.event_mlp(torch.cat([nv.mean(1, keepdim=True).expand(-1, nk.shape[1], -1), nk], -1))
+        return torch.sigmoid(self.gate(e_v)), torch.sigmoid(self.gate(e_k)), self.event_head(e_v)
+
     def forward(self, h_v, h_k, rope_v, rope_k):
-        """-> (h_v, h_k, e_hat (B, L_v, event_out) or None)."""
+        """-> (h_v, h_k, e_hat (B, L_v, event_out) or None). Both directions read the pre-fusion tokens."""
         nv, nk = self.norm_v(h_v), self.norm_k(h_k)
-        e_hat, g_v, g_k = None, 1.0, 1.0
-        if not self.plain:
-            aligned = h_v.shape[1] == h_k.shape[1]
-            partner_k = nk if aligned else nk.mean(1, keepdim=True).expand_as(nv)
-            e_v = self.event_mlp(torch.cat([nv, partner_k], -1))                 # Eq. 4
-            g_v = torch.sigmoid(self.gate(e_v))
-            e_hat = self.event_head(e_v)
-            if aligned:
-                g_k = g_v
-            else:
-                g_k = torch.sigmoid(self.gate(self.event_mlp(torch.cat([nv.mean(1, keepdim=True).expand(-1, nk.shape[1], -1), nk], -1))))
+        g_v, g_k, e_hat = (1.0, 1.0, None) if self.plain else self.gates(nv, nk)
         out_v = h_v + g_v * self.video_from_kvaf(nv, nk, rope=rope_v, rope_k=rope_k)     # Eq. 5
         out_k = h_k + g_k * self.kvaf_from_video(nk, nv, rope=rope_k, rope_k=rope_v)     # Eq. 6
         return out_v, out_k, e_hat
@@ -351,8 +350,8 @@ class Model(nn.Module):
             nn.init.zeros_(self.kvaf_head.head.weight)
         self.kvaf_blocks = copy.deepcopy(self.video.blocks)
         out = C * int(np.prod(cfg.patch))
-        self.fusion = nn.ModuleDict({str(l): EventFusion(cfg.dim, cfg.heads, cfg.event_dim, out, cfg.fusion == "plain")
-                                     for l in cfg.fusion_layers})
+        self.fusion = nn.ModuleDict({str(l): EventFusion(cfg.dim, cfg.heads, cfg.event_dim, out, cfg.fusion == "plain",
+                                                         aligned=cfg.kvaf) for l in cfg.fusion_layers})
         if cfg.lora_rank:
             inject_lora(self, cfg.lora_pattern, cfg.lora_rank)                   # base frozen, LoRA B = 0
         self._chain = None
@@ -386,13 +385,16 @@ class Model(nn.Module):
         return self.codec.encode(video)
 
     def render(self, batch) -> torch.Tensor:
-        """KVAF videos (B, 3, F, H, W) in [-1, 1] from batch joints (B, F, n), gripper (B, F, 1), K, T_wc."""
+        """KVAF videos (B, 3, F, H, W) in [-1, 1] from batch joints (B, F, n), gripper (B, F, 1), K, T_wc,
+        skeleton depth colours over batch["kvaf_depth_range"] (B, 2) (the episode's range, App. A.2), or
+        over the clip's own range when the batch has none."""
         cfg = self.cfg
         out = []
         for b in range(batch["joints"].shape[0]):
+            rng = tuple(batch["kvaf_depth_range"][b].tolist()) if "kvaf_depth_range" in batch else None
             img = render_kvaf(self.chain, batch["joints"][b].cpu().numpy(), batch["gripper"][b].reshape(-1).cpu().numpy(),
                               batch["K"][b].cpu().numpy(), batch["T_wc"][b].cpu().numpy(), cfg.height, cfg.width,
-                              cfg.ee_link, cfg.kvaf_depth_range)
+                              cfg.ee_link, rng)
             out.append(torch.from_numpy(img))
         return torch.stack(out).permute(0, 4, 1, 2, 3).float().to(batch["joints"].device) / 127.5 - 1
 
@@ -485,14 +487,18 @@ class Model(nn.Module):
             zd = batch["edls_latents"] if "edls_latents" in batch else edls_target(batch["video"], self.encode)
             target = patchify(zd, cfg.patch)
             first = int(np.prod(cfg.token_grid[1:]))                             # tokens of the first latent frame
-            parts["edls"] = torch.stack([F.mse_loss(e[:, first:].float(), target[:, first:].float()) for e in e_hats]).mean()
+            err = torch.stack([F.mse_loss(e[:, first:].float(), target[:, first:].float()) for e in e_hats]).mean()
+            scale = target[:, first:].float().pow(2).mean().clamp_min(1e-8) if cfg.edls_normalize else 1.0
+            parts["edls"] = err / scale                                          # normalized: 1 = predicting zeros
             if cfg.stage == "stage2":                                            # frozen fusion in stage 1
                 total = total + cfg.edls_weight * parts["edls"]
         return total, {k_: v.detach() for k_, v in parts.items()}
 
     def param_groups(self):
         """Stage 1: LoRA of both streams (or, with lora_rank=0, the base weights) + the KVAF branch's
-        embedding and head; fusion frozen. Stage 2: + fusion. LoRA base weights stay frozen."""
+        embedding and head; fusion frozen at the identity, so in stage 1 the video stream never sees the
+        actions (it learns the KVAF branch and the robot domain; EDLS is logged, not optimized). Stage 2:
+        + fusion, where the action conditioning of the video happens. LoRA base weights stay frozen."""
         cfg = self.cfg
         names = []
         for n, p in self.named_parameters():
@@ -513,40 +519,40 @@ class Model(nn.Module):
 
     # ---------------------------------------------------------------- generation (Table 1 / Table 4)
     @torch.no_grad()
-    def sample(self, batch, steps=None, generator=None, mode: str = "kvaf"):
+    def sample(self, batch, steps=None, generator=None, mode: str | None = None):
         """Generate the clip's future from its first frame + text.
 
-        mode "kvaf": KVAF-conditioned, the KVAF stream is clean (t = 0) from the commanded trajectory
-        in the batch (joints / gripper / camera); mode "joint": video and KVAF are generated together
-        from noise with the same t. -> video_latents (B, C, T, h, w), kvaf (latents or numeric, the
+        mode "kvaf": KVAF-conditioned (Table 4), the action stream is given clean (t = 0) from the
+        commanded trajectory in the batch (joints / gripper / camera); mode "joint" (Table 1, App. A.3):
+        video and action stream are generated together from noise with the same t. None: the mode the
+        checkpoint was trained for, "kvaf" if kvaf_cond_prob > 0, else "joint" (kvaf_cond_prob = 0, the
+        paper's setting, never shows the model a clean KVAF stream, so "kvaf" then warns).
+        -> video_latents (B, C, T, h, w), kvaf (the action stream: KVAF latents or numeric tokens, the
         generated one in joint mode, the given one otherwise)."""
-        check_choice("mode", mode, ("kvaf", "joint"))
         cfg = self.cfg
+        mode = mode or ("kvaf" if cfg.kvaf_cond_prob > 0 else "joint")
+        check_choice("mode", mode, ("kvaf", "joint"))
+        if mode == "kvaf" and cfg.kvaf_cond_prob == 0:
+            warnings.warn("KVAF-conditioned generation from a model trained with kvaf_cond_prob=0: it never saw a "
+                          "clean KVAF stream in training (train with --set kvaf_cond_prob=0.5, or use mode='joint')")
         steps = steps or cfg.sample_steps
         z_true, k_true = self.streams(batch)
-        B, C, T = z_true.shape[:3]
-        dev = z_true.device
-        rand = lambda s: torch.randn(*s, generator=generator).to(dev)            # noqa: E731
-        z = torch.cat([z_true[:, :, :1], rand((B, C, T - 1) + tuple(z_true.shape[3:]))], 2)
-        first = (lambda x: x[:, :, :1]) if cfg.kvaf else (lambda x: x[:, :1])
-        if mode == "kvaf":
-            k = k_true
-        else:
-            k = torch.cat([first(k_true), rand((B, C, T - 1) + tuple(k_true.shape[3:])) if cfg.kvaf
-                           else rand((B, k_true.shape[1] - 1, k_true.shape[2]))], 2 if cfg.kvaf else 1)
+        B, T, dev = z_true.shape[0], z_true.shape[2], z_true.device
+        ax = 2 if cfg.kvaf else 1                # time axis of the action stream: (B, C, T, h, w) | (B, F, d)
+        nk = k_true.shape[ax]
+        rand = lambda x: torch.randn(x.shape, generator=generator).to(dev)       # noqa: E731
+        z = torch.cat([z_true[:, :, :1], rand(z_true[:, :, 1:])], 2)             # the first frame given, the future noise
+        k = k_true if mode == "kvaf" else torch.cat([k_true.narrow(ax, 0, 1), rand(k_true.narrow(ax, 1, nk - 1))], ax)
         ctx = self.context(batch)
         ts = shift_t(torch.linspace(1.0, 0.0, steps + 1), cfg.t_shift if cfg.t_sampler == "shifted" else 1.0)
-        nk = k.shape[2] if cfg.kvaf else k.shape[1]
         for i in range(steps):
-            t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
+            t, dt = float(ts[i]), float(ts[i + 1] - ts[i])                       # dt < 0
             tb = torch.full((B,), t, device=dev)
-            t_v = self.frame_times(tb, T)
             t_k = torch.zeros(B, nk, device=dev) if mode == "kvaf" else self.frame_times(tb, nk)
-            v, vk, _ = self(z, t_v, k, t_k, ctx)
-            z = torch.cat([z[:, :, :1], z[:, :, 1:] + dt * v[:, :, 1:]], 2)
+            v, vk, _ = self(z, self.frame_times(tb, T), k, t_k, ctx)
+            z = torch.cat([z[:, :, :1], z[:, :, 1:] + dt * v[:, :, 1:]], 2)      # Euler step, the first frame kept
             if mode == "joint":
-                k = torch.cat([first(k), (k[:, :, 1:] + dt * vk[:, :, 1:]) if cfg.kvaf else (k[:, 1:] + dt * vk[:, 1:])],
-                              2 if cfg.kvaf else 1)
+                k = torch.cat([k.narrow(ax, 0, 1), k.narrow(ax, 1, nk - 1) + dt * vk.narrow(ax, 1, nk - 1)], ax)
         return {"video_latents": z, "kvaf": k}
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

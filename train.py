@@ -1,4 +1,4 @@
-"""One plain training loop for the three world action models (SPEC section 7).
+"""One plain training loop for the three world action models (AGRA, MV-WAM, EA-WM).
 
     python train.py --model agra --tiny                      # toy world, about 2 CPU minutes
     python train.py --model agra --tiny --set agra_weight=0  # the WAM baseline
@@ -70,7 +70,7 @@ def dataset_for(cfg, arrays, meta):
         raise ValueError(f"dataset frames are {meta['res']}x{meta['res']}, the model expects {cfg.height}x{cfg.width}")
     return ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q,
                        getattr(cfg, "teacher_patch", 0) if getattr(cfg, "teacher", "") == "toy" else 0,
-                       getattr(cfg, "teacher_dim", 16))
+                       getattr(cfg, "teacher_dim", 16), getattr(cfg, "frame_stride", 1))
 
 
 def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None, data_meta=None):

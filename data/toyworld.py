@@ -1,4 +1,4 @@
-"""ToyWorld: a procedural pick-and-place robot world that renders in microseconds (SPEC section 3).
+"""ToyWorld: a procedural pick-and-place robot world that renders in microseconds.
 
 A 3-DoF arm + parallel gripper described in `toyarm.urdf` (parsed with xml.etree, forward
 kinematics over the parsed chain), 2-3 coloured objects on a table, a bin, one fixed pinhole camera.
@@ -25,9 +25,9 @@ API (gymnasium conventions, no gymnasium dependency):
 Dataset: `python data/toyworld.py --episodes N --out DIR` writes DIR/episodes.safetensors (all
 per-frame arrays, concatenated over episodes) and DIR/meta.json (camera, URDF, fps, dims,
 normalization stats, instructions, gamma, per-episode offsets). `ClipDataset` reads it and yields
-SPEC section 1 batches for any of the three models.
+the batches of all three models (keys documented in ClipDataset).
 
-Semantic teacher: a deterministic stand-in for DINOv2 on the toy world (SPEC section 3): a fixed
+Semantic teacher: a deterministic stand-in for DINOv2 on the toy world (AGRA's frozen encoder): a fixed
 random orthonormal embedding per semantic class (wall, table, bin, arm, gripper, cube, ball,
 cone; colours are nuisance and ignored), average-pooled per patch.
 """
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (URDFChain, atomic_write, draw_disc, draw_polygon, draw_segment, intrinsics,  # noqa: E402
-                    look_at, project)
+from common import (URDFChain, atomic_write, depth_range, draw_disc, draw_polygon, draw_segment,  # noqa: E402
+                    intrinsics, look_at, project)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 URDF_PATH = os.path.join(HERE, "toyarm.urdf")
@@ -507,16 +507,20 @@ def semantic_teacher(classes: np.ndarray, patch: int, emb: np.ndarray) -> np.nda
 
 
 class ClipDataset:
-    """Yields SPEC section 1 batches from a toy-world dataset.
+    """Yields model batches from a toy-world dataset: video (B, 3, T, H, W) in [-1, 1] (frame 0 = the
+    current observation), state (B, 4) and actions (B, K, 4) normalized, text, value, joints, gripper,
+    ee_pose, K, T_wc, seg, interaction_mask (per latent frame), teacher (AGRA's toy teacher),
+    kvaf_depth_range (the episode's camera-depth range of the robot links, EA-WM App. A.2).
 
-    A clip starts at frame s of an episode: video = frames s .. s+frames-1 (past the episode end the
-    last frame repeats), actions = the K actions from s (no-ops past the end), state at s, value at s.
+    A clip starts at frame s of an episode: video = frames s, s + stride, ..., s + (frames-1) stride
+    (past the episode end the last frame repeats; AGRA App. C.3 pairs frames every 3 control steps
+    with the action chunk), actions = the K actions from s (no-ops past the end), state and value at s.
     """
 
     def __init__(self, arrays: dict, meta: dict, frames: int, horizon: int, q: int = 4,
-                 teacher_patch: int = 0, teacher_dim: int = 16):
+                 teacher_patch: int = 0, teacher_dim: int = 16, stride: int = 1):
         self.a, self.meta = arrays, meta
-        self.frames, self.horizon, self.q = frames, horizon, q
+        self.frames, self.horizon, self.q, self.stride = frames, horizon, q, stride
         self.teacher_patch = teacher_patch
         self.emb = teacher_embedding(teacher_dim) if teacher_patch else None
         eps = meta["episodes"]
@@ -531,6 +535,10 @@ class ClipDataset:
         # every (episode, start) with at least one real action
         self.index = np.concatenate([np.stack([np.full(L - 1, e), np.arange(L - 1)], 1) for e, L in enumerate(self.ep_len)])
         self.camera = meta["camera"]
+        chain, T_wc = URDFChain(meta["urdf"]), np.array(self.camera["T_wc"])
+        st = arrays["state"]
+        self.depth_range = np.array([depth_range(chain, chain.full_q(st[a:a + L, :3], st[a:a + L, 3]), T_wc)
+                                     for a, L in zip(self.ep_start, self.ep_len)], np.float32)     # (episodes, 2)
 
     def __len__(self):
         return len(self.index)
@@ -542,7 +550,7 @@ class ClipDataset:
     def get(self, rows: np.ndarray) -> dict:
         ep, s = self.index[rows, 0], self.index[rows, 1]
         base, L = self.ep_start[ep], self.ep_len[ep]
-        f_idx = base[:, None] + np.minimum(s[:, None] + np.arange(self.frames), L[:, None] - 1)     # (B, T)
+        f_idx = base[:, None] + np.minimum(s[:, None] + self.stride * np.arange(self.frames), L[:, None] - 1)   # (B, T)
         a_off = s[:, None] + np.arange(self.horizon)                                                 # (B, K)
         a_idx = base[:, None] + np.minimum(a_off, L[:, None] - 1)
         actions = self.a["actions"][a_idx].copy()
@@ -570,6 +578,7 @@ class ClipDataset:
             "K": K.expand(len(rows), 3, 3), "T_wc": T_wc.expand(len(rows), 4, 4),
             "seg": torch.from_numpy(seg.astype(np.int64)),
             "interaction_mask": torch.from_numpy(inter),
+            "kvaf_depth_range": torch.from_numpy(self.depth_range[ep]),
         }
         if self.teacher_patch:
             cls = semantic_classes(seg_lat, [self.shapes[e] for e in ep])

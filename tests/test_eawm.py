@@ -191,6 +191,58 @@ def test_loss_and_both_generation_modes(clips, kw):
         assert torch.equal(z[:, :, :1], model.encode(batch["video"])[:, :, :1])   # the given first frame
 
 
+def test_edls_is_normalized_so_predicting_no_change_scores_one(clips):
+    """The toy's EDLS target is tiny (mean square ~3e-3: few pixels change per frame), so the loss is
+    divided by the target's mean square: an event head that outputs zeros scores exactly 1."""
+    model = eawm.Model(tiny())
+    with torch.no_grad():
+        for f in model.fusion.values():
+            f.event_head.weight.zero_()
+            f.event_head.bias.zero_()
+    batch = clips.sample(3, torch.Generator().manual_seed(2))
+    assert model.loss(batch)[1]["edls"].item() == pytest.approx(1.0, rel=1e-5)
+    model.cfg.edls_normalize = False
+    target = eawm.patchify(eawm.edls_target(batch["video"], model.encode), model.cfg.patch)[:, 64:]
+    assert model.loss(batch)[1]["edls"].item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
+
+
+def test_fusion_alignment_follows_the_config_not_token_counts():
+    """kvaf=False: the fusion pairs each token with the other stream's mean token even when both streams
+    happen to have the same length."""
+    assert all(f.aligned for f in eawm.Model(tiny()).fusion.values())
+    assert not any(f.aligned for f in eawm.Model(tiny(kvaf=False)).fusion.values())
+    torch.manual_seed(0)
+    pair, mean = eawm.EventFusion(32, 2, 16, 8, False, aligned=True), eawm.EventFusion(32, 2, 16, 8, False, aligned=False)
+    mean.load_state_dict(pair.state_dict())
+    hv, hk = torch.randn(1, 6, 32), torch.randn(1, 6, 32)
+    from common import grid_positions, rope_3d
+    rope = (rope_3d(*grid_positions(1, 2, 3), 16), True)
+    assert not torch.allclose(pair(hv, hk, rope, rope)[2], mean(hv, hk, rope, rope)[2])
+
+
+def test_sample_mode_defaults_to_the_training_setting(clips):
+    batch = clips.sample(1, torch.Generator().manual_seed(1))
+    model = eawm.Model(tiny(kvaf_cond_prob=0.0))                             # the paper's setting: joint generation
+    out = model.sample(batch, steps=1, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(out["kvaf"], model.encode(model.render(batch)))   # generated, not the given KVAF
+    with pytest.warns(UserWarning, match="never saw a clean KVAF"):
+        model.sample(batch, steps=1, mode="kvaf")
+    mixed = eawm.Model(tiny(kvaf_cond_prob=0.5))
+    assert torch.equal(mixed.sample(batch, steps=1)["kvaf"], mixed.encode(mixed.render(batch)))
+
+
+def test_render_colours_depth_over_the_episode_range(clips):
+    """Model.render passes the batch's per-episode depth range (App. A.2) to the renderer."""
+    model = eawm.Model(tiny())
+    batch = clips.sample(2, torch.Generator().manual_seed(3))
+    b = 1
+    expect = eawm.render_kvaf(model.chain, batch["joints"][b].numpy(), batch["gripper"][b].reshape(-1).numpy(),
+                              batch["K"][b].numpy(), batch["T_wc"][b].numpy(), 32, 32,
+                              depth_range=tuple(batch["kvaf_depth_range"][b].tolist()))
+    got = ((model.render(batch)[b].permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy()
+    assert np.array_equal(got, expect)
+
+
 def test_kvaf_conditioned_generation_uses_the_given_kvaf(clips):
     torch.manual_seed(0)
     model = eawm.Model(tiny())
@@ -213,7 +265,7 @@ def test_timestep_weight_is_the_wan_bell():
 
 
 def wan_params(D, F, C_in, C_out, layers, text=4096, freq=256, patch=4):
-    """Wan DiT parameter count from its architecture (reference/checkpoints.md section 1)."""
+    """Wan DiT parameter count from its architecture (Wan2.1 `wan/modules/model.py`)."""
     attn = 4 * (D * D + D) + 2 * D
     block = 2 * attn + 2 * D + (D * F + F + F * D + D) + 6 * D
     top = (D * C_in * patch + D) + (text * D + D + D * D + D) + (freq * D + D + D * D + D) + (6 * D * D + 6 * D)
@@ -231,9 +283,12 @@ def test_full_preset_matches_wan22_ti2v_5b_on_meta():
     assert video == wan_params(3072, 14336, 48, 48, 30)
     lora = n(p for name, p in model.named_parameters() if ".lora_" in name)
     groups = model.param_groups()
-    print(f"EA-WM full: video stream {video:,} (Wan2.2-TI2V-5B), KVAF copy {n(model.kvaf_blocks.parameters()):,}, "
-          f"fusion {n(model.fusion.parameters()):,}, LoRA r=32 {lora:,}; stage-1 trainable {n(groups[0]['params']):,}")
-    assert 4.9e9 < video < 5.1e9 and model.video.blocks[0].self_attn.q.rank == 32
+    assert video == 4_999_787_712 and model.video.blocks[0].self_attn.q.rank == 32
+    kvaf_blocks = n(p for name, p in model.kvaf_blocks.named_parameters() if ".lora_" not in name)
+    assert kvaf_blocks == n(p for name, p in model.video.blocks.named_parameters() if ".lora_" not in name)
+    assert lora == 161_218_560                                               # r = 32 on both streams' blocks
+    assert n(model.fusion.parameters()) == 395_211_205                       # 5 fusion layers (ours)
+    assert n(groups[0]["params"]) == 162_407_616                             # stage 1: LoRA + KVAF embedding and head
 
 
 # ------------------------------------------------------------------ end to end

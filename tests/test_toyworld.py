@@ -134,6 +134,24 @@ def test_dataset_roundtrip_and_batches(toy_data, tmp_path):
         tw.load_dataset(str(bad))
 
 
+def test_clip_frame_stride_and_episode_depth_range(toy_data):
+    """stride 3 (AGRA App. C.3) takes frames s, s+3, ...; every clip of an episode carries the same
+    KVAF depth range, the min / max camera depth of the robot links over the whole episode."""
+    from common import URDFChain, depth_range
+    _, arrays, meta = toy_data
+    ds = tw.ClipDataset(arrays, meta, frames=5, horizon=12, q=4, stride=3)
+    e = meta["episodes"][1]
+    row = np.flatnonzero((ds.index[:, 0] == 1) & (ds.index[:, 1] == 2))
+    c = ds.get(row)
+    frames = torch.from_numpy(arrays["frames"][e["start"] + 2 + 3 * np.arange(5)]).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert torch.equal(c["video"][0], frames) and c["actions"].shape == (1, 12, 4)
+    chain, st = URDFChain(meta["urdf"]), arrays["state"][e["start"]:e["start"] + e["length"]]
+    z = depth_range(chain, chain.full_q(st[:, :3], st[:, 3]), np.array(meta["camera"]["T_wc"]))
+    other = ds.get(np.flatnonzero(ds.index[:, 0] == 1)[-1:])
+    assert np.allclose(c["kvaf_depth_range"][0].numpy(), z) and torch.equal(other["kvaf_depth_range"], c["kvaf_depth_range"])
+    assert 0 < z[0] < z[1]
+
+
 def test_dataset_cli(tmp_path):
     import subprocess
     import sys
