@@ -41,16 +41,20 @@ d_a action dim, d_s state dim, d_t teacher dim. "Layer l" means the output of vi
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, RMSNorm, TinyTextEncoder, add_noise, check_choice,
-                    check_clip_frames, check_layers, check_shape, grid_positions, modulate, rope_3d, sample_t,
-                    set_trainable, shift_t, timestep_embedding, velocity_target)
+from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, RMSNorm, SiglipVisionTower, TinyTextEncoder, add_noise,
+                    build_pretrained, check_choice, check_clip_frames, check_layers, check_shape, grid_positions, modulate,
+                    read_config, read_weights, rename_keys, resolve_source, rope_3d, sample_t, set_trainable, shift_t,
+                    timestep_embedding, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -109,12 +113,20 @@ class Config:
     act_weight: float = 1.0              # lambda_act (Eq. 18, App. C.3)
     agra_layers: tuple = (2,)            # S_agra; (8,) of 28 at full size (~1/3 depth; 2 of 6 here)
     agra_pass: str = "action_cond"       # action_cond | video | shared (Table 2)
-    teacher: str = "toy"                 # toy (semantic teacher) | dinov2
+    teacher: str = "toy"                 # toy (semantic teacher) | dinov2 | siglip (AGRA-SiglipL8, Sec. 4.2.2 b)
     teacher_dim: int = 16                # d_t (DINOv2-B: 768)
-    teacher_patch: int = 2               # toy teacher patch (pixels); DINOv2: 14
-    teacher_res: int = 448               # DINOv2 input size (App. C.1)
+    teacher_patch: int = 2               # toy teacher patch (pixels); DINOv2: 14, SigLIP-B/16: 16
+    teacher_res: int = 448               # DINOv2 input size (App. C.1); SigLIP: its fixed 224
     teacher_layers: int = 12
     teacher_heads: int = 12
+    teacher_ffn: int = 0                 # MLP width; 0 = 4 d_t (DINOv2-g SwiGLU: 4096, SigLIP-so400m: 4304)
+    teacher_registers: int = 0           # DINOv2 register tokens (dinov2-with-registers: 4)
+    teacher_swiglu: bool = False         # DINOv2-g's SwiGLU MLP
+    # pretrained sources of Model.from_pretrained / train.py --pretrained ("" = start fresh)
+    video_weights: str = "nvidia/Cosmos-Predict2.5-2B"   # Hub id or local path (App. A.1: Cosmos-Predict2.5-2B)
+    video_revision: str = ""             # "" = main (the original .pt); "diffusers/base/post-trained" = diffusers layout
+    video_subfolder: str = ""            # "" = base/post-trained (original) or transformer (diffusers)
+    teacher_weights: str = "facebook/dinov2-base"        # DINOv2-B (App. C.1); or google/siglip2-base-patch16-224
     proj_dim: int = 128                  # REPA projector width (2048)
     # training (App. C.3)
     stage: str = "joint"                 # video | joint | finetune
@@ -132,7 +144,7 @@ class Config:
         check_choice("stage", self.stage, ("video", "joint", "finetune"))
         check_choice("agra_pass", self.agra_pass, ("action_cond", "video", "shared"))
         check_choice("bridge", self.bridge, ("multi", "single"))
-        check_choice("teacher", self.teacher, ("toy", "dinov2"))
+        check_choice("teacher", self.teacher, ("toy", "dinov2", "siglip"))
         check_choice("video_t_sampler", self.video_t_sampler, ("uniform", "logit_normal"))
         check_layers("agra_layers", self.agra_layers, self.video_layers)
         check_clip_frames(self.frames, self.latent_q)
@@ -281,6 +293,53 @@ class VideoDiT(nn.Module):
         out = self.final_layer(h, emb, lora, per_frame)
         return self.unpatchify(out, grid), hidden
 
+    @classmethod
+    def from_pretrained(cls, source: str = "nvidia/Cosmos-Predict2.5-2B", revision: str | None = None,
+                        subfolder: str | None = None, dtype: torch.dtype | None = None, cfg: Config | None = None) -> "VideoDiT":
+        """Cosmos-Predict2.5-2B weights: the original `.pt` (keys under `net.`, revision main, COSMOS_FILE by
+        default) or the diffusers layout (revision "diffusers/base/post-trained", subfolder "transformer"),
+        from the Hub or a local folder / file. The sizes are those of `cfg` (default CONFIGS["full"]), or of
+        the diffusers config.json where there is one. Memory-mapped, in the checkpoint's dtype (bf16)
+        unless `dtype` is given. The returned module's .cfg is the config it was built with."""
+        diffusers = (revision or "").startswith("diffusers") or subfolder == "transformer"
+        patterns = ("config.json", "*.safetensors", "*.safetensors.index.json")
+        if not diffusers and not subfolder and not os.path.exists(source):
+            subfolder, patterns = COSMOS_FILE.rsplit("/", 1)[0], (COSMOS_FILE.rsplit("/", 1)[1],)
+        elif not diffusers:
+            patterns = ("*.pt",)
+        path = resolve_source(source, revision, subfolder, patterns)
+        sd = read_weights(path)
+        cfg = copy.deepcopy(cfg or CONFIGS["full"])
+        if "patch_embed.proj.weight" in sd:                                  # diffusers names
+            sd = rename_keys(sd, COSMOS_DIFFUSERS_KEYS)
+            cfg = cosmos_config(cfg, read_config(path), path)
+        sd = {cosmos_key_map(k): v for k, v in sd.items()}
+        return build_pretrained(lambda: cls(cfg), sd, what=f"Cosmos weights {path}", ignore=COSMOS_IGNORED, dtype=dtype)
+
+
+COSMOS_FILE = "base/post-trained/81edfebe-bd6a-4039-8c1d-737df1a790bf_ema_bf16.pt"   # nvidia/Cosmos-Predict2.5-2B, main
+# Original checkpoint keys VideoDiT does not use: RoPE tables (recomputed each call), training counters,
+# Transformer Engine state.
+COSMOS_IGNORED = (r"^pos_embedder\.", r"^accum_", r"_extra_state$")
+# diffusers CosmosTransformer3DModel name -> the original name (then cosmos_key_map); first matching rule wins.
+COSMOS_DIFFUSERS_KEYS = (
+    (r"^patch_embed\.proj\.", "x_embedder.proj.1."),
+    (r"^time_embed\.t_embedder\.", "t_embedder.1."),
+    (r"^time_embed\.norm\.", "t_embedding_norm."),
+    (r"^transformer_blocks\.(\d+)\.norm1\.linear_", r"blocks.\1.adaln_modulation_self_attn."),
+    (r"^transformer_blocks\.(\d+)\.norm2\.linear_", r"blocks.\1.adaln_modulation_cross_attn."),
+    (r"^transformer_blocks\.(\d+)\.norm3\.linear_", r"blocks.\1.adaln_modulation_mlp."),
+    (r"^transformer_blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.output_proj."),
+    (r"^transformer_blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.output_proj."),
+    (r"^transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2_proj."),
+    (r"^transformer_blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2_proj."),
+    (r"^transformer_blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.\2_norm."),
+    (r"^transformer_blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.\2_norm."),
+    (r"^transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.", r"blocks.\1.mlp.layer1."),
+    (r"^transformer_blocks\.(\d+)\.ff\.net\.2\.", r"blocks.\1.mlp.layer2."),
+    (r"^norm_out\.linear_", "final_layer.adaln_modulation."),
+    (r"^proj_out\.", "final_layer.linear."),
+)
 
 def cosmos_key_map(key: str) -> str:
     """Original Cosmos-Predict2.5 checkpoint key (without `net.`) -> our VideoDiT key."""
@@ -288,6 +347,24 @@ def cosmos_key_map(key: str) -> str:
                      (".q_norm.", ".norm_q."), (".k_norm.", ".norm_k.")):
         key = key.replace(old, new)
     return key
+
+
+def cosmos_config(cfg: Config, config: dict, what: str) -> Config:
+    """cfg with the video-DiT sizes of a diffusers CosmosTransformer3DModel config.json. diffusers counts
+    the condition-mask channel in in_channels and adds the padding mask when concat_padding_mask."""
+    if config.get("extra_pos_embed_type") or config.get("img_context_dim_in"):
+        raise ValueError(f"{what}: learnable absolute positions / image context (Cosmos-Predict2, Transfer) are "
+                         "not part of the Cosmos-Predict2.5 network VideoDiT implements")
+    pad = config["in_channels"] + int(config.get("concat_padding_mask", True)) - config["out_channels"] - 1
+    if pad not in (0, 1):
+        raise ValueError(f"{what}: in_channels {config['in_channels']} is not latent + condition mask (+ padding mask)")
+    proj = config.get("use_crossattn_projection", False)
+    return dataclasses.replace(
+        cfg, video_dim=config["num_attention_heads"] * config["attention_head_dim"], video_heads=config["num_attention_heads"],
+        video_layers=config["num_layers"], mlp_ratio=config["mlp_ratio"], adaln_lora_dim=config["adaln_lora_dim"],
+        patch=tuple(config["patch_size"]), rope_scale=tuple(config["rope_scale"]), latent_channels=config["out_channels"],
+        concat_padding_mask=bool(pad), crossattn_proj_in=config["crossattn_proj_in_channels"] if proj else 0,
+        text_dim=config["encoder_hidden_states_channels"] if proj else config["text_embed_dim"])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -462,7 +539,10 @@ def repa_projector(dim: int, hidden: int, out: int) -> nn.Sequential:
 
 
 class Dinov2Layer(nn.Module):
-    def __init__(self, dim, heads):
+    """x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x)); MLP fc1-GELU-fc2, or SwiGLU (DINOv2-g:
+    weights_in -> (a, b), silu(a) * b -> weights_out)."""
+
+    def __init__(self, dim, heads, ffn=0, swiglu=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attention = nn.Module()
@@ -475,7 +555,11 @@ class Dinov2Layer(nn.Module):
         self.layer_scale1.lambda1 = nn.Parameter(torch.ones(dim))
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.swiglu = swiglu
+        if swiglu:
+            self.mlp.weights_in, self.mlp.weights_out = nn.Linear(dim, 2 * ffn), nn.Linear(ffn, dim)
+        else:
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, ffn or 4 * dim), nn.Linear(ffn or 4 * dim, dim)
         self.layer_scale2 = nn.Module()
         self.layer_scale2.lambda1 = nn.Parameter(torch.ones(dim))
         self.heads = heads
@@ -486,44 +570,105 @@ class Dinov2Layer(nn.Module):
         q, k, v = (m(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for m in (a.query, a.key, a.value))
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         x = x + self.layer_scale1.lambda1 * self.attention.output.dense(h)
-        return x + self.layer_scale2.lambda1 * self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+        h = self.norm2(x)
+        if self.swiglu:
+            g, u = self.mlp.weights_in(h).chunk(2, dim=-1)
+            h = self.mlp.weights_out(F.silu(g) * u)
+        else:
+            h = self.mlp.fc2(F.gelu(self.mlp.fc1(h)))
+        return x + self.layer_scale2.lambda1 * h
 
 
 class Dinov2Teacher(nn.Module):
-    """Frozen DINOv2 ViT (patch 14), module names = the Hub checkpoint's legacy names, so
-    `facebook/dinov2-*` weights load by name (the loader comes with the checkpoint issue; until then
-    it is random-initialized). Returns patch features `last_hidden_state[:, 1:]` on an
-    (res/14)^2 grid, with the position table bicubically interpolated from 37 x 37."""
+    """Frozen DINOv2 ViT (patch 14), module names = the Hub checkpoint's names (transformers' legacy
+    names), so `facebook/dinov2-*` and `facebook/dinov2-with-registers-*` weights load by name
+    (from_pretrained). Token order [CLS, registers, patches]; returns the patch features
+    `last_hidden_state[:, 1 + registers:]` on an (res/14)^2 grid, the position table (37 x 37 for
+    image_size 518) bicubically interpolated as transformers does (antialiased for the register models)."""
 
-    def __init__(self, dim=768, layers=12, heads=12, res=448):
+    def __init__(self, dim=768, layers=12, heads=12, res=448, ffn=0, registers=0, swiglu=False, image_size=518, patch=14):
         super().__init__()
-        self.res = res
+        self.res, self.patch, self.registers = res, patch, registers
+        self.sizes = dict(dim=dim, layers=layers, heads=heads, ffn=ffn, registers=registers, swiglu=swiglu, patch=patch)
+        n = image_size // patch                                        # side of the position table
         self.embeddings = nn.Module()
         self.embeddings.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.embeddings.mask_token = nn.Parameter(torch.zeros(1, dim))
-        self.embeddings.position_embeddings = nn.Parameter(torch.randn(1, 1 + 37 * 37, dim) * 0.02)
+        if registers:
+            self.embeddings.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
+        self.embeddings.position_embeddings = nn.Parameter(torch.randn(1, 1 + n * n, dim) * 0.02)
         self.embeddings.patch_embeddings = nn.Module()
-        self.embeddings.patch_embeddings.projection = nn.Conv2d(3, dim, 14, 14)
+        self.embeddings.patch_embeddings.projection = nn.Conv2d(3, dim, patch, patch)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList([Dinov2Layer(dim, heads) for _ in range(layers)])
+        self.encoder.layer = nn.ModuleList([Dinov2Layer(dim, heads, ffn, swiglu) for _ in range(layers)])
         self.layernorm = nn.LayerNorm(dim, eps=1e-6)
         self.requires_grad_(False)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def hidden_states(self, pixels):
+        """ImageNet-normalized pixels (N, 3, H, W) -> last_hidden_state (N, 1 + registers + h w, D)."""
+        x = self.embeddings.patch_embeddings.projection(pixels)                         # (N, D, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        pe = self.embeddings.position_embeddings
+        n = math.isqrt(pe.shape[1] - 1)
+        grid = pe[:, 1:]
+        if (h, w) != (n, n):
+            grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=self.registers > 0)
+            grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pe.dtype)
+        x = torch.cat([self.embeddings.cls_token.expand(len(x), -1, -1) + pe[:, :1], x + grid], 1)
+        if self.registers:                                               # registers carry no position
+            x = torch.cat([x[:, :1], self.embeddings.register_tokens.expand(len(x), -1, -1), x[:, 1:]], 1)
+        for layer in self.encoder.layer:
+            x = layer(x)
+        return self.layernorm(x)
 
     @torch.no_grad()
     def forward(self, images):                                           # (N, 3, H, W) in [-1, 1]
         x = F.interpolate((images + 1) / 2, size=(self.res, self.res), mode="bicubic", align_corners=False)
-        x = self.embeddings.patch_embeddings.projection((x - self.mean) / self.std)     # (N, D, g, g)
-        g = x.shape[-1]
-        x = x.flatten(2).transpose(1, 2)
-        pe = self.embeddings.position_embeddings
-        grid = pe[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
-        x = torch.cat([self.embeddings.cls_token.expand(len(x), -1, -1) + pe[:, :1], x + grid.to(x.dtype)], 1)
-        for layer in self.encoder.layer:
-            x = layer(x)
-        return self.layernorm(x)[:, 1:].unflatten(1, (g, g))             # (N, g, g, D)
+        mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)   # ImageNet statistics
+        std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+        g = self.res // self.patch
+        return self.hidden_states((x - mean) / std)[:, 1 + self.registers:].unflatten(1, (g, g))   # (N, g, g, D)
+
+    @classmethod
+    def from_pretrained(cls, source: str = "facebook/dinov2-base", revision: str | None = None, subfolder: str | None = None,
+                        dtype: torch.dtype | None = None, res: int = 448) -> "Dinov2Teacher":
+        """Any DINOv2 size, with or without registers: sizes from config.json (Dinov2Config defaults where a
+        key is absent). Takes the Hub's legacy names and transformers-5 module names (DINOV2_KEYS, the
+        SwiGLU gate / up halves concatenated back into weights_in)."""
+        path = resolve_source(source, revision, subfolder)
+        c = read_config(path)
+        dim, swiglu = c.get("hidden_size", 768), c.get("use_swiglu_ffn", False)
+        ffn = int(dim * c.get("mlp_ratio", 4))
+        kw = dict(dim=dim, layers=c.get("num_hidden_layers", 12), heads=c.get("num_attention_heads", 12), res=res,
+                  ffn=(int(ffn * 2 / 3) + 7) // 8 * 8 if swiglu else ffn,        # SwiGLU keeps ~2/3 of the width
+                  registers=c.get("num_register_tokens", 0), swiglu=swiglu, image_size=c.get("image_size", 224),
+                  patch=c.get("patch_size", 14))
+        sd = rename_keys(read_weights(path), DINOV2_KEYS)
+        for part in ("weight", "bias"):                                     # transformers 5: gate_proj / up_proj
+            for k in [k for k in sd if k.endswith(f".mlp.gate_proj.{part}")]:
+                sd[k.replace("gate_proj", "weights_in")] = torch.cat([sd.pop(k), sd.pop(k.replace("gate_proj", "up_proj"))])
+        return build_pretrained(lambda: cls(**kw), sd, what=f"DINOv2 weights {path}", dtype=dtype)
+
+
+# transformers >= 5 module names -> the Hub checkpoints' (legacy) names, which Dinov2Teacher uses
+DINOV2_KEYS = (
+    (r"\.attention\.([qkv])_proj\.", lambda m: f".attention.attention.{dict(q='query', k='key', v='value')[m[1]]}."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.down_proj\.", ".mlp.weights_out."),
+)
+
+
+def make_teacher(cfg: Config) -> nn.Module | None:
+    """A fresh (random) frozen teacher of the configured kind and size, None for the toy teacher."""
+    if cfg.teacher == "dinov2":
+        return Dinov2Teacher(cfg.teacher_dim, cfg.teacher_layers, cfg.teacher_heads, cfg.teacher_res, cfg.teacher_ffn,
+                             cfg.teacher_registers, cfg.teacher_swiglu, patch=cfg.teacher_patch)
+    if cfg.teacher == "siglip":
+        return SiglipVisionTower(cfg.teacher_dim, cfg.teacher_layers, cfg.teacher_heads, cfg.teacher_ffn or 4 * cfg.teacher_dim,
+                                 cfg.teacher_patch, cfg.teacher_res)
+    return None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -534,7 +679,8 @@ class Dinov2Teacher(nn.Module):
 class Model(nn.Module):
     """AGRA world action model: VideoDiT -> Bridge -> ActionDiT, with the AGRA alignment loss."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, video: VideoDiT | None = None, teacher: nn.Module | None = None):
+        """`video` / `teacher`: pretrained modules to use as they are (from_pretrained); the rest starts fresh."""
         super().__init__()
         self.cfg = cfg
         codec = PixelCodec(cfg.latent_q, cfg.codec_p)
@@ -542,35 +688,65 @@ class Model(nn.Module):
         self.codec = codec if codec.channels == cfg.latent_channels else None
         if not cfg.crossattn_proj_in:
             self.text_encoder = TinyTextEncoder(list(cfg.vocab), cfg.text_dim, layers=cfg.text_layers)
-        self.video = VideoDiT(cfg)
+        self.pretrained = [n for n, m in (("video", video), ("teacher", teacher)) if m is not None]
+        self.video = video if video is not None else VideoDiT(cfg)
         self.bridge = Bridge(cfg)
         self.head = ActionDiT(cfg)
         self.projectors = nn.ModuleDict({str(l): repa_projector(cfg.video_dim, cfg.proj_dim, cfg.teacher_dim)
                                          for l in cfg.agra_layers})
-        if cfg.teacher == "dinov2":
-            self.teacher = Dinov2Teacher(cfg.teacher_dim, cfg.teacher_layers, cfg.teacher_heads, cfg.teacher_res)
+        if cfg.teacher != "toy":
+            self.teacher = teacher if teacher is not None else make_teacher(cfg)
         self.initialize_weights()
 
     def initialize_weights(self):
         """DiT-style: xavier linears, zero biases; adaLN-Zero (blocks start as the identity);
-        zero output layers so both flows start by predicting velocity 0."""
+        zero output layers so both flows start by predicting velocity 0. The frozen teacher and the
+        pretrained parts keep their weights."""
+        keep = {"teacher", *self.pretrained}
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear) and not name.startswith("teacher"):
+            if isinstance(m, nn.Linear) and name.split(".")[0] not in keep:
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for block in self.video.blocks:                                  # gates (and shift/scale) start at 0
-            for mod in (block.adaln_modulation_self_attn, block.adaln_modulation_cross_attn, block.adaln_modulation_mlp):
-                nn.init.zeros_(mod[2].weight)
-        nn.init.zeros_(self.video.t_embedder[1].linear_2.weight)
-        nn.init.zeros_(self.video.final_layer.adaln_modulation[2].weight)
-        nn.init.zeros_(self.video.final_layer.linear.weight)
+        if "video" not in keep:
+            for block in self.video.blocks:                              # gates (and shift/scale) start at 0
+                for mod in (block.adaln_modulation_self_attn, block.adaln_modulation_cross_attn, block.adaln_modulation_mlp):
+                    nn.init.zeros_(mod[2].weight)
+            nn.init.zeros_(self.video.t_embedder[1].linear_2.weight)
+            nn.init.zeros_(self.video.final_layer.adaln_modulation[2].weight)
+            nn.init.zeros_(self.video.final_layer.linear.weight)
         nn.init.normal_(self.head.pos_embed.weight, std=0.02)
         if self.bridge.pos_embed:
             for p in (self.bridge.pos_t, self.bridge.pos_h, self.bridge.pos_w):
                 nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.head.action_decoder[2].weight)
         nn.init.zeros_(self.head.action_decoder[2].bias)
+
+    @classmethod
+    def from_pretrained(cls, cfg: Config | None = None, dtype: torch.dtype | None = None, **sources) -> "Model":
+        """The AGRA model of `cfg` (default CONFIGS["full"]) with Cosmos-Predict2.5-2B as the video DiT and
+        a pretrained frozen teacher (DINOv2, or SigLIP for teacher="siglip"); bridge, action head and
+        projectors start fresh (App. A.1, C.1). Sources are the Config fields video_weights /
+        video_revision / video_subfolder / teacher_weights, overridable as keyword arguments ("" keeps
+        that part fresh). Teacher sizes follow its checkpoint. Pretrained tensors stay memory-mapped in
+        their dtype (Cosmos: bf16); the model is cast to `dtype`, or to the video checkpoint's dtype."""
+        cfg = dataclasses.replace(copy.deepcopy(cfg or CONFIGS["full"]), **sources)
+        video = teacher = None
+        if cfg.video_weights:
+            video = VideoDiT.from_pretrained(cfg.video_weights, cfg.video_revision or None, cfg.video_subfolder or None,
+                                             dtype, cfg)
+            cfg = video.cfg
+        if cfg.teacher_weights and cfg.teacher != "toy":
+            if cfg.teacher == "dinov2":
+                teacher = Dinov2Teacher.from_pretrained(cfg.teacher_weights, dtype=dtype, res=cfg.teacher_res)
+            else:
+                teacher = SiglipVisionTower.from_pretrained(cfg.teacher_weights, dtype=dtype)
+            k = teacher.sizes                                            # the checkpoint's sizes -> cfg
+            cfg = dataclasses.replace(cfg, teacher_dim=k["dim"], teacher_layers=k["layers"], teacher_heads=k["heads"],
+                                      teacher_ffn=k["ffn"], teacher_patch=k["patch"], teacher_res=k.get("res", cfg.teacher_res),
+                                      teacher_registers=k.get("registers", 0), teacher_swiglu=k.get("swiglu", False))
+        model = cls(cfg, video, teacher)
+        return model.to(dtype or (next(video.parameters()).dtype if video is not None else torch.float32))
 
     # ---------------------------------------------------------------- inputs
     def encode(self, batch) -> torch.Tensor:

@@ -3,12 +3,15 @@
     python bench.py                  # toy world + tiny AGRA / MV-WAM on this machine, a table
     python bench.py --json           # the same as JSON
     python bench.py --device cuda --preset full --dtype bfloat16   # full-size AGRA step on a GPU
+    python bench.py --skip-toyworld --models --load                # only the pretrained-weights load row
 
 Rows: the machine's measured matmul peak; toy-world rendering frames/s on one core and default
 dataset generation time; per model: training step time, samples/s, achieved FLOP/s as a fraction
 of the measured peak, inference latency (AGRA: one t = 1 video pass + 4 action Euler steps; MV-WAM:
 5 joint Euler steps, as actions/s like the paper's 17.9 actions/s headline; EA-WM: time per
-generated frame), and peak memory. No number here is asserted by a test: machines are shared and noisy.
+generated frame), and peak memory. With --load: the peak RSS of loading a full-size
+Wan2.1-T2V-1.3B-shaped bf16 checkpoint through WanDiT.from_pretrained, as a ratio to the file size,
+and the load time. No number here is asserted by a test: machines are shared and noisy.
 """
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ import copy
 import json
 import os
 import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -164,14 +170,70 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None):
         rows.append((name, f"{preset} process max RSS (GiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "GiB"))
 
 
+LOAD_WRITER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from safetensors.torch import save_file
+from common import WanDiT
+with torch.device("meta"):                               # Wan2.1-T2V-1.3B shapes, original names
+    shapes = {{k: v.shape for k, v in WanDiT(16, 16, 1536, 8960, 12, 30, 4096).state_dict().items()}}
+g = torch.Generator().manual_seed(0)
+save_file({{k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}}, {path!r})
+"""
+
+LOAD_READER = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+sys.path.insert(0, {root!r})
+from common import WanDiT
+def peak():                                              # the process's peak resident set (VmHWM), bytes
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+base = peak()
+t1 = time.perf_counter()
+model = WanDiT.from_pretrained({folder!r}, heads=12)
+t2 = time.perf_counter()
+loaded = peak()
+total = sum(float(p.sum()) for p in model.parameters())  # read every weight once (pages the file in)
+t3 = time.perf_counter()
+print(json.dumps(dict(base=base, loaded=loaded, touched=peak(), load_s=t2 - t1, touch_s=t3 - t2,
+                      dtype=str(next(model.parameters()).dtype), params=sum(p.numel() for p in model.parameters()))))
+"""
+
+
+def bench_load(rows):
+    """Peak RSS of WanDiT.from_pretrained on a full-size Wan2.1-T2V-1.3B-shaped bf16 checkpoint with random
+    weights (written once to a temp dir by a subprocess, deleted afterwards), measured in a fresh
+    subprocess so the figure is the loader's own: after loading, and after reading every weight once."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    folder = tempfile.mkdtemp(prefix="wan13b_bf16_")
+    try:
+        path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+        subprocess.run([sys.executable, "-c", LOAD_WRITER.format(root=root, path=path)], check=True)
+        size = os.path.getsize(path)
+        out = subprocess.run([sys.executable, "-c", LOAD_READER.format(root=root, folder=folder)], check=True,
+                             capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    rows.append(("load", f"Wan2.1-1.3B bf16 checkpoint file (GB; {r['params']:,} params, loaded as {r['dtype']})", size / 1e9, "GB"))
+    rows.append(("load", "from_pretrained time (s, warm page cache)", r["load_s"], "s"))
+    rows.append(("load", "peak RSS after from_pretrained / file size", r["loaded"] / size, "ratio"))
+    rows.append(("load", "peak RSS after reading every weight once / file size (goal <= 1.3)", r["touched"] / size, "ratio"))
+    rows.append(("load", "  of which python + torch before loading (GB)", r["base"] / 1e9, "GB"))
+    rows.append(("load", "reading every weight once (s)", r["touch_s"], "s"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Measure toy-world and model speed as ratios measured in one run.")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--preset", default="tiny", help="model preset to time (full needs a large GPU)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the preset's)")
-    p.add_argument("--models", nargs="+", default=["agra", "mvwam", "eawm"], choices=sorted(INFERENCE), help="models to time")
+    p.add_argument("--models", nargs="*", default=["agra", "mvwam", "eawm"], choices=sorted(INFERENCE), help="models to time")
     p.add_argument("--skip-toyworld", action="store_true", help="do not time the toy world")
+    p.add_argument("--load", action="store_true", help="also measure loading a full-size Wan2.1-1.3B-shaped bf16 "
+                   "checkpoint (writes ~2.8 GB to a temp dir, deleted afterwards)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -183,6 +245,8 @@ def main(argv=None):
         bench_toyworld(rows)
     for m in args.models:
         bench_model(m, rows, device, dtype, args.preset, peak, args.batch_size)
+    if args.load:
+        bench_load(rows)
     if args.json:
         print(json.dumps([{"group": g, "metric": k, "value": v, "unit": u} for g, k, v, u in rows], indent=1))
     else:

@@ -14,8 +14,8 @@ Shape letters: B batch, T frames (raw or latent), C channels, H/W height/width (
 latent), h/w token grid, L tokens, D model width, d head width, K action horizon.
 
 Sections: device | flow matching | normalization & embeddings | RoPE | attention |
-Wan block | LoRA | tiny text encoder | pixel codec | checkpoints | kinematics & camera |
-raster | image files
+Wan block | SigLIP vision tower | LoRA | tiny text encoder | pixel codec | checkpoints |
+pretrained weights | kinematics & camera | raster | image files
 """
 from __future__ import annotations
 
@@ -480,12 +480,15 @@ class WanBlock(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, heads: int, ctx_dim: int | None = None,
                  cross_attn_norm: bool = True, eps: float = 1e-6, attn_dim: int | None = None,
-                 cross_heads: int | None = None):
+                 cross_heads: int | None = None, image: bool = False):
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.self_attn = Attention(dim, heads, qk_norm="across_heads", eps=eps, inner_dim=attn_dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
-        self.cross_attn = Attention(dim, cross_heads or heads, ctx_dim=ctx_dim, qk_norm="across_heads", eps=eps)
+        if image:                                           # Wan I2V / WoW: + k_img, v_img, norm_k_img
+            self.cross_attn = WanI2VCrossAttention(dim, cross_heads or heads, eps)
+        else:
+            self.cross_attn = Attention(dim, cross_heads or heads, ctx_dim=ctx_dim, qk_norm="across_heads", eps=eps)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
@@ -500,16 +503,39 @@ class WanBlock(nn.Module):
         """The modulated input of self-attention, LN1(x) (1 + s_msa) + b_msa."""
         return modulate(self.norm1(x).float(), mod[0], mod[1]).type_as(x)
 
-    def finish(self, x, y, mod, ctx):
-        """Gated residual of the self-attention output y, then cross-attention and the gated FFN."""
+    def finish(self, x, y, mod, ctx, ctx_img=None):
+        """Gated residual of the self-attention output y, then cross-attention (to the text, and to the
+        embedded image tokens `ctx_img` in an image-input block) and the gated FFN."""
         x = x + (y.float() * mod[2]).type_as(x)
-        x = x + self.cross_attn(self.norm3(x), ctx)
+        c = self.norm3(x)
+        x = x + (self.cross_attn(c, ctx) if ctx_img is None else self.cross_attn(c, ctx, ctx_img))
         y = self.ffn(modulate(self.norm2(x).float(), mod[3], mod[4]).type_as(x))
         return x + (y.float() * mod[5]).type_as(x)
 
-    def forward(self, x, e0, ctx, rope=None, mask=None):
+    def forward(self, x, e0, ctx, rope=None, mask=None, ctx_img=None):
         mod = self.modulation_terms(e0)
-        return self.finish(x, self.self_attn(self.attn_input(x, mod), mask=mask, rope=rope), mod, ctx)
+        return self.finish(x, self.self_attn(self.attn_input(x, mod), mask=mask, rope=rope), mod, ctx, ctx_img)
+
+
+class WanI2VCrossAttention(Attention):
+    """Wan2.1 I2V cross-attention (also WoW-1.3B): the text attention plus a second attention of the
+    same queries over the image tokens, with their own keys / values (k_img, v_img, RMSNorm norm_k_img),
+    summed before the output projection o. Wan concatenates [image tokens (257), text tokens] into one
+    context and splits it again here; passing the two apart is the same computation."""
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6):
+        super().__init__(dim, heads, qk_norm="across_heads", eps=eps)
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x, ctx, ctx_img):
+        """x (B, L, D), ctx (B, L_text, D), ctx_img (B, L_img, D) (both already embedded) -> (B, L, D)."""
+        q, k, v = self.qkv(x, ctx)
+        k_img = self.split_heads(self.norm_k_img(self.k_img(ctx_img)))
+        v_img = self.split_heads(self.v_img(ctx_img))
+        out = F.scaled_dot_product_attention(q, k, v) + F.scaled_dot_product_attention(q, k_img, v_img)
+        return self.o(out.transpose(1, 2).flatten(2))
 
 
 class WanHead(nn.Module):
@@ -532,24 +558,50 @@ class WanHead(nn.Module):
 
 class WanDiT(nn.Module):
     """The Wan2.1 / Wan2.2 DiT with Wan's original top-level names (`patch_embedding`, `text_embedding`,
-    `time_embedding`, `time_projection`, `blocks.i`, `head`), so a Wan state dict maps 1:1.
+    `time_embedding`, `time_projection`, `blocks.i`, `head`, `img_emb`), so a Wan state dict maps 1:1.
 
     Timesteps are per latent frame (B, T) (or (B,) = one per sample), expanded to tokens, which covers
     Wan2.1 (all equal) and Wan2.2 TI2V (the clean first frame at t = 0). The time embedding sees
     1000 t (Wan's timesteps). RoPE: 3D, interleaved pairs, head_dim split (d - 4 d/6, 2 d/6, 2 d/6).
+    image_dim (Wan2.1 I2V, WoW: 1280 = CLIP ViT-H/14 tokens) adds the image input: img_emb (LayerNorm,
+    Linear, GELU, Linear, LayerNorm) and an image cross-attention in every block. `from_pretrained`
+    loads Wan2.1 / Wan2.2 / WoW weights (section "Pretrained weights").
     """
 
     def __init__(self, in_dim: int, out_dim: int, dim: int, ffn_dim: int, heads: int, layers: int,
-                 text_dim: int, patch=(1, 2, 2), freq_dim: int = 256, eps: float = 1e-6, rope_theta: float = 10000.0):
+                 text_dim: int, patch=(1, 2, 2), freq_dim: int = 256, eps: float = 1e-6, rope_theta: float = 10000.0,
+                 image_dim: int | None = None):
         super().__init__()
         self.dim, self.heads, self.patch, self.freq_dim, self.out_dim = dim, heads, tuple(patch), freq_dim, out_dim
         self.rope_theta = rope_theta
+        self.sizes = dict(in_dim=in_dim, out_dim=out_dim, dim=dim, ffn_dim=ffn_dim, heads=heads, layers=layers,
+                          text_dim=text_dim, patch=self.patch, freq_dim=freq_dim, image_dim=image_dim)
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch, stride=self.patch)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList([WanBlock(dim, ffn_dim, heads, eps=eps) for _ in range(layers)])
+        if image_dim:
+            self.img_emb = nn.Module()
+            self.img_emb.proj = nn.Sequential(FP32LayerNorm(image_dim), nn.Linear(image_dim, image_dim), nn.GELU(),
+                                              nn.Linear(image_dim, dim), FP32LayerNorm(dim))
+        self.blocks = nn.ModuleList([WanBlock(dim, ffn_dim, heads, eps=eps, image=bool(image_dim)) for _ in range(layers)])
         self.head = WanHead(dim, out_dim * math.prod(self.patch), eps)
+
+    @classmethod
+    def from_pretrained(cls, source: str, revision: str | None = None, subfolder: str | None = None,
+                        dtype: torch.dtype | None = None, heads: int | None = None) -> "WanDiT":
+        """Wan2.1-T2V-1.3B, Wan2.2-TI2V-5B or WoW weights from a Hub id or a local folder / file, in the
+        original layout (names = ours) or the diffusers one (`subfolder="transformer"`; WAN_DIFFUSERS_KEYS).
+        Sizes come from the weight shapes, the head count from config.json (num_heads / num_attention_heads;
+        without one, `heads` or dim / 128, Wan's head width); a config.json that disagrees is an error.
+        The image input is built when the weights have it. Memory-mapped, in the checkpoint's dtype
+        unless `dtype` is given."""
+        path = resolve_source(source, revision, subfolder, WAN_FILES)
+        sd = read_weights(path)
+        if any(k.startswith("condition_embedder.") for k in sd):
+            sd = rename_keys(sd, WAN_DIFFUSERS_KEYS)
+        kw = wan_config(sd, read_config(path), heads, what=path)
+        return build_pretrained(lambda: cls(**kw), sd, what=f"Wan DiT weights {path}", ignore=WAN_IGNORED, dtype=dtype)
 
     def embed(self, x):
         """(B, C_in, T, H, W) -> tokens (B, L, D) and the token grid (T', h, w)."""
@@ -577,15 +629,106 @@ class WanDiT(nn.Module):
         x = x.reshape(x.shape[0], T, h, w, pt, ph, pw, self.out_dim)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.out_dim, T * pt, h * ph, w * pw)
 
-    def forward(self, x, t, ctx, mask=None):
-        """x (B, C_in, T, H, W), t (B,) or (B, T), ctx (B, L_text, text_dim) -> (B, C_out, T, H, W)."""
+    def image_context(self, ctx_img):
+        """Embedded image tokens (B, L_img, D) of an image-input model, None for a text-only one."""
+        has = hasattr(self, "img_emb")
+        if has != (ctx_img is not None):
+            raise ValueError("this Wan DiT " + ("has an image input (img_emb): pass ctx_img (B, L_img, image_dim), "
+                             "e.g. 257 CLIP ViT-H/14 tokens" if has else "has no image input, but ctx_img was given"))
+        return self.img_emb.proj(ctx_img) if has else None
+
+    def forward(self, x, t, ctx, mask=None, ctx_img=None):
+        """x (B, C_in, T, H, W), t (B,) or (B, T), ctx (B, L_text, text_dim), ctx_img (B, L_img, image_dim)
+        for an image-input model -> (B, C_out, T, H, W)."""
         tokens, grid = self.embed(x)
         e, e0 = self.time(t, grid)
-        ctx = self.text_embedding(ctx)
+        ctx, ctx_img = self.text_embedding(ctx), self.image_context(ctx_img)
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            tokens = block(tokens, e0, ctx, rope=rope, mask=mask)
+            tokens = block(tokens, e0, ctx, rope=rope, mask=mask, ctx_img=ctx_img)
         return self.unpatchify(self.head(tokens, e), grid)
+
+
+# -------------------------------------------------------------------------------------------------
+# SigLIP / SigLIP2 vision tower (MV-WAM's image condition, AGRA's SigLIP teacher), checkpoint names
+# -------------------------------------------------------------------------------------------------
+
+
+class SiglipLayer(nn.Module):
+    """Pre-LN ViT layer with SigLIP's names: x += attn(layer_norm1(x)); x += mlp(layer_norm2(x))."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, eps: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = nn.Module()
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self.self_attn, n, nn.Linear(dim, dim))
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+
+    def forward(self, x):
+        a, h = self.self_attn, self.layer_norm1(x)
+        q, k, v = (m(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for m in (a.q_proj, a.k_proj, a.v_proj))
+        x = x + a.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
+
+
+class SiglipVisionTower(nn.Module):
+    """SigLIP / SigLIP2 fixed-resolution vision encoder (Tschannen et al., "SigLIP 2", arXiv 2502.14786),
+    frozen. Module names are the checkpoint's `vision_model.*` names without that prefix: a patch
+    Conv2d plus a learned position table, pre-LN transformer layers (GELU-tanh MLP), post_layernorm.
+    SigLIP normalizes pixels with mean = std = 0.5, i.e. it takes [-1, 1] images as they are.
+    The attention-pooling head is not built: MV-WAM and AGRA read the patch tokens.
+
+    forward(images (N, 3, H, W) in [-1, 1]) -> patch features (N, g, g, D) on the res / patch grid."""
+
+    def __init__(self, dim: int = 768, layers: int = 12, heads: int = 12, ffn: int = 3072, patch: int = 16,
+                 res: int = 224, eps: float = 1e-6):
+        super().__init__()
+        self.res, self.grid = res, res // patch
+        self.sizes = dict(dim=dim, layers=layers, heads=heads, ffn=ffn, patch=patch, res=res)
+        self.embeddings = nn.Module()
+        self.embeddings.patch_embedding = nn.Conv2d(3, dim, patch, patch)
+        self.embeddings.position_embedding = nn.Embedding(self.grid ** 2, dim)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([SiglipLayer(dim, heads, ffn, eps) for _ in range(layers)])
+        self.post_layernorm = nn.LayerNorm(dim, eps=eps)
+        self.requires_grad_(False)
+
+    def hidden_states(self, pixels):
+        """Normalized pixels (N, 3, res, res) -> last_hidden_state (N, g*g, D), patch tokens only."""
+        x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)        # (N, g*g, D)
+        x = x + self.embeddings.position_embedding.weight
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = F.interpolate(images, size=(self.res, self.res), mode="bilinear", align_corners=False, antialias=True)
+        return self.hidden_states(x).unflatten(1, (self.grid, self.grid))             # (N, g, g, D)
+
+    @classmethod
+    def from_pretrained(cls, source: str = "google/siglip2-base-patch16-224", revision: str | None = None,
+                        subfolder: str | None = None, dtype: torch.dtype | None = None) -> "SiglipVisionTower":
+        """The vision tower of a SigLIP / SigLIP2 checkpoint (a full SiglipModel, keys `vision_model.*`,
+        or a saved SiglipVisionModel, no prefix). Fixed-resolution SigLIP2 checkpoints use model_type
+        "siglip"; NaFlex ones ("siglip2", a Linear patch embedding) are refused. SIGLIP_IGNORED lists the
+        checkpoint keys not used (text tower, logit scale / bias, the pooling head)."""
+        path = resolve_source(source, revision, subfolder, HF_FILES)
+        config = read_config(path)
+        if config.get("model_type", "").startswith("siglip2"):
+            raise ValueError(f"{path}: model_type {config['model_type']!r} is a NaFlex SigLIP2 checkpoint (Linear patch "
+                             "embedding, per-image position resizing), not supported; use a fixed-resolution one, "
+                             "e.g. google/siglip2-base-patch16-224 (model_type 'siglip')")
+        v = config.get("vision_config", config)                 # SiglipVisionConfig defaults where a key is absent
+        kw = dict(dim=v.get("hidden_size", 768), layers=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
+                  ffn=v.get("intermediate_size", 3072), patch=v.get("patch_size", 16), res=v.get("image_size", 224),
+                  eps=v.get("layer_norm_eps", 1e-6))
+        sd = {k.removeprefix("vision_model."): t for k, t in read_weights(path).items()}
+        return build_pretrained(lambda: cls(**kw), sd, what=f"SigLIP weights {path}", ignore=SIGLIP_IGNORED, dtype=dtype)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -619,10 +762,7 @@ def inject_lora(module: nn.Module, pattern: str, rank: int, alpha: float | None 
         old = getattr(parent, child)
         new = LoRALinear(old.in_features, old.out_features, old.bias is not None, rank, alpha)
         new = new.to(device=old.weight.device, dtype=old.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(old.weight)
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
+        new.weight, new.bias = old.weight, old.bias          # the base tensors themselves (no copy; may be memory-mapped)
         new.weight.requires_grad_(False)
         if new.bias is not None:
             new.bias.requires_grad_(False)
@@ -749,13 +889,19 @@ def load_weights(path: str) -> tuple[dict, dict]:
     return sd, meta
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict, key_map: dict | None = None, what: str = "checkpoint"):
+def load_state_dict_strict(module: nn.Module, state_dict: dict, key_map: dict | None = None, what: str = "checkpoint",
+                           ignore=(), assign: bool = False, dtype: torch.dtype | None = None):
     """Copy `state_dict` into `module`, mapping names through `key_map` (old -> new) first.
 
-    Refuses partial loads: raises naming every missing, unexpected and mis-shaped key.
+    Refuses partial loads: raises naming every missing, unexpected and mis-shaped key. `ignore` is a
+    documented list of regexes of checkpoint keys this model does not use on purpose; they are dropped.
+    assign=True makes the module's tensors the given ones (memory-mapped, for a module built on the
+    meta device) instead of copying; `dtype` casts floating-point tensors first.
     """
     if key_map:
         state_dict = {key_map.get(k, k): v for k, v in state_dict.items()}
+    if ignore:
+        state_dict = {k: v for k, v in state_dict.items() if not any(re.search(p, k) for p in ignore)}
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -765,6 +911,8 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict, key_map: dict | 
         def show(xs):
             return ", ".join(xs[:12]) + (f" ... (+{len(xs) - 12} more)" if len(xs) > 12 else "")
         msg = [f"{what} does not fit {type(module).__name__}:"]
+        if len(missing) > len(own) // 2:
+            msg[0] += f" only {len(own) - len(missing)} of its {len(own)} keys are there (a checkpoint of another model?)"
         if missing:
             msg.append(f"  missing {len(missing)} key(s): {show(missing)}")
         if unexpected:
@@ -772,7 +920,195 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict, key_map: dict | 
         if shapes:
             msg.append(f"  {len(shapes)} shape mismatch(es): {show(shapes)}")
         raise ValueError("\n".join(msg))
-    module.load_state_dict(state_dict, strict=True)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+# -------------------------------------------------------------------------------------------------
+# Pretrained weights: a source (Hub repo id or local path) -> memory-mapped tensors -> key map ->
+# strict load into a module built on the meta device (nanoGPT's from_pretrained, at 10 GB scale)
+# -------------------------------------------------------------------------------------------------
+
+HF_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")      # what a Hub fetch downloads
+WAN_FILES = ("config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.safetensors.index.json")
+STATE_DICT_WRAPPERS = ("state_dict", "module", "model")    # torch.save / DeepSpeed (mp_rank_00_model_states.pt) / Lightning
+KEY_PREFIXES = ("net.", "model.diffusion_model.")          # Cosmos checkpoints / ComfyUI-style files
+
+# Checkpoint keys each model does not use on purpose (dropped before the strict check):
+WAN_IGNORED = (r"\.norm_added_q\.",)                       # diffusers lists it as ignorable; Wan has no such norm
+SIGLIP_IGNORED = (r"^text_model\.", r"^logit_(scale|bias)$", r"^head\.")  # text tower, contrastive scale/bias, pooling head
+
+# diffusers WanTransformer3DModel name -> Wan's original name (= ours); first matching rule wins.
+WAN_DIFFUSERS_KEYS = (
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.(?:to_)?", r"blocks.\1.self_attn."),                  # to_q/k/v, norm_q/k
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.add_([kv])_proj\.", r"blocks.\1.cross_attn.\2_img."),  # I2V image keys / values
+    (r"^blocks\.(\d+)\.attn2\.norm_added_k\.", r"blocks.\1.cross_attn.norm_k_img."),
+    (r"^blocks\.(\d+)\.attn2\.(?:to_)?", r"blocks.\1.cross_attn."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),          # the cross-attention LayerNorm: Wan calls it norm3
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+)
+
+
+def resolve_source(source: str, revision: str | None = None, subfolder: str | None = None, patterns=HF_FILES) -> str:
+    """Local folder or file (with `subfolder` joined), or a Hub repo id "owner/name" fetched with
+    huggingface_hub.snapshot_download: only the files matching `patterns` under `subfolder`, into the
+    standard cache; with HF_HUB_OFFLINE=1 only the cache is used. Tokens are huggingface_hub's business
+    (HF_TOKEN or `hf auth login`). -> a local path."""
+    if os.path.exists(source):
+        path = os.path.join(source, subfolder) if subfolder else source
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{source} has no subfolder {subfolder!r}")
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hub repo id 'owner/name'")
+    from huggingface_hub import snapshot_download
+    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    try:
+        root = snapshot_download(source, revision=revision, allow_patterns=[prefix + p for p in patterns])
+    except Exception as e:  # offline without a cached copy, unknown repo or revision, gated repo, no network
+        raise OSError(f"could not fetch {source} (revision {revision or 'main'}, files {[prefix + p for p in patterns]}): "
+                      f"{type(e).__name__}: {e}. With HF_HUB_OFFLINE=1 only the local cache is used; fetch once with "
+                      f"network access, or pass a local folder.") from None
+    return os.path.join(root, subfolder) if subfolder else root
+
+
+def read_config(path: str) -> dict:
+    """config.json of a weights folder (or next to a weights file), {} if there is none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    f = os.path.join(folder, "config.json")
+    return json.load(open(f)) if os.path.isfile(f) else {}
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of a folder: the shards of a *.safetensors.index.json, else its one
+    .safetensors file, else its one .pt / .pth file."""
+    if os.path.isfile(path):
+        return [path]
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    index = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(index) == 1:
+        shards = sorted(set(json.load(open(os.path.join(path, index[0])))["weight_map"].values()))
+        absent = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if absent:
+            raise FileNotFoundError(f"{path}/{index[0]} names shards that are not there: {absent}")
+        return [os.path.join(path, s) for s in shards]
+    for ext in ((".safetensors",), (".pt", ".pth")):
+        found = [n for n in names if n.endswith(ext)]
+        if len(found) == 1:
+            return [os.path.join(path, found[0])]
+        if found:
+            raise ValueError(f"{path} holds several weight files {found} and no index: pass the file itself")
+    raise FileNotFoundError(f"no weights in {path} (looked for *.safetensors.index.json, *.safetensors, *.pt, *.pth); "
+                            f"files there: {names[:20]}")
+
+
+def read_weight_file(f: str) -> dict:
+    """One file -> {name: tensor}, memory-mapped. .pt / .pth only through torch.load(weights_only=True):
+    never an unrestricted pickle."""
+    if f.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            with safe_open(f, framework="pt") as h:
+                return {k: h.get_tensor(k) for k in h.keys()}
+        except Exception as e:  # safetensors' own error types: truncated header or data, not a safetensors file
+            raise ValueError(f"could not read {f} as safetensors (truncated or not a weights file?): {e}") from None
+    try:
+        obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"could not read {f} with torch.load(weights_only=True, mmap=True): {type(e).__name__}: {e}. "
+                         "A truncated download, a pre-1.6 (non-zip) torch file, or a file holding Python objects "
+                         "other than tensors and plain containers, which this loader refuses to unpickle.") from None
+    while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in STATE_DICT_WRAPPERS):
+        obj = obj[next(k for k in STATE_DICT_WRAPPERS if isinstance(obj.get(k), dict))]   # e.g. DeepSpeed's {'module': ...}
+    if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{f}: no state dict inside (found {type(obj).__name__} {list(obj)[:10] if isinstance(obj, dict) else ''}; "
+                         f"expected tensors, or one of {STATE_DICT_WRAPPERS} holding them)")
+    odd = [k for k, v in obj.items() if not torch.is_tensor(v) and not k.endswith("_extra_state")]
+    if odd:                                                 # Transformer Engine's _extra_state may be None / bytes
+        raise ValueError(f"{f}: entries that are not tensors: {odd[:10]}")
+    return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+
+
+def read_weights(path: str) -> dict:
+    """All tensors of a weights file or folder (see weight_files), memory-mapped, with the `net.` /
+    `model.diffusion_model.` prefixes stripped."""
+    sd = {}
+    for f in weight_files(path):
+        sd.update(read_weight_file(f))
+    for prefix in KEY_PREFIXES:
+        sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    return sd
+
+
+def rename_keys(state_dict: dict, rules) -> dict:
+    """Apply the first matching (regex, replacement) rule to each key; keys matching none stay."""
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, k, count=1)
+            if n:
+                k = new
+                break
+        out[k] = v
+    return out
+
+
+def build_pretrained(build, state_dict: dict, what: str, ignore=(), dtype: torch.dtype | None = None) -> nn.Module:
+    """build() on the meta device (no memory, no init), then strict-load `state_dict` with assign=True:
+    the module's tensors are the checkpoint's memory-mapped ones (copied only for a `dtype` cast), so
+    loading a 10 GB bf16 file needs about 10 GB of page cache, not 3 x 10 GB of RAM."""
+    with torch.device("meta"):
+        module = build()
+    load_state_dict_strict(module, state_dict, what=what, ignore=ignore, assign=True, dtype=dtype)
+    left = [n for n, b in module.named_buffers() if b.is_meta and n not in state_dict]   # non-persistent buffers
+    if left:
+        raise RuntimeError(f"{what}: buffers {left[:5]} are not in checkpoints and were left on the meta device")
+    return module
+
+
+def wan_config(sd: dict, config: dict, heads: int | None = None, what: str = "checkpoint") -> dict:
+    """WanDiT keyword arguments from the (original-named) weight shapes, the head count and eps from
+    config.json (original keys num_heads / eps, diffusers num_attention_heads / eps); the sizes
+    config.json states must agree with the weights."""
+    if "patch_embedding.weight" not in sd or "blocks.0.ffn.0.weight" not in sd:
+        raise ValueError(f"{what} is not a Wan DiT checkpoint: no patch_embedding.weight / blocks.0.ffn.0.weight "
+                         f"(its first keys: {sorted(sd)[:8]})")
+    w = sd["patch_embedding.weight"]                                   # (D, C_in, p_t, p_h, p_w)
+    dim, patch = w.shape[0], tuple(w.shape[2:])
+    heads = heads or config.get("num_heads") or config.get("num_attention_heads") or dim // 128
+    if not heads or dim % heads:
+        raise ValueError(f"{what}: no config.json gives the head count and dim {dim} is not a multiple of Wan's "
+                         "head width 128: pass heads=")
+    img = sd.get("img_emb.proj.0.weight")                              # LayerNorm of the image input, (image_dim,)
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    kw = dict(in_dim=w.shape[1], out_dim=sd["head.head.weight"].shape[0] // math.prod(patch), dim=dim, heads=heads,
+              ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], layers=layers,
+              text_dim=sd["text_embedding.0.weight"].shape[1], patch=patch, freq_dim=sd["time_embedding.0.weight"].shape[1],
+              eps=config.get("eps", 1e-6), image_dim=img.shape[0] if img is not None else None)
+    diffusers_dim = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0) or None
+    claims = {"dim": config.get("dim", diffusers_dim), "ffn_dim": config.get("ffn_dim"), "layers": config.get("num_layers"),
+              "in_dim": config.get("in_dim", config.get("in_channels")), "out_dim": config.get("out_dim", config.get("out_channels")),
+              "freq_dim": config.get("freq_dim"), "text_dim": config.get("text_dim")}
+    wrong = {k: (v, kw[k]) for k, v in claims.items() if v is not None and v != kw[k]}
+    if wrong:
+        raise ValueError(f"{what}: config.json disagrees with the weights (config, weights): {wrong}")
+    return kw
 
 
 # -------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ D width, F raw frames.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -219,6 +220,10 @@ class Config:
     grad_clip: float = 1.0
     batch_size: int = 16                 # 32
     steps: int = 200
+    # pretrained source of Model.from_pretrained / train.py --pretrained ("" = start fresh)
+    video_weights: str = "Wan-AI/Wan2.2-TI2V-5B"         # Sec. 3.2: the Wan2.2-TI2V-5B backbone
+    video_revision: str = ""
+    video_subfolder: str = ""            # "transformer" for Wan-AI/Wan2.2-TI2V-5B-Diffusers
 
     def __post_init__(self):
         check_choice("fusion", self.fusion, ("event", "plain"))
@@ -329,7 +334,8 @@ def edls_target(video: torch.Tensor, encode) -> torch.Tensor:
 class Model(nn.Module):
     """EA-WM: Wan2.2-TI2V video stream + KVAF stream (full-depth block copy) + event-aware fusion."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, video: WanDiT | None = None):
+        """`video`: a pretrained Wan2.2-TI2V stream (from_pretrained); the KVAF stream copies its blocks."""
         super().__init__()
         self.cfg = cfg
         codec = PixelCodec(cfg.latent_q, cfg.codec_p)
@@ -337,9 +343,12 @@ class Model(nn.Module):
         C = cfg.latent_channels
         if cfg.text_encoder == "tiny":
             self.text_encoder = TinyTextEncoder(list(cfg.vocab), cfg.text_dim, layers=cfg.text_layers)
-        self.video = WanDiT(C, C, cfg.dim, cfg.ffn_dim, cfg.heads, cfg.layers, cfg.text_dim, cfg.patch, cfg.freq_dim,
-                            rope_theta=cfg.rope_theta)
-        self.initialize_weights()
+        if video is None:
+            self.video = WanDiT(C, C, cfg.dim, cfg.ffn_dim, cfg.heads, cfg.layers, cfg.text_dim, cfg.patch, cfg.freq_dim,
+                                rope_theta=cfg.rope_theta)
+            self.initialize_weights()
+        else:
+            self.video = video
         # KVAF branch: own input embedding, a full-depth copy of the (pretrained) blocks, own head
         if cfg.kvaf:
             self.kvaf_patch_embedding = copy.deepcopy(self.video.patch_embedding)
@@ -355,6 +364,26 @@ class Model(nn.Module):
         if cfg.lora_rank:
             inject_lora(self, cfg.lora_pattern, cfg.lora_rank)                   # base frozen, LoRA B = 0
         self._chain = None
+
+    @classmethod
+    def from_pretrained(cls, cfg: Config | None = None, dtype: torch.dtype | None = None, **sources) -> "Model":
+        """EA-WM of `cfg` (default CONFIGS["full"]) on Wan2.2-TI2V-5B: the video stream is the loaded DiT,
+        the KVAF stream's blocks, patch embedding and head are copies of the loaded ones (Sec. 3.2), the
+        fusion modules and LoRA start fresh (Sec. 4.1). Sources: the Config fields video_weights /
+        video_revision / video_subfolder, overridable as keyword arguments. The stream sizes follow the
+        checkpoint. The video stream stays memory-mapped in its dtype; the model is cast to `dtype`, or
+        to the checkpoint's dtype (the copies live in RAM: about 2 x 10 GB in bf16 at 5B)."""
+        cfg = dataclasses.replace(copy.deepcopy(cfg or CONFIGS["full"]), **sources)
+        if not cfg.video_weights:
+            raise ValueError("EA-WM's pretrained part is its video stream: set video_weights")
+        video = WanDiT.from_pretrained(cfg.video_weights, cfg.video_revision or None, cfg.video_subfolder or None, dtype)
+        k = video.sizes
+        if k["in_dim"] != k["out_dim"] or k["image_dim"]:
+            raise ValueError(f"EA-WM needs a TI2V-style Wan DiT (in = out channels, no image input); "
+                             f"{cfg.video_weights} has in {k['in_dim']}, out {k['out_dim']}, image input {k['image_dim']}")
+        cfg = dataclasses.replace(cfg, dim=k["dim"], ffn_dim=k["ffn_dim"], heads=k["heads"], layers=k["layers"], text_dim=k["text_dim"],
+                                  patch=k["patch"], freq_dim=k["freq_dim"], latent_channels=k["out_dim"])
+        return cls(cfg, video).to(dtype or next(video.parameters()).dtype)
 
     def initialize_weights(self):
         """Xavier linears and zero biases, N(0, 0.02) time embedding, zero output head (at full size

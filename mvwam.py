@@ -53,6 +53,8 @@ tokens, K horizon, D video width, A action-expert width, d_u unified state/actio
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, replace
@@ -61,9 +63,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (frame_times, PixelCodec, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise, check_choice, check_clip_frames,
-                    check_shape, grid_positions, rope_3d, sample_t, set_trainable, shift_t, timestep_embedding, to_velocity,
-                    velocity_target)
+from common import (frame_times, PixelCodec, SiglipVisionTower, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise,
+                    check_choice, check_clip_frames, check_shape, grid_positions, rope_3d, sample_t, set_trainable, shift_t,
+                    timestep_embedding, to_velocity, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -100,9 +102,19 @@ class Config:
     act_width: int = 64                  # A: 768
     act_ffn: int = 256                   # 4480 (Wan's ffn/dim ratio at 768; the paper gives no FFN width)
     act_cross_heads: int = 2             # heads of the expert's own cross-attention (12 x 64)
-    image_encoder: str = "tiny"          # tiny (trainable, stands in for SigLIP2) | precomputed (batch["image_emb"])
-    image_dim: int = 64                  # SigLIP2-so400m: 1152
-    image_patch: int = 4                 # tiny image encoder patch (pixels)
+    image_encoder: str = "tiny"          # tiny (trainable SigLIP2 stand-in) | precomputed (batch["image_emb"]) | siglip (frozen)
+    image_dim: int = 64                  # SigLIP2-so400m: 1152, SigLIP2-B/16: 768
+    image_patch: int = 4                 # tiny image encoder patch (pixels); SigLIP2-B/16: 16
+    image_layers: int = 12               # SigLIP2 tower size (image_encoder="siglip"; from its checkpoint)
+    image_heads: int = 12
+    image_ffn: int = 3072
+    image_res: int = 224
+    video_image_dim: int = 0             # WoW's image cross-attention input (CLIP ViT-H/14 tokens: 1280); 0 = none
+    # pretrained sources of Model.from_pretrained / train.py --pretrained ("" = start fresh)
+    video_weights: str = "Wan-AI/Wan2.1-T2V-1.3B"        # Sec. 4.1: WoW-1.3B (a Wan2.1-T2V-1.3B fine-tune); a local path for WoW
+    video_revision: str = ""
+    video_subfolder: str = ""            # "transformer" for the -Diffusers repos
+    image_weights: str = "google/siglip2-base-patch16-224"   # SigLIP2 (Sec. 3.1; the paper does not name the size)
     ground_actions: bool = True          # action k sees latent frames <= the one covering its step (Sec. 3.1)
     action_attention: str = "full"       # full: every action sees every action (Sec. 3.1) | causal: action k sees
                                          #   actions <= k and the state no action
@@ -143,7 +155,7 @@ class Config:
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint"))
         check_choice("action_target", self.action_target, ("x0", "v", "eps"))
-        check_choice("image_encoder", self.image_encoder, ("tiny", "precomputed"))
+        check_choice("image_encoder", self.image_encoder, ("tiny", "precomputed", "siglip"))
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
         check_choice("action_attention", self.action_attention, ("full", "causal"))
@@ -282,6 +294,25 @@ class ActionValueExpert(nn.Module):
         return [text if (i + self.base) % 2 == 1 else image for i in range(len(self.blocks))]
 
 
+def widen_patch_embedding(video: WanDiT, in_dim: int, generator: torch.Generator | None = None):
+    """WoW's T2V -> I2V conversion of the patch embedding: in_dim input channels (16 noisy + 4 mask + 16
+    condition = 36), the pretrained kernel on the first channels, N(0, 0.02) on the new ones, the bias
+    kept. A no-op when the embedding already has in_dim channels (a WoW checkpoint)."""
+    old = video.patch_embedding
+    if old.in_channels == in_dim:
+        return
+    if old.in_channels > in_dim:
+        raise ValueError(f"the video checkpoint's patch embedding has {old.in_channels} input channels, more than the "
+                         f"{in_dim} of the MV-WAM video input")
+    new = nn.Conv3d(in_dim, old.out_channels, old.kernel_size, old.stride, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.normal_(0.0, 0.02, generator=generator)
+        new.weight[:, :old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    video.patch_embedding = new
+    video.sizes["in_dim"] = in_dim
+
+
 # -------------------------------------------------------------------------------------------------
 # Losses
 # -------------------------------------------------------------------------------------------------
@@ -302,7 +333,8 @@ def flow_loss(pred, x0, noise, target: str) -> torch.Tensor:
 class Model(nn.Module):
     """MV-WAM: Video Expert + Action-Value Expert as a mixture of transformers."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, video: WanDiT | None = None, image_encoder: nn.Module | None = None):
+        """`video` / `image_encoder`: pretrained modules to use as they are (from_pretrained); the rest starts fresh."""
         super().__init__()
         self.cfg = cfg
         codec = PixelCodec(cfg.latent_q, cfg.codec_p)
@@ -310,30 +342,66 @@ class Model(nn.Module):
         C = cfg.latent_channels
         if cfg.text_encoder == "tiny":                                             # full size: umT5 features in the batch
             self.text_encoder = TinyTextEncoder(list(cfg.vocab), cfg.text_dim, layers=cfg.text_layers)
+        self.pretrained = [n for n, m in (("video", video), ("image_encoder", image_encoder)) if m is not None]
         if cfg.image_encoder == "tiny":
             self.image_encoder = TinyImageEncoder((cfg.height, cfg.width), cfg.image_patch, cfg.image_dim)
+        elif cfg.image_encoder == "siglip":                                        # frozen SigLIP2 (Sec. 3.1)
+            self.image_encoder = image_encoder if image_encoder is not None else SiglipVisionTower(
+                cfg.image_dim, cfg.image_layers, cfg.image_heads, cfg.image_ffn, cfg.image_patch, cfg.image_res)
         # Video Expert: WoW-1.3B = Wan2.1-T2V-1.3B with a 36-channel I2V patch embedding (noisy + mask + condition)
-        self.video = WanDiT(2 * C + cfg.mask_channels, C, cfg.video_dim, cfg.video_ffn, cfg.video_heads, cfg.layers,
-                            cfg.text_dim, cfg.patch, cfg.freq_dim, rope_theta=cfg.rope_theta)
+        self.video = video if video is not None else WanDiT(
+            2 * C + cfg.mask_channels, C, cfg.video_dim, cfg.video_ffn, cfg.video_heads, cfg.layers, cfg.text_dim, cfg.patch,
+            cfg.freq_dim, rope_theta=cfg.rope_theta, image_dim=cfg.video_image_dim or None)
         self.action = ActionValueExpert(cfg)
         self.initialize_weights()
 
     def initialize_weights(self):
         """Wan-style: xavier linears with zero biases, N(0, 0.02) time embeddings; zero output heads so
-        every stream starts by predicting 0 (the video expert would come from WoW-1.3B at full size)."""
+        every stream starts by predicting 0. A pretrained video expert (WoW-1.3B / Wan2.1-1.3B,
+        from_pretrained) and the frozen SigLIP2 keep their weights."""
+        keep = set(self.pretrained) | ({"image_encoder"} if self.cfg.image_encoder == "siglip" else set())
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and name.split(".")[0] not in keep:
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for emb in (self.video.time_embedding, self.action.time_embedding):
+        experts = ([self.video] if "video" not in keep else []) + [self.action]
+        for emb in (e.time_embedding for e in experts):
             for m in emb:
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
-        heads = [self.video.head, self.action.state_action_head] + ([self.action.value_head] if self.cfg.use_value else [])
+        heads = [self.action.state_action_head] + ([self.action.value_head] if self.cfg.use_value else [])
+        heads += [self.video.head] if "video" not in keep else []
         for h in heads:
             nn.init.zeros_(h.head.weight)
             nn.init.zeros_(h.head.bias)
+
+    @classmethod
+    def from_pretrained(cls, cfg: Config | None = None, dtype: torch.dtype | None = None, **sources) -> "Model":
+        """MV-WAM of `cfg` (default CONFIGS["full"]) with the Video Expert from WoW-1.3B or Wan2.1-T2V-1.3B
+        and a frozen SigLIP2 image encoder; the Action-Value Expert starts fresh (Sec. 3.1, 4.1). Sources
+        are the Config fields video_weights / video_revision / video_subfolder / image_weights, overridable
+        as keyword arguments ("" keeps that part fresh). The expert sizes follow the checkpoints. A
+        16-channel T2V patch embedding is widened to 2 C + 4 = 36 input channels as WoW does it
+        (widen_patch_embedding); WoW's own 36-channel one is used as it is, with its image
+        cross-attention if it has one (then batch["clip_emb"] feeds it). Pretrained tensors stay
+        memory-mapped; the model is cast to `dtype`, or to the video checkpoint's dtype."""
+        cfg = dataclasses.replace(copy.deepcopy(cfg or CONFIGS["full"]), **sources)
+        video = image = None
+        if cfg.video_weights:
+            video = WanDiT.from_pretrained(cfg.video_weights, cfg.video_revision or None, cfg.video_subfolder or None, dtype)
+            k = video.sizes
+            cfg = dataclasses.replace(cfg, video_dim=k["dim"], video_ffn=k["ffn_dim"], video_heads=k["heads"], layers=k["layers"],
+                                      text_dim=k["text_dim"], patch=k["patch"], freq_dim=k["freq_dim"],
+                                      latent_channels=k["out_dim"], video_image_dim=k["image_dim"] or 0)
+            widen_patch_embedding(video, 2 * cfg.latent_channels + cfg.mask_channels)
+        if cfg.image_weights:
+            image = SiglipVisionTower.from_pretrained(cfg.image_weights, dtype=dtype)
+            k = image.sizes
+            cfg = dataclasses.replace(cfg, image_encoder="siglip", image_dim=k["dim"], image_layers=k["layers"],
+                                      image_heads=k["heads"], image_ffn=k["ffn"], image_patch=k["patch"], image_res=k["res"])
+        model = cls(cfg, video, image)
+        return model.to(dtype or (next(video.parameters()).dtype if video is not None else torch.float32))
 
     # ---------------------------------------------------------------- inputs
     def encode(self, batch) -> torch.Tensor:
@@ -354,6 +422,8 @@ class Model(nn.Module):
         """Image features of the current observation (B, N, image_dim), for the action-value expert only."""
         if self.cfg.image_encoder == "tiny":
             return self.image_encoder(batch["video"][:, :, 0])
+        if self.cfg.image_encoder == "siglip":
+            return self.image_encoder(batch["video"][:, :, 0]).flatten(1, 2)      # (B, g g, D) SigLIP2 patch tokens
         return batch["image_emb"]                                               # SigLIP2 features of the current frame
 
     def video_input(self, z_t, z_cond):
@@ -403,12 +473,13 @@ class Model(nn.Module):
         return kind, frame, (t, y, x)
 
     # ---------------------------------------------------------------- forward (one MoT pass)
-    def forward(self, z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action: bool = True):
+    def forward(self, z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action: bool = True, clip=None):
         """One pass of both experts.
 
         z_t (B, C, T, h, w) noisy latents (frame 0 = the clean condition), t_video (B, T) per-frame t,
         state (B, d_s), a_t (B, K, d_a) noisy actions, c_t (B,) noisy value, t_act (B,) their t,
-        text (B, L, text_dim), image (B, N, image_dim).
+        text (B, L, text_dim), image (B, N, image_dim), clip (B, 257, video_image_dim): the image tokens
+        of a video expert with WoW's image cross-attention (batch["clip_emb"]), else None.
         -> video output (B, C, T, h, w) (a velocity), actions (B, K, d_a) and value (B,) in
         `action_target` parameterization (None when with_action=False: the video expert alone,
         which the mask makes identical to its rows of the joint pass).
@@ -416,7 +487,7 @@ class Model(nn.Module):
         cfg, V = self.cfg, self.video
         xv, grid = V.embed(self.video_input(z_t, z_cond))                    # (B, N_v, D)
         e_v, e0_v = V.time(t_video, grid)                                    # (B, N_v, D), (B, N_v, 6, D)
-        ctx_v = V.text_embedding(text)                                       # (B, L_text, D)
+        ctx_v, img_v = V.text_embedding(text), V.image_context(clip)         # (B, L_text, D), WoW's image tokens or None
         kind, frame, (pt, py, px) = self.token_layout(z_t.device)            # each (L,), L = N_v + N_o
         hd = cfg.video_dim // cfg.video_heads
         angles = rope_3d(pt, py, px, hd, cfg.rope_theta)                     # (L, hd/2)
@@ -426,7 +497,7 @@ class Model(nn.Module):
         if not with_action:
             video_mask = mask[:Nv, :Nv] if cfg.video_attention == "frame_causal" else None
             for block in V.blocks:
-                xv = block(xv, e0_v, ctx_v, rope=(angles[:Nv], True), mask=video_mask)
+                xv = block(xv, e0_v, ctx_v, rope=(angles[:Nv], True), mask=video_mask, ctx_img=img_v)
             return V.unpatchify(V.head(xv, e_v), grid), None, None
 
         AV, B, K = self.action, z_t.shape[0], cfg.horizon
@@ -447,7 +518,7 @@ class Model(nn.Module):
             out = F.scaled_dot_product_attention(torch.cat([qv, qa], 2), torch.cat([kv, ka], 2),
                                                  torch.cat([vv, va], 2), attn_mask=mask)   # one shared attention, (B, heads, L, d)
             out = out.transpose(1, 2).flatten(2)                                 # (B, L, heads d)
-            xv = bv.finish(xv, bv.self_attn.o(out[:, :Nv]), mv, ctx_v)            # per-expert output, cross-attn, FFN
+            xv = bv.finish(xv, bv.self_attn.o(out[:, :Nv]), mv, ctx_v, img_v)     # per-expert output, cross-attn, FFN
             xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a[i])         # heads d -> A
         video_out = V.unpatchify(V.head(xv, e_v), grid)
         act = AV.state_action_head(xa[:, 1:1 + K], e_a[:, 1:1 + K])[..., :cfg.action_dim]
@@ -483,7 +554,8 @@ class Model(nn.Module):
                 c0 = batch["value"].float()
                 eps_c = torch.randn_like(c0)
                 c_t = add_noise(c0, eps_c, t_a)
-        v_hat, a_hat, c_hat = self(z_t, self.frame_times(t, T), z[:, :, :1], state, a_t, c_t, t_a, text, image, with_action)
+        v_hat, a_hat, c_hat = self(z_t, self.frame_times(t, T), z[:, :, :1], state, a_t, c_t, t_a, text, image, with_action,
+                                   batch.get("clip_emb"))
         parts = {"video": F.mse_loss(v_hat[:, :, 1:].float(), velocity_target(z, noise)[:, :, 1:].float())}   # Eq. 2
         total = cfg.video_weight * parts["video"]
         if with_action:
@@ -498,7 +570,8 @@ class Model(nn.Module):
         """Stage video: the Video Expert (+ tiny text encoder) alone. Stage joint: the full model,
         video expert at lr_video, action-value expert + image encoder at lr_head (Sec. 4.1)."""
         video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder."))]
-        head = [p for n, p in self.named_parameters() if n.startswith(("action.", "image_encoder."))]
+        head = [p for n, p in self.named_parameters() if n.startswith("action.")
+                or (n.startswith("image_encoder.") and self.cfg.image_encoder == "tiny")]       # SigLIP2 stays frozen
         groups = [{"name": "video", "params": video, "lr": self.cfg.lr_video}]
         if self.cfg.stage == "joint":
             groups.append({"name": "action_value", "params": head, "lr": self.cfg.lr_head})
@@ -543,7 +616,8 @@ class Model(nn.Module):
             t, dt = float(ts[i]), float(ts[i + 1] - ts[i])                   # dt < 0
             ta, dta = min(t, t_max), min(float(ts[i + 1]), t_max) - min(t, t_max)   # the action / value grid
             tb, tab = torch.full((B,), t, device=dev), torch.full((B,), ta, device=dev)
-            v_hat, a_hat, c_hat = self(z, self.frame_times(tb, cfg.latent_frames), z0, state, a, c, tab, text, image)
+            v_hat, a_hat, c_hat = self(z, self.frame_times(tb, cfg.latent_frames), z0, state, a, c, tab, text, image,
+                                       clip=batch.get("clip_emb"))
             z = torch.cat([z0, z[:, :, 1:] + dt * v_hat[:, :, 1:]], 2)
             a = a + dta * to_velocity(a_hat, a, tab[:, None, None], cfg.action_target)     # Table 6
             if cfg.use_value:

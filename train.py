@@ -3,6 +3,7 @@
     python train.py --model agra --tiny                      # toy world, about 2 CPU minutes
     python train.py --model agra --tiny --set agra_weight=0  # the WAM baseline
     python train.py --model agra --tiny --resume runs/agra   # continue a run bit-exactly
+    python train.py --model mvwam --preset full --pretrained --data ...   # WoW / Wan2.1 + SigLIP2 from the Hub
     torchrun --nproc_per_node=2 train.py --model agra --tiny # DDP (gloo on CPU, nccl on GPU)
 
 Order of things (nanoGPT): settings -> device / distributed -> data -> model (fresh or resumed)
@@ -140,6 +141,9 @@ def get_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint folder to continue from (optimizer, step, RNG restored)")
     p.add_argument("--init", default=None, help="checkpoint folder to initialize weights from (new optimizer), e.g. "
                    "the video stage before the joint stage")
+    p.add_argument("--pretrained", action="store_true", help="build a new model with Model.from_pretrained: the "
+                   "pretrained parts from the config's *_weights sources (Hub ids or local paths; change them with "
+                   "--set video_weights=... etc., '' keeps a part fresh), the rest fresh; not with --resume / --init")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
     p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16")
@@ -162,6 +166,9 @@ def main(argv=None):
     preset = "tiny" if args.tiny else (args.preset or "tiny")
     out = args.out or os.path.join("runs", args.model)
     resumed = None
+    if args.pretrained and (args.resume or args.init):
+        raise SystemExit("--pretrained builds a new model from pretrained parts; --resume / --init load a whole "
+                         "checkpoint of this repository instead: use one or the other")
     if args.resume:
         _, cfg, resume_sd, meta = read_checkpoint(args.resume, expect=args.model)
         for a in args.set:
@@ -207,7 +214,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ model
     mod = model_module(args.model)
-    model = mod.Model(cfg)
+    model = mod.Model.from_pretrained(cfg, dtype=torch.float32) if args.pretrained else mod.Model(cfg)
+    cfg = model.cfg                                                  # from_pretrained takes sizes from the checkpoints
     start = 0
     if resumed:
         load_state_dict_strict(model, resume_sd, what=resumed)

@@ -136,7 +136,7 @@ def test_near_perfect_predictor_samples_well_for_every_target(steps):
     a_true = torch.randn(4, 8, 4)
 
     def oracle(target):
-        def forward(z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action=True):
+        def forward(z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action=True, clip=None):
             t = t_act[:, None, None]
             eps = (a_t - (1 - t) * a_true) / t                    # the noise that gives a_t from a_true at t
             pred = {"x0": a_true, "v": eps - a_true, "eps": eps}[target]
