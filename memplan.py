@@ -160,7 +160,7 @@ def format_plan(p: dict) -> str:
         lines.append(f"  {k:26s}{g(v)}")
     lines.append(f"  {'activations':26s}{g(p['activations'])}   ({p['activations_per_sample'] / GiB:.3f} GiB per sample)")
     for what, b in p["activation_rows"]:
-        lines.append(f"    {what:36s}{b * p['batch'] / GiB:9.2f} GiB")
+        lines.append(f"    {what:46s}{b * p['batch'] / GiB:9.2f} GiB")
     lines.append(f"  {'batch (cached features)':26s}{g(p['batch_bytes'])}")
     lines.append(f"  {'total':26s}{g(p['total'])}   of {p['gpu_gb']:g} GiB: {'fits' if p['fits'] else 'does NOT fit'} "
                  f"(90 % budget; largest micro-batch that fits: {p['max_batch']})")

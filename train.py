@@ -175,6 +175,8 @@ def shard(model, root, device, dtype, world):
     for compute and fp32 gradient reduction on GPU (inputs are not cast: RoPE angles stay float64)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    import warnings
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")   # no block output is modified in place
     mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if dtype != torch.float32 else MixedPrecisionPolicy()
@@ -316,10 +318,11 @@ def main(argv=None):
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
     if resumed:
-        if state.get("strategy", "ddp") != ("fsdp" if fsdp else "ddp"):
-            raise ValueError(f"{resumed}: train_state.pt was written with --strategy {state.get('strategy', 'ddp')}; "
-                             f"resume with the same strategy")
-        if fsdp:
+        by_name = state.get("strategy") == "fsdp"                        # FSDP2 saves the optimizer keyed by parameter name
+        if fsdp and not by_name:
+            raise ValueError(f"{resumed}: train_state.pt was written without FSDP (optimizer keyed by position); "
+                             f"resume it with --strategy ddp or in one process")
+        if by_name:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(loss_module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:

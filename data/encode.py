@@ -442,35 +442,28 @@ class EncodedClips:
             if have != exp:
                 raise ValueError(f"{where}: {what} is {have}, {name} expects {exp}; re-encode with this config or --set it")
         need = needs(name, cfg)
-        missing = []
+        problems = []
         if need["text"]:
             if "text_emb" not in self.keys:
-                missing.append(f"text_emb ({need['text'][0]} features)")
+                problems.append(f"lacks text_emb ({need['text'][0]} features)")
             elif idx["encoders"]["text"]["dim"] != need["text"][1]:
-                raise ValueError(f"{where}: text features are {idx['encoders']['text']['dim']} wide "
-                                 f"({idx['encoders']['text']['kind']}), {name} expects {need['text'][1]}")
-        for key, flag, what in (("teacher", "teacher", "DINOv2 teacher features (teacher=dinov2)"),
-                                ("image_emb", "image", "SigLIP2 image features (image_encoder=precomputed)"),
-                                ("kvaf_latents", "kvaf", "KVAF latents (--urdf / --camera-json when encoding)"),
-                                ("edls_latents", "edls", "EDLS latents (fusion=event)")):
+                problems.append(f"has {idx['encoders']['text']['dim']}-wide text features ({idx['encoders']['text']['kind']}), "
+                                f"{name} expects {need['text'][1]}")
+        for key, flag, what, width in (("teacher", "teacher", "DINOv2 teacher features (teacher=dinov2)", "teacher_dim"),
+                                       ("image_emb", "image", "SigLIP2 image features (image_encoder=precomputed)", "image_dim"),
+                                       ("kvaf_latents", "kvaf", "KVAF latents (--urdf / --camera-json when encoding)", None),
+                                       ("edls_latents", "edls", "EDLS latents (fusion=event)", None)):
             if need[flag] and key not in self.keys:
-                missing.append(f"{key} ({what})")
-        if missing:
-            raise ValueError(f"{where} lacks {', '.join(missing)}, which {name} with this config trains on; re-encode with "
-                             f"data/encode.py --model {name} and the same --set options")
+                problems.append(f"lacks {key}: {what}")
+            elif need[flag] and width and self.files[0].get_slice(key).get_shape()[-1] != getattr(cfg, width):
+                problems.append(f"has {self.files[0].get_slice(key).get_shape()[-1]}-wide {key}, {width} is {getattr(cfg, width)}")
         if name == "agra" and cfg.teacher == "toy" and cfg.agra_weight > 0:
-            raise ValueError(f"{where}: AGRA's toy teacher reads the toy world's segmentation; on a real dataset use "
-                             f"--set teacher=dinov2 (data/encode.py caches DINOv2 features)")
+            problems.append("AGRA's toy teacher reads the toy world's segmentation: on a real dataset use --set teacher=dinov2")
         if name == "mvwam" and cfg.image_encoder == "tiny":
-            raise ValueError(f"{where} holds no pixels for MV-WAM's tiny image encoder: --set image_encoder=precomputed")
-        if "teacher" in self.keys and need["teacher"]:
-            d = self.files[0].get_slice("teacher").get_shape()[-1]
-            if d != cfg.teacher_dim:
-                raise ValueError(f"{where}: teacher features are {d} wide, teacher_dim is {cfg.teacher_dim}")
-        if "image_emb" in self.keys and need["image"]:
-            d = self.files[0].get_slice("image_emb").get_shape()[-1]
-            if d != cfg.image_dim:
-                raise ValueError(f"{where}: image features are {d} wide, image_dim is {cfg.image_dim}")
+            problems.append("holds no pixels for MV-WAM's tiny image encoder: --set image_encoder=precomputed")
+        if problems:
+            raise ValueError(f"{where} does not fit {name} with this config: " + "; ".join(problems)
+                             + f". Encode for this config: data/encode.py --model {name} with the same --set options")
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
         rows = torch.randint(len(self), (batch_size,), generator=generator).numpy()
