@@ -3,7 +3,6 @@
 (Qwen2.5-VL), DINOv2 and SigLIP encoders -> train.py -> resume -> sample.py writes a video; FSDP2 and
 activation checkpointing against their plain counterparts; EA-WM's LoRA optimizer state; the memory
 plan; bad input."""
-import copy
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import train  # noqa: E402
 from data import encode, lerobot  # noqa: E402
 from data.toyworld import VOCAB, ToyWorld, generate  # noqa: E402
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")                      # no network in tests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAM = "observation.images.front"
 FAST = ["--log-every", "100", "--threads", "2"]
@@ -358,15 +358,53 @@ def test_activation_formula_counts_what_autograd_saves():
         assert abs(est - measured) / measured < 0.03, (kind, est, measured)
 
 
+WHOLE = {"agra": ["latent_channels=16", "codec_p=8", "crossattn_proj_in=64", "teacher=dinov2", "teacher_dim=32", "teacher_res=28",
+                  "teacher_patch=14", "teacher_layers=1", "teacher_heads=2", "height=128", "width=128", "video_dim=256",
+                  "video_heads=4", "act_dim=128", "bridge_dim=256", "act_heads=4", "project_heads=4", "proj_dim=128"],
+         "mvwam": ["latent_channels=16", "codec_p=8", "text_encoder=precomputed", "text_dim=64", "image_encoder=precomputed",
+                   "image_dim=64", "height=128", "width=128", "video_heads=4", "video_dim=256", "video_ffn=1024",
+                   "act_width=128", "act_ffn=512"],
+         "eawm": ["latent_channels=8", "codec_p=16", "height=256", "width=256", "text_encoder=precomputed", "text_dim=64",
+                  "dim=256", "heads=4", "ffn_dim=1024", "event_dim=64", "lora_rank=8", "stage=stage2"]}
+
+
+@pytest.mark.parametrize("name", ["agra", "mvwam", "eawm"])
+def test_activation_estimate_of_a_whole_loss(name):
+    """The plan's activation estimate against every byte autograd saves in one loss() call (fp32; 192
+    video tokens of width 256, full-layout batches): within 15 %."""
+    cfg = train.make_config(name, "tiny", WHOLE[name])
+    torch.manual_seed(0)
+    model = train.model_module(name).Model(cfg)
+    model.param_groups()
+    batch = {k: torch.randn(2, *s) for k, s in encode.clip_shapes(name, cfg, image_tokens=16).items() if k != "task"}
+    batch["text"] = ["put the red cube in the bin"] * 2
+    keep = {p.untyped_storage()._cdata for p in model.parameters()} | {v.untyped_storage()._cdata for v in batch.values()
+                                                                       if torch.is_tensor(v)}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in keep:
+            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(batch)
+    est = memplan.plan(name, cfg, model, 2, dtype=torch.float32)["activations"]
+    assert abs(est / sum(seen.values()) - 1) < 0.15, (est, sum(seen.values()))
+
+
 # -------------------------------------------------------------------------------------------------
 # Bad input
 # -------------------------------------------------------------------------------------------------
 
 
-def test_bad_input_is_named(toy_lerobot, encoders, tmp_path):
+def test_bad_input_is_named(toy_lerobot, encoders, tmp_path, monkeypatch):
     v3 = toy_lerobot["v3.0"]
     with pytest.raises(ValueError, match=r"no camera 'observation.images.wrist'.*observation.images.front"):
         run_encode("agra", v3, str(tmp_path / "x"), encoders, ["--camera", "observation.images.wrist"])
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="not a local folder, and downloading it from the Hugging Face Hub failed"):
+        lerobot.LeRobotReader("someone/no-such-dataset")
     no_tasks = shutil.copytree(v3, str(tmp_path / "no_tasks"))
     os.remove(os.path.join(no_tasks, "meta", "tasks.parquet"))
     with pytest.raises(FileNotFoundError, match="tasks table meta/tasks.parquet is missing"):
