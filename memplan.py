@@ -29,8 +29,8 @@ fused attention kernel (no L x L matrix) -- tests/test_fullscale.py recounts the
     GR00T action block (agra.ActionBlock)  28, 4, 8                56, 8, 16     (context width 2 D)
     event fusion (eawm.EventFusion)        72, 6, 0               112, 12, 0     (F = event_dim)
 
-With activation checkpointing a block keeps only its input (L D bytes per element) and one block at a
-time is recomputed in backward: A = sum_blocks L D s + max_block A_block.
+With activation checkpointing a block keeps only its input (L D elements of s bytes; a fusion layer
+both streams') and one block at a time is recomputed in backward: A = sum_blocks L D s + max_block A_block.
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def plan(name: str, cfg, model, batch: int, gpus: int = 1, strategy: str = "ddp"
         fixed = {"weights": 4 * P / N + s * (root + 2 * big), "gradients": 4 * Pt / N + 4 * big_t, "optimizer": 8 * Pt / N}
     rows = block_rows(name, cfg)
     per_sample, detail = 0.0, []
-    full = [(what, n, block_bytes(kind, L, D, F, Lc, s, r), L * D * s) for what, n, kind, L, D, F, Lc, r in rows]
+    full = [(what, n, block_bytes(kind, L, D, F, Lc, s, r), L * D * s * (2 if kind == "fusion" else 1))   # fusion: both streams
+            for what, n, kind, L, D, F, Lc, r in rows]
     if grad_checkpoint:
         per_sample = sum(n * inp for _, n, _, inp in full) + max(b for _, _, b, _ in full)
         detail = [(what + " (inputs kept)", n * inp) for what, n, _, inp in full]
