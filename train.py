@@ -154,6 +154,9 @@ def open_data(args, cfg, master, ddp, feature_dtype=torch.float32):
         from data.lerobot import LeRobotClips, LeRobotReader
         if not args.camera:
             raise ValueError(f"{args.data} is a LeRobot dataset: name the camera to train on with --camera")
+        if args.model == "eawm":
+            raise ValueError("EA-WM renders KVAFs from a URDF and camera calibration that LeRobot datasets lack: encode the "
+                             "dataset with data/encode.py --model eawm --urdf ... --camera-json ... and train on that folder")
         clips = LeRobotClips(LeRobotReader(args.data), args.camera, cfg.frames, cfg.horizon, cfg.height, cfg.width,
                              getattr(cfg, "frame_stride", 1), state_dim=cfg.state_dim, action_dim=cfg.action_dim)
         return clips, clips.meta

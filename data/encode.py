@@ -265,7 +265,7 @@ def _write_shard(folder: str, i: int, tensors: dict, dtype) -> dict:
 def encode(args, cfg) -> str:
     """Encode args.dataset for model args.model with config cfg into args.out; -> args.out."""
     import eawm
-    from data.lerobot import LeRobotClips, LeRobotReader, depth_range, kinematics
+    from data.lerobot import LeRobotClips, LeRobotReader, kinematics
     name, need = args.model, needs(args.model, cfg)
     stride = args.frame_stride or getattr(cfg, "frame_stride", 1)
     device = pick_device(args.device)
@@ -333,9 +333,6 @@ def encode(args, cfg) -> str:
         buf, n_clips, t0 = {}, 0, time.time()
         for e in range(len(clips.episodes)):
             starts = list(range(0, clips.ep_len[e] - 1, every))
-            if kin is not None and need["kvaf"]:
-                joints = clips.a["state"][clips.ep_start[e]:clips.ep_start[e] + clips.ep_len[e]][:, kin["joint_columns"]]
-                z_range = depth_range(kin, joints)                             # episode-level (Sec. 3.1)
             for i in range(0, len(starts), args.batch):
                 rows = offset[e] + np.array(starts[i:i + args.batch])
                 b = clips.get(rows)
@@ -350,7 +347,8 @@ def encode(args, cfg) -> str:
                     part_t["image_emb"] = image(b["video"][:, :, 0])
                 if need["kvaf"]:
                     kv = [eawm.render_kvaf(kin["chain"], b["joints"][j].numpy(), b["gripper"][j].reshape(-1).numpy(),
-                                           kin["K"], kin["T_wc"], cfg.height, cfg.width, kin["ee_link"], z_range)
+                                           kin["K"], kin["T_wc"], cfg.height, cfg.width, kin["ee_link"],
+                                           clips.kvaf_depth_range(e))                 # episode-level colours (App. A.2)
                           for j in range(len(rows))]
                     kv = torch.from_numpy(np.stack(kv)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
                     part_t["kvaf_latents"] = vae.encode(kv)

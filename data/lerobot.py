@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import URDFChain, atomic_write, project, save_mp4  # noqa: E402
+from common import URDFChain, atomic_write, depth_range, save_mp4  # noqa: E402
 from data.toyworld import mc_returns, norm_stats  # noqa: E402
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -329,14 +329,6 @@ def kinematics(reader: LeRobotReader, state_key: str, camera: str, urdf: str | N
             "T_wc": np.array(cal["T_wc"], dtype=np.float64), "ee_link": ee_link}
 
 
-def depth_range(kin: dict, joints: np.ndarray) -> tuple[float, float]:
-    """Episode-level camera-depth range of the robot's links (the KVAF skeleton colours, Sec. 3.1)."""
-    q = np.concatenate([joints, np.zeros((len(joints), len(kin["chain"].actuated) - joints.shape[1]))], 1)
-    z = np.concatenate([project(T[:, :3, 3], kin["K"], kin["T_wc"])[1] for T in kin["chain"].fk(q).values()])
-    z = z[z > 0]
-    return (float(z.min()), float(z.max())) if len(z) else (0.0, 1.0)
-
-
 # -------------------------------------------------------------------------------------------------
 # Clips
 # -------------------------------------------------------------------------------------------------
@@ -394,6 +386,7 @@ class LeRobotClips:
         self.state_dim, self.action_dim = state_dim or self.dims["state"], action_dim or self.dims["action"]
         self.index = np.concatenate([np.stack([np.full(L - 1, e), np.arange(L - 1)], 1) for e, L in enumerate(self.ep_len) if L > 1])
         self._video: dict[int, np.ndarray] = {}
+        self._depth: dict[int, tuple] = {}
         self.meta = {"source": reader.source, "codebase_version": reader.version, "fps": reader.fps, "camera": camera,
                      "state_key": state_key, "action_key": action_key, "gamma": gamma, "stats": self.stats,
                      "action_names": reader.features[action_key].get("names"), "dims": self.dims,
@@ -409,6 +402,18 @@ class LeRobotClips:
             self._video[e] = self.reader.frames(self.episodes[e], self.camera, self.size, self.resize)
         return self._video[e]
 
+    def episode_joints(self, e: int):
+        """EA-WM: arm joint values (L, n_arm) and gripper opening (L,) in [0, 1] (1 = open) of episode e."""
+        raw = self.a["state"][self.ep_start[e]:self.ep_start[e] + self.ep_len[e]]
+        lo, hi = self.kin["gripper_range"]
+        return raw[:, self.kin["joint_columns"]], np.clip((raw[:, self.kin["gripper_column"]] - lo) / (hi - lo), 0, 1)
+
+    def kvaf_depth_range(self, e: int) -> tuple[float, float]:
+        """EA-WM: the camera-depth range of the robot over episode e (the KVAF skeleton colours, App. A.2)."""
+        if e not in self._depth:
+            self._depth[e] = depth_range(self.kin["chain"], self.kin["chain"].full_q(*self.episode_joints(e)), self.kin["T_wc"])
+        return self._depth[e]
+
     def clip_rows(self, e: int, s: int):
         """Frame indices (frames,) and action indices (horizon,) of the clip starting at s of episode e."""
         L = self.ep_len[e]
@@ -422,7 +427,7 @@ class LeRobotClips:
         st = self.stats
         norm = lambda x, k: (x - np.array(st[k]["mean"], np.float32)) / np.array(st[k]["std"], np.float32)  # noqa: E731
         pad = lambda x, d: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])                     # noqa: E731
-        video, state, actions, value, text, joints, grip = [], [], [], [], [], [], []
+        video, state, actions, value, text, joints, grip, zr = [], [], [], [], [], [], [], []
         for e, s in self.index[np.asarray(rows)]:
             f_idx, a_idx = self.clip_rows(e, s)
             base = self.ep_start[e]
@@ -432,10 +437,10 @@ class LeRobotClips:
             value.append(self.a["value"][base + s])
             text.append(self.reader.tasks[int(self.a["task"][base + s])])
             if self.kin is not None:
-                raw = self.a["state"][base + f_idx]
-                lo, hi = self.kin["gripper_range"]
-                joints.append(raw[:, self.kin["joint_columns"]])
-                grip.append(np.clip((raw[:, [self.kin["gripper_column"]]] - lo) / (hi - lo), 0, 1))
+                q, g = self.episode_joints(e)
+                joints.append(q[f_idx])
+                grip.append(g[f_idx, None])
+                zr.append(self.kvaf_depth_range(e))
         B = len(video)
         batch = {"video": torch.from_numpy(np.stack(video)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1,   # (B, 3, T, H, W)
                  "state": torch.from_numpy(np.stack(state)).float(), "actions": torch.from_numpy(np.stack(actions)).float(),
@@ -443,7 +448,8 @@ class LeRobotClips:
         if self.kin is not None:
             batch.update(joints=torch.from_numpy(np.stack(joints)).float(), gripper=torch.from_numpy(np.stack(grip)).float(),
                          K=torch.tensor(self.kin["K"], dtype=torch.float32).expand(B, 3, 3),
-                         T_wc=torch.tensor(self.kin["T_wc"], dtype=torch.float32).expand(B, 4, 4))
+                         T_wc=torch.tensor(self.kin["T_wc"], dtype=torch.float32).expand(B, 4, 4),
+                         kvaf_depth_range=torch.tensor(zr, dtype=torch.float32))
         return batch
 
 

@@ -23,6 +23,7 @@ import memplan  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from data import encode, lerobot  # noqa: E402
+from common import depth_range  # noqa: E402
 from data.toyworld import VOCAB, ToyWorld, generate  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")                      # no network in tests
@@ -234,6 +235,15 @@ def test_cached_features_are_the_encoders_outputs(toy_lerobot, encoders, tmp_pat
     env = ToyWorld(res=64)
     assert np.allclose(kin["K"], env.K) and np.allclose(kin["T_wc"], env.T_wc)
     assert kin["joint_columns"] == [0, 1, 2] and kin["gripper_column"] == 3
+    clips = lerobot.LeRobotClips(r, CAM, frames=5, horizon=4, height=64, width=64, kin=kin)
+    arrays, meta = generate(3, "train", seed0=0, res=32)
+    e, s = clips.index[30]
+    ep = meta["episodes"][e]
+    q = arrays["state"][ep["start"] + np.minimum(s + np.arange(5), ep["length"] - 1)]
+    kb = clips.get([30])
+    assert np.allclose(kb["joints"][0].numpy(), q[:, :3]) and np.allclose(kb["gripper"][0, :, 0].numpy(), q[:, 3])
+    whole = arrays["state"][ep["start"]:ep["start"] + ep["length"]]
+    assert np.allclose(kb["kvaf_depth_range"][0].numpy(), depth_range(env.chain, env.chain.full_q(whole[:, :3], whole[:, 3]), env.T_wc))
 
 
 # -------------------------------------------------------------------------------------------------
