@@ -7,7 +7,7 @@
 
 Real data and full presets (see README, "Training on real data"):
 
-    python train.py --model agra --tiny --data lerobot/pusht --camera observation.image   # a LeRobot dataset, decoded
+    python train.py --model mvwam --tiny --data lerobot/pusht --camera observation.image  # a LeRobot dataset, decoded
     python train.py --model agra --preset full --data data/encoded/aloha_agra             # data/encode.py output
     torchrun --nproc_per_node=8 train.py --model eawm --preset full --data ENC --strategy fsdp --grad-checkpoint
     python train.py --model eawm --preset full --dry-run --strategy fsdp --gpus 32 --batch-size 1   # memory plan
@@ -157,6 +157,9 @@ def open_data(args, cfg, master, ddp, feature_dtype=torch.float32):
         if args.model == "eawm":
             raise ValueError("EA-WM renders KVAFs from a URDF and camera calibration that LeRobot datasets lack: encode the "
                              "dataset with data/encode.py --model eawm --urdf ... --camera-json ... and train on that folder")
+        if args.model == "agra" and cfg.teacher == "toy" and cfg.agra_weight > 0:
+            raise ValueError("AGRA's toy teacher reads the toy world's segmentation, which a LeRobot dataset lacks: use "
+                             "--set agra_weight=0 (the WAM baseline), or encode the dataset with DINOv2 features (data/encode.py)")
         clips = LeRobotClips(LeRobotReader(args.data), args.camera, cfg.frames, cfg.horizon, cfg.height, cfg.width,
                              getattr(cfg, "frame_stride", 1), state_dim=cfg.state_dim, action_dim=cfg.action_dim)
         return clips, clips.meta
