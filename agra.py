@@ -52,8 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, RMSNorm, SiglipVisionTower, TinyTextEncoder, add_noise,
-                    build_pretrained, check_choice, check_clip_frames, check_layers, check_shape, grid_positions, modulate,
-                    read_config, read_weights, rename_keys, resolve_source, rope_3d, sample_t, set_trainable, shift_t,
+                    build_pretrained, check_choice, check_clip_frames, check_layers, check_shape, checkpointed, grid_positions,
+                    modulate, read_config, read_weights, rename_keys, resolve_source, rope_3d, sample_t, set_trainable, shift_t,
                     timestep_embedding, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
@@ -241,6 +241,7 @@ class VideoDiT(nn.Module):
     forward(x (B, C_in, T, H, W), t (B, T) per latent frame, ctx (B, L, ctx)) ->
         (velocity (B, C_out, T, H, W), {layer: hidden (B, N_v, D)} for the requested layers)
     """
+    grad_checkpoint = False                                  # recompute each block's activations in backward
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -287,7 +288,7 @@ class VideoDiT(nn.Module):
         per_frame = grid[1] * grid[2]
         hidden = {}
         for i, block in enumerate(self.blocks):
-            h = block(h, emb, lora, ctx, rope, per_frame)
+            h = checkpointed(self.grad_checkpoint, block, h, emb, lora, ctx, rope, per_frame)
             if i in layers:
                 hidden[i] = h                                            # H_l (Eq. 10)
         out = self.final_layer(h, emb, lora, per_frame)
@@ -410,6 +411,7 @@ class Bridge(nn.Module):
       project         transformer (GR00T-N1.5's vl-self-attention), with the same weights for every j;
                       it runs on each G_j separately (tokens attend within one layer, never across layers)
     """
+    grad_checkpoint = False                                  # recompute each project block's activations in backward
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -437,7 +439,7 @@ class Bridge(nn.Module):
             g = g + (self.pos_t[:T, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]).reshape(T * h * w, -1)
         g = self.project_norm(g)                                         # the project module, shared by all j
         for block in self.project:
-            g = block(g)
+            g = checkpointed(self.grad_checkpoint, block, g)
         return list(g.unflatten(0, (N, B)).unbind(0))                    # N x (B, N_v, G)
 
 
@@ -478,6 +480,7 @@ class ActionBlock(nn.Module):
 
 class ActionDiT(nn.Module):
     """f_phi^act(a^tau, s_0, tau, G) -> velocity (B, K, d_a) (Eq. 13)."""
+    grad_checkpoint = False                                  # recompute each block's activations in backward
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -504,7 +507,7 @@ class ActionDiT(nn.Module):
         a = a + self.pos_embed.weight[:K]
         x = torch.cat([self.state_encoder(state)[:, None], a], 1)                         # (B, 1 + K, A)
         for block, g in zip(self.transformer_blocks, G):
-            x = block(x, temb, g, attn_out)
+            x = checkpointed(self.grad_checkpoint, block, x, temb, g, attn_out)
         shift, scale = self.proj_out_1(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
         x = self.proj_out_2(modulate(self.norm_out(x), shift, scale))
         return self.action_decoder(x[:, 1:])                                              # (B, K, d_a)
@@ -786,8 +789,8 @@ class Model(nn.Module):
 
     def teacher_features(self, batch) -> torch.Tensor:
         """Eq. 3: features of the first raw frame of each latent frame, (B, T, H_d, W_d, d_t)."""
-        if self.cfg.teacher == "toy":
-            return batch["teacher"]                                      # computed by the toy world from its seg maps
+        if self.cfg.teacher == "toy" or "teacher" in batch:
+            return batch["teacher"]                                      # the toy world's, or DINOv2's cached by data/encode.py
         idx = [0] + [1 + (t - 1) * self.cfg.latent_q for t in range(1, self.cfg.latent_frames)]
         frames = batch["video"][:, :, idx]                               # (B, 3, T, H, W)
         B, _, T = frames.shape[:3]
@@ -937,7 +940,7 @@ class Model(nn.Module):
     def sample_video(self, batch, steps: int = 10, generator=None):
         """Full video generation from the current frame (for pictures; the policy does not need it)."""
         cfg = self.cfg
-        z0 = self.encode({"video": batch["video"][:, :, :1]})
+        z0 = self.encode({"video": batch["video"][:, :, :1]} if "latents" not in batch else batch)[:, :, :1]
         B, C, _, h, w = z0.shape
         z = torch.cat([z0, torch.randn(B, C, cfg.latent_frames - 1, h, w, generator=generator).to(z0.device)], 2)
         ctx = self.context(batch)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -------------------------------------------------------------------------------------------------
 # Device, dtype, distributed, config helpers
@@ -67,6 +68,24 @@ def dist_info() -> tuple[bool, int, int, int]:
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 0, 1
     return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def fsdp_units(model: nn.Module) -> list[list[nn.Module]]:
+    """The module groups FSDP2 shards as one unit each, deepest first (fully_shard goes bottom-up):
+    every child of an nn.ModuleList / nn.ModuleDict that holds parameters (the transformer blocks),
+    except that the modules a model names in `layer_groups()` (run together as one layer, e.g.
+    MV-WAM's paired experts) form one unit. The rest is the root unit, sharded last by the caller."""
+    groups = [list(g) for g in model.layer_groups()] if hasattr(model, "layer_groups") else []
+    taken = {id(m) for g in groups for m in g}
+    containers = sorted(((n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.ModuleDict))),
+                        key=lambda nm: -nm[0].count("."))
+    units = []
+    for _, container in containers:
+        for child in container.children():
+            if id(child) not in taken and any(True for _ in child.parameters()):
+                units.append([child])
+                taken.add(id(child))
+    return units + groups
 
 
 def config_to_dict(cfg) -> dict:
@@ -144,6 +163,24 @@ def set_trainable(module: nn.Module, groups: list[dict]) -> list[dict]:
         for p in g["params"]:
             p.requires_grad_(True)
     return groups
+
+
+def checkpointed(on: bool, fn, *args, **kwargs):
+    """fn(*args, **kwargs), with activation checkpointing when `on` and autograd is recording: the
+    call keeps only its inputs and recomputes its activations in backward (torch.utils.checkpoint,
+    non-reentrant), one extra forward per block for a block's worth of activation memory."""
+    if on and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def set_grad_checkpointing(model: nn.Module, on: bool = True) -> int:
+    """Switch activation checkpointing of every block loop in `model` (the modules with a
+    `grad_checkpoint` attribute); returns how many loops were switched."""
+    loops = [m for m in model.modules() if hasattr(m, "grad_checkpoint")]
+    for m in loops:
+        m.grad_checkpoint = on
+    return len(loops)
 
 
 def check_shape(name: str, x: torch.Tensor, expected: tuple):
@@ -567,6 +604,7 @@ class WanDiT(nn.Module):
     Linear, GELU, Linear, LayerNorm) and an image cross-attention in every block. `from_pretrained`
     loads Wan2.1 / Wan2.2 / WoW weights (section "Pretrained weights").
     """
+    grad_checkpoint = False                                  # recompute each block's activations in backward
 
     def __init__(self, in_dim: int, out_dim: int, dim: int, ffn_dim: int, heads: int, layers: int,
                  text_dim: int, patch=(1, 2, 2), freq_dim: int = 256, eps: float = 1e-6, rope_theta: float = 10000.0,
@@ -645,7 +683,7 @@ class WanDiT(nn.Module):
         ctx, ctx_img = self.text_embedding(ctx), self.image_context(ctx_img)
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            tokens = block(tokens, e0, ctx, rope=rope, mask=mask, ctx_img=ctx_img)
+            tokens = checkpointed(self.grad_checkpoint, block, tokens, e0, ctx, rope=rope, mask=mask, ctx_img=ctx_img)
         return self.unpatchify(self.head(tokens, e), grid)
 
 
@@ -1368,7 +1406,7 @@ def colormap(x: np.ndarray) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------------------------
-# Image files: PNG and GIF writers (no imaging dependency)
+# Image files: PNG and GIF writers (no imaging dependency), MP4 through PyAV (optional)
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1431,3 +1469,31 @@ def save_gif(path: str, frames: np.ndarray, fps: float = 8.0, scale: int = 1):
         out += b"\x00"
     out += b"\x3B"
     atomic_write(path, lambda tmp: open(tmp, "wb").write(bytes(out)))
+
+
+def save_mp4(path: str, frames: np.ndarray, fps: float = 8.0, crf: int = 18, pix_fmt: str = "yuv420p",
+             codec: str = "libx264"):
+    """Write (T, H, W, 3) uint8 frames as an MP4 (PyAV, imported here: `pip install av`). Frame i gets
+    the timestamp i / fps. crf=0 with pix_fmt="yuv444p" is (nearly) lossless."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("writing MP4 needs PyAV: pip install av (or write a GIF with save_gif)") from None
+    from fractions import Fraction
+    frames = np.ascontiguousarray(np.asarray(frames, dtype=np.uint8))
+    T, H, W, _ = frames.shape
+    if pix_fmt == "yuv420p" and (H % 2 or W % 2):
+        raise ValueError(f"save_mp4: {pix_fmt} needs even frame sizes, received {H}x{W}")
+    rate = Fraction(fps).limit_denominator(1001)
+
+    def write(tmp):
+        with av.open(tmp, "w", format="mp4") as c:
+            st = c.add_stream(codec, rate=rate)
+            st.width, st.height, st.pix_fmt = W, H, pix_fmt
+            st.options = {"crf": str(crf)}
+            for i in range(T):
+                f = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+                f.pts, f.time_base = i, 1 / rate
+                c.mux(st.encode(f))
+            c.mux(st.encode())
+    atomic_write(path, write)

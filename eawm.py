@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from common import depth_range as common_depth_range
 from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, TinyTextEncoder, URDFChain, WanDiT, WanHead, add_noise,
-                    bell_weight, check_choice, check_clip_frames, check_layers, check_shape, colormap, grid_positions,
+                    bell_weight, check_choice, check_clip_frames, checkpointed, check_layers, check_shape, colormap, grid_positions,
                     inject_lora, project, rope_3d, sample_t, set_trainable, shift_t, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
@@ -333,6 +333,7 @@ def edls_target(video: torch.Tensor, encode) -> torch.Tensor:
 
 class Model(nn.Module):
     """EA-WM: Wan2.2-TI2V video stream + KVAF stream (full-depth block copy) + event-aware fusion."""
+    grad_checkpoint = False                                  # recompute each block's activations in backward
 
     def __init__(self, cfg: Config, video: WanDiT | None = None):
         """`video`: a pretrained Wan2.2-TI2V stream (from_pretrained); the KVAF stream copies its blocks."""
@@ -469,11 +470,11 @@ class Model(nn.Module):
         e_hats = []
         for i, (bv, bk) in enumerate(zip(V.blocks, self.kvaf_blocks)):
             if str(i) in self.fusion:                                            # fuse, then each stream runs its block
-                hv, hk, e_hat = self.fusion[str(i)](hv, hk, rope_v, rope_k)
+                hv, hk, e_hat = checkpointed(self.grad_checkpoint, self.fusion[str(i)], hv, hk, rope_v, rope_k)
                 if e_hat is not None:
                     e_hats.append(e_hat)
-            hv = bv(hv, e0_v, ctx, rope=rope_v)
-            hk = bk(hk, e0_k, ctx, rope=rope_k)
+            hv = checkpointed(self.grad_checkpoint, bv, hv, e0_v, ctx, rope=rope_v)
+            hk = checkpointed(self.grad_checkpoint, bk, hk, e0_k, ctx, rope=rope_k)
         v_video = V.unpatchify(V.head(hv, e_v), grid)
         v_kvaf = V.unpatchify(self.kvaf_head(hk, e_k), grid) if cfg.kvaf else self.kvaf_head(hk, e_k)
         return v_video, v_kvaf, e_hats

@@ -64,8 +64,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (frame_times, PixelCodec, SiglipVisionTower, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise,
-                    check_choice, check_clip_frames, check_shape, grid_positions, rope_3d, sample_t, set_trainable, shift_t,
-                    timestep_embedding, to_velocity, velocity_target)
+                    check_choice, check_clip_frames, check_shape, checkpointed, grid_positions, rope_3d, sample_t,
+                    set_trainable, shift_t, timestep_embedding, to_velocity, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -258,6 +258,26 @@ class TinyImageEncoder(nn.Module):
         return self.norm(self.layer(x))
 
 
+class ExpertBlock(WanBlock):
+    """A block of the Action-Value Expert: a WanBlock (same parameters) whose `mot` runs one
+    mixture-of-transformers layer together with the Video Expert's block of the same depth."""
+
+    def mot(self, video_block: WanBlock, xv, xa, e0_v, e0_a, ctx_v, ctx_a, rope_v, rope_a, mask, img_v=None):
+        """Per-expert QKV -> one shared attention under the cross-modality mask -> per-expert output,
+        cross-attention and FFN (Sec. 3.1). xv (B, N_v, D), xa (B, N_o, A) -> both updated. img_v: the
+        video expert's image context when it has WoW's image cross-attention, else None."""
+        bv, ba, Nv = video_block, self, xv.shape[1]
+        mv, ma = bv.modulation_terms(e0_v), ba.modulation_terms(e0_a)
+        qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)        # per-expert QKV, (B, heads, N_v, d)
+        qa, ka, va = ba.self_attn.qkv(ba.attn_input(xa, ma), rope=rope_a)        # A -> video attention width, (B, heads, N_o, d)
+        out = F.scaled_dot_product_attention(torch.cat([qv, qa], 2), torch.cat([kv, ka], 2),
+                                             torch.cat([vv, va], 2), attn_mask=mask)   # one shared attention, (B, heads, L, d)
+        out = out.transpose(1, 2).flatten(2)                                     # (B, L, heads d)
+        xv = bv.finish(xv, bv.self_attn.o(out[:, :Nv]), mv, ctx_v, img_v)         # per-expert output, cross-attn, FFN
+        xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a)                # heads d -> A
+        return xv, xa
+
+
 class ActionValueExpert(nn.Module):
     """Same depth as the video expert, own parameters, width A. Its self-attention projects q/k/v
     into the video expert's attention width and heads (768 -> 1536 -> 768, Sec. 4.1). Its blocks
@@ -279,8 +299,8 @@ class ActionValueExpert(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(A, 6 * A))
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, A), nn.GELU(approximate="tanh"), nn.Linear(A, A))
         self.image_embedding = nn.Sequential(nn.Linear(cfg.image_dim, A), nn.GELU(approximate="tanh"), nn.Linear(A, A))
-        self.blocks = nn.ModuleList([WanBlock(A, cfg.act_ffn, cfg.video_heads, attn_dim=cfg.video_dim,
-                                              cross_heads=cfg.act_cross_heads) for _ in range(cfg.layers)])
+        self.blocks = nn.ModuleList([ExpertBlock(A, cfg.act_ffn, cfg.video_heads, attn_dim=cfg.video_dim,
+                                                 cross_heads=cfg.act_cross_heads) for _ in range(cfg.layers)])
 
     def time(self, t):
         """t (B, L) -> e (B, L, A), e0 (B, L, 6, A)."""
@@ -332,6 +352,7 @@ def flow_loss(pred, x0, noise, target: str) -> torch.Tensor:
 
 class Model(nn.Module):
     """MV-WAM: Video Expert + Action-Value Expert as a mixture of transformers."""
+    grad_checkpoint = False                                  # recompute each MoT layer's activations in backward
 
     def __init__(self, cfg: Config, video: WanDiT | None = None, image_encoder: nn.Module | None = None):
         """`video` / `image_encoder`: pretrained modules to use as they are (from_pretrained); the rest starts fresh."""
@@ -497,7 +518,8 @@ class Model(nn.Module):
         if not with_action:
             video_mask = mask[:Nv, :Nv] if cfg.video_attention == "frame_causal" else None
             for block in V.blocks:
-                xv = block(xv, e0_v, ctx_v, rope=(angles[:Nv], True), mask=video_mask, ctx_img=img_v)
+                xv = checkpointed(self.grad_checkpoint, block, xv, e0_v, ctx_v, rope=(angles[:Nv], True), mask=video_mask,
+                                  ctx_img=img_v)
             return V.unpatchify(V.head(xv, e_v), grid), None, None
 
         AV, B, K = self.action, z_t.shape[0], cfg.horizon
@@ -511,15 +533,9 @@ class Model(nn.Module):
         e_a, e0_a = AV.time(torch.cat(ta, 1))                                # (B, N_o, A), (B, N_o, 6, A)
         ctx_a = AV.context(text, image)                                      # per block: (B, L_text or N_img, A)
         rope_v, rope_a = (angles[:Nv], True), (angles[Nv:], True)
-        for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):
-            mv, ma = bv.modulation_terms(e0_v), ba.modulation_terms(e0_a)
-            qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)    # per-expert QKV, (B, heads, N_v, d)
-            qa, ka, va = ba.self_attn.qkv(ba.attn_input(xa, ma), rope=rope_a)    # A -> video attention width, (B, heads, N_o, d)
-            out = F.scaled_dot_product_attention(torch.cat([qv, qa], 2), torch.cat([kv, ka], 2),
-                                                 torch.cat([vv, va], 2), attn_mask=mask)   # one shared attention, (B, heads, L, d)
-            out = out.transpose(1, 2).flatten(2)                                 # (B, L, heads d)
-            xv = bv.finish(xv, bv.self_attn.o(out[:, :Nv]), mv, ctx_v, img_v)     # per-expert output, cross-attn, FFN
-            xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a[i])         # heads d -> A
+        for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):              # one MoT layer each (ExpertBlock.mot)
+            xv, xa = checkpointed(self.grad_checkpoint, ba.mot, bv, xv, xa, e0_v, e0_a, ctx_v, ctx_a[i], rope_v, rope_a, mask,
+                                  img_v)
         video_out = V.unpatchify(V.head(xv, e_v), grid)
         act = AV.state_action_head(xa[:, 1:1 + K], e_a[:, 1:1 + K])[..., :cfg.action_dim]
         value = AV.value_head(xa[:, -1:], e_a[:, -1:])[:, 0, 0] if cfg.use_value else None
@@ -576,6 +592,11 @@ class Model(nn.Module):
         if self.cfg.stage == "joint":
             groups.append({"name": "action_value", "params": head, "lr": self.cfg.lr_head})
         return set_trainable(self, groups)
+
+    def layer_groups(self):
+        """The modules that run as one layer (train.py's FSDP2 shards each group as one unit): MoT layer
+        i is video block i + action block i, run together by ExpertBlock.mot."""
+        return [[bv, ba] for bv, ba in zip(self.video.blocks, self.action.blocks)]
 
     # ---------------------------------------------------------------- inference (Fig. 3(b), Table 6)
     @torch.no_grad()

@@ -4,6 +4,7 @@
     python sample.py --ckpt runs/agra --episodes 100 --splits train ood_layout
     python sample.py --ckpt runs/mvwam --rollback        # success with and without value-guided rollback
     python sample.py --ckpt runs/eawm                    # video generation from first frame + actions / text
+    python sample.py --ckpt runs/agra_full --data data/encoded/aloha_agra   # real data: decode with the VAE, write MP4
 
 Every run writes pictures to --out (default: <ckpt>/samples): `rollout_<split>.gif` (observation |
 the model's predicted future, re-planned every chunk); AGRA: `agra_diagnostics_<split>.png` per split
@@ -11,7 +12,9 @@ the model's predicted future, re-planned every chunk); AGRA: `agra_diagnostics_<
 interaction mask outlined); MV-WAM with
 --rollback: `rollback_<split>.gif` (an episode where a rollback fired, the restored frame outlined in
 red); EA-WM: `generation_<split>.gif` (true | generated from KVAF | generated jointly | generated KVAF).
-`metrics.json` holds every printed number.
+`metrics.json` holds every printed number. With --data ENCODED (a folder of data/encode.py, the way the
+full presets train) the model predicts clips of that dataset, the predicted latents are decoded with
+the same VAE, and `samples.mp4` (or .gif) shows true (VAE reconstruction) | predicted per clip.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import colormap, pick_device, save_gif, save_png  # noqa: E402
+from common import colormap, pick_device, save_gif, save_mp4, save_png  # noqa: E402
 from data.toyworld import SPLITS, ClipDataset, ToyWorld, generate  # noqa: E402
-from train import dataset_for, load_model  # noqa: E402
+from train import dataset_for, load_model, to_device  # noqa: E402
 
 
 class Policy:
@@ -264,6 +267,58 @@ def eawm_main(args, model, cfg, meta, out_dir, gen):
     return results
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Real data: predictions on an encoded dataset, decoded with the same VAE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encoded_main(args, name, model, cfg, meta, out_dir, gen, device):
+    """sample.py --data ENCODED: predict `--clips` clips of an encoded dataset (data/encode.py), decode true
+    and predicted latents with the dataset's VAE and write them side by side as MP4 (PyAV) or GIF.
+    AGRA: the action chunk (one t = 1 video pass + 4 Euler steps) and a `--video-steps` video generation;
+    MV-WAM: joint video + action denoising; EA-WM: KVAF-conditioned generation."""
+    from data.encode import EncodedClips, WanVAE
+    clips = EncodedClips(args.data)
+    clips.check(name, cfg)
+    v = clips.index["encoders"]["vae"]
+    model.codec = WanVAE(args.vae or v["source"], v.get("subfolder", "vae"), device)    # decode() / sample_video() use it
+    rows = torch.randperm(len(clips), generator=torch.Generator().manual_seed(0))[:args.clips].numpy()
+    batch = to_device(clips.get(rows), device)
+    t0 = time.time()
+    with torch.no_grad():
+        if name == "agra":
+            out = model.sample(batch, steps=args.steps, generator=gen)
+            pred = model.sample_video(batch, steps=args.video_steps, generator=gen)
+        elif name == "mvwam":
+            out = model.sample(batch, steps=args.steps, generator=gen)
+            pred = model.decode(out["video_latents"])
+        else:
+            out = model.sample(batch, steps=args.steps, generator=gen, mode="kvaf")
+            pred = model.decode(out["video_latents"])
+        true = model.codec.decode(batch["latents"])
+    true_u8, pred_u8 = to_uint8(true), to_uint8(pred)
+    res = {"model": name, "checkpoint": args.ckpt, "data": args.data, "clips": len(rows), "step": meta.get("step"),
+           "psnr_future": float(np.mean([psnr(p[1:], t[1:]) for p, t in zip(pred_u8, true_u8)])), "seconds": time.time() - t0}
+    if out.get("actions") is not None:
+        res["action_mse"] = F.mse_loss(out["actions"].float(), batch["actions"].float()).item()
+    if out.get("video_latents") is not None:
+        res["latent_mse_future"] = F.mse_loss(out["video_latents"][:, :, 1:].float(), batch["latents"][:, :, 1:].float()).item()
+    frames = np.concatenate([np.concatenate([true_u8[i], pred_u8[i]], 2) for i in range(len(rows))], 1)   # (F, n H, 2 W, 3)
+    path = os.path.join(out_dir, f"samples.{args.format}")
+    if args.format == "mp4":
+        save_mp4(path, frames.repeat(2, 1).repeat(2, 2), fps=clips.meta["fps"] / clips.index["clip"]["frame_stride"])
+    else:
+        save_gif(path, frames, fps=4, scale=2)
+    res["video"] = path
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"{name} on {len(rows)} clips of {args.data}: PSNR of the predicted future frames {res['psnr_future']:.2f} dB"
+          + (f", action MSE (normalized) {res['action_mse']:.4f}" if "action_mse" in res else "")
+          + (f", latent MSE {res['latent_mse_future']:.4f}" if "latent_mse_future" in res else ""))
+    print(f"wrote {path} (true | predicted per clip) and metrics.json")
+    return res
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Roll out a trained world action model in the toy world and report success.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py (or its model.safetensors)")
@@ -279,7 +334,7 @@ def get_args(argv=None):
     p.add_argument("--video-steps", type=int, default=10, help="Euler steps of the predicted-video panel in GIFs")
     p.add_argument("--diag-clips", type=int, default=32, help="AGRA: held-out clips per split for the attention "
                    "diagnostics; MV-WAM: for the value-vs-return correlation (0: skip)")
-    p.add_argument("--clips", type=int, default=16, help="EA-WM: held-out clips per split to generate")
+    p.add_argument("--clips", type=int, default=16, help="EA-WM: held-out clips per split to generate; --data: clips to predict")
     p.add_argument("--rollback", action="store_true", help="MV-WAM: also run every split with value-guided rollback "
                    "(Sec. 3.2) and write rollback_<split>.gif of an episode where one fired")
     p.add_argument("--rollback-delta", type=float, default=None, help="MV-WAM: the rollback threshold delta "
@@ -287,6 +342,10 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="folder for GIFs, PNGs and metrics.json (default <ckpt>/samples)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--data", default=None, help="an encoded dataset (data/encode.py): predict its clips, decode with its "
+                   "VAE, write samples.mp4 (the path for full-size checkpoints)")
+    p.add_argument("--vae", default=None, help="--data: the VAE to decode with (default: the one the data was encoded with)")
+    p.add_argument("--format", default="mp4", choices=("mp4", "gif"), help="--data: video file format")
     return p.parse_args(argv)
 
 
@@ -299,6 +358,11 @@ def main(argv=None):
     out_dir = args.out or os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "samples")
     os.makedirs(out_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
+    if args.data:
+        return encoded_main(args, name, model, cfg, meta, out_dir, gen, device)
+    if getattr(model, "codec", None) is None:
+        raise SystemExit(f"this {name} checkpoint takes VAE latents (latent_channels={cfg.latent_channels}), not toy-world "
+                         f"pixels: pass --data <a folder written by data/encode.py> to sample from it")
     if name == "eawm":
         return eawm_main(args, model, cfg, meta, out_dir, gen)
     policy = Policy(model, cfg, meta["stats"], device, args.steps)

@@ -6,6 +6,13 @@
     python train.py --model mvwam --preset full --pretrained --data ...   # WoW / Wan2.1 + SigLIP2 from the Hub
     torchrun --nproc_per_node=2 train.py --model agra --tiny # DDP (gloo on CPU, nccl on GPU)
 
+Real data and full presets (see README, "Training on real data"):
+
+    python train.py --model mvwam --tiny --data lerobot/pusht --camera observation.image  # a LeRobot dataset, decoded
+    python train.py --model agra --preset full --data data/encoded/aloha_agra             # data/encode.py output
+    torchrun --nproc_per_node=8 train.py --model eawm --preset full --data ENC --strategy fsdp --grad-checkpoint
+    python train.py --model eawm --preset full --dry-run --strategy fsdp --gpus 32 --batch-size 1   # memory plan
+
 Order of things (nanoGPT): settings -> device / distributed -> data -> model (fresh or resumed)
 -> optimizer with per-module LR groups -> schedule -> loop -> checkpoint.
 
@@ -29,8 +36,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (atomic_write, config_from_dict, config_to_dict, dist_info, load_state_dict_strict,  # noqa: E402
-                    load_weights, lr_schedule, parse_override, pick_device, pick_dtype, save_weights)
+from common import (atomic_write, config_from_dict, config_to_dict, dist_info, fsdp_units, load_state_dict_strict,  # noqa: E402
+                    load_weights, lr_schedule, parse_override, pick_device, pick_dtype, save_weights, set_grad_checkpointing)
 
 MODELS = {"agra": "agra", "mvwam": "mvwam", "eawm": "eawm"}        # --model -> module file
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache", "default")
@@ -74,15 +81,25 @@ def dataset_for(cfg, arrays, meta):
                        getattr(cfg, "teacher_dim", 16), getattr(cfg, "frame_stride", 1))
 
 
-def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None, data_meta=None):
-    """model.safetensors (+ train_state.pt when an optimizer is given), each atomic."""
+def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None, data_meta=None, fsdp_root=None, write=True):
+    """model.safetensors (+ train_state.pt when an optimizer is given), each atomic. Under FSDP2
+    (`fsdp_root` = the sharded root) every rank calls this: the full state is gathered to rank 0
+    (`write`), the optimizer state keyed by parameter name."""
     meta = {"model": name, "config": config_to_dict(cfg), "stats": stats, "step": step, "format": "wam-v1"}
     if data_meta is not None:
-        meta["data"] = {k: data_meta[k] for k in ("res", "fps", "camera", "task", "gamma") if k in data_meta}
-    save_weights(os.path.join(out, "model.safetensors"), model.state_dict(), meta)
+        meta["data"] = {k: data_meta[k] for k in ("res", "fps", "camera", "task", "gamma", "source", "encoded") if k in data_meta}
+    weights, optim = model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    if fsdp_root is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=opts)
+        optim = get_optimizer_state_dict(fsdp_root, optimizer, options=opts) if optimizer is not None else None
+    if not write:
+        return
+    save_weights(os.path.join(out, "model.safetensors"), weights, meta)
     if optimizer is not None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "data_rng": gen.get_state() if gen is not None else None}
+        state = {"step": step, "optimizer": optim, "torch_rng": torch.get_rng_state(),
+                 "data_rng": gen.get_state() if gen is not None else None, "strategy": "fsdp" if fsdp_root is not None else "ddp"}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
@@ -125,6 +142,60 @@ def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def open_data(args, cfg, master, ddp, feature_dtype=torch.float32):
+    """-> (clips, meta) with .sample(batch_size, generator): an encoded folder of data/encode.py (what
+    the full presets train on), a LeRobot dataset (folder or Hub id, decoded to the model's frame size;
+    for the pixel-codec presets), or the toy world (default: generated and cached once)."""
+    from data.encode import EncodedClips, is_encoded
+    if args.data and os.path.isdir(args.data) and is_encoded(args.data):
+        clips = EncodedClips(args.data, feature_dtype)
+        clips.check(args.model, cfg)
+        return clips, clips.meta
+    if args.data and (os.path.isfile(os.path.join(args.data, "meta", "info.json")) or (args.camera and not os.path.exists(args.data))):
+        from data.lerobot import LeRobotClips, LeRobotReader
+        if not args.camera:
+            raise ValueError(f"{args.data} is a LeRobot dataset: name the camera to train on with --camera")
+        if args.model == "eawm":
+            raise ValueError("EA-WM renders KVAFs from a URDF and camera calibration that LeRobot datasets lack: encode the "
+                             "dataset with data/encode.py --model eawm --urdf ... --camera-json ... and train on that folder")
+        if args.model == "agra" and cfg.teacher == "toy" and cfg.agra_weight > 0:
+            raise ValueError("AGRA's toy teacher reads the toy world's segmentation, which a LeRobot dataset lacks: use "
+                             "--set agra_weight=0 (the WAM baseline), or encode the dataset with DINOv2 features (data/encode.py)")
+        clips = LeRobotClips(LeRobotReader(args.data), args.camera, cfg.frames, cfg.horizon, cfg.height, cfg.width,
+                             getattr(cfg, "frame_stride", 1), state_dim=cfg.state_dim, action_dim=cfg.action_dim)
+        return clips, clips.meta
+    from data.toyworld import default_dataset, load_dataset
+    if args.data:
+        arrays, dmeta = load_dataset(args.data)
+    else:
+        if master:
+            default_dataset(DEFAULT_DATA, episodes=args.episodes, res=cfg.height)
+        if ddp:
+            import torch.distributed as dist
+            dist.barrier()
+        arrays, dmeta = load_dataset(DEFAULT_DATA)
+    return dataset_for(cfg, arrays, dmeta), dmeta
+
+
+def shard(model, root, device, dtype, world):
+    """FSDP2: each transformer block (common.fsdp_units) its own unit, then the root; bf16 parameters
+    for compute and fp32 gradient reduction on GPU (inputs are not cast: RoPE angles stay float64)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    import warnings
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")   # no block output is modified in place
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if dtype != torch.float32 else MixedPrecisionPolicy()
+    for unit in fsdp_units(model):
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp)
+        for m in unit:
+            if hasattr(m, "mot"):                                    # MV-WAM: the MoT layer runs as ExpertBlock.mot
+                register_fsdp_forward_method(m, "mot")
+    fully_shard(root, mesh=mesh, mp_policy=mp)
+    return root
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train a world action model (AGRA / MV-WAM / EA-WM) on the toy world.")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which model file to train")
@@ -155,6 +226,14 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this "
                    "invocation, keeping the schedule of --steps; resume later")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--camera", default=None, help="LeRobot --data: the camera (video feature) to train on")
+    p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"), help="under torchrun: DDP (full replicas) or "
+                   "FSDP2 (fully_shard per block + root; bf16 parameters, fp32 reduction on GPU)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per transformer block")
+    p.add_argument("--dry-run", action="store_true", help="build the preset on the meta device and print the memory "
+                   "plan per GPU (weights, gradients, optimizer, activation estimate), then exit")
+    p.add_argument("--gpus", type=int, default=None, help="--dry-run: GPUs of the plan (default: WORLD_SIZE or 1)")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="--dry-run: GPU memory (GiB) the plan must fit")
     return p.parse_args(argv)
 
 
@@ -184,6 +263,16 @@ def main(argv=None):
             cfg.lr_head = args.lr
             for k, r in ratio.items():
                 setattr(cfg, k, r * args.lr)
+    if args.dry_run:                                                    # memory plan on the meta device, no data
+        import memplan
+        with torch.device("meta"):
+            model = model_module(args.model).Model(cfg)
+        model.param_groups()
+        gpus = args.gpus or dist_info()[3]
+        dtype = pick_dtype(args.dtype, torch.device("cuda"))
+        plan = memplan.plan(args.model, cfg, model, cfg.batch_size, gpus, args.strategy, dtype, args.grad_checkpoint, args.gpu_gb)
+        print(memplan.format_plan(plan))
+        return plan
 
     # ------------------------------------------------------------------ device, distributed
     ddp, rank, local_rank, world = dist_info()
@@ -200,16 +289,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
 
     # ------------------------------------------------------------------ data
-    from data.toyworld import default_dataset, load_dataset
-    if args.data:
-        arrays, dmeta = load_dataset(args.data)
-    else:
-        if master:
-            default_dataset(DEFAULT_DATA, episodes=args.episodes, res=cfg.height)
-        if ddp:
-            dist.barrier()
-        arrays, dmeta = load_dataset(DEFAULT_DATA)
-    data = dataset_for(cfg, arrays, dmeta)
+    data, dmeta = open_data(args, cfg, master, ddp, dtype)
     gen = torch.Generator().manual_seed(1000 + args.seed + rank)
 
     # ------------------------------------------------------------------ model
@@ -228,13 +308,22 @@ def main(argv=None):
         _, _, init_sd, _ = read_checkpoint(args.init, expect=args.model)
         load_state_dict_strict(model, init_sd, what=args.init)
     model.to(device)
+    if args.grad_checkpoint and not set_grad_checkpointing(model):
+        raise ValueError(f"--grad-checkpoint: {args.model} has no block loop to checkpoint")
     groups = model.param_groups()
     n_train = sum(p.numel() for g in groups for p in g["params"])
+    n_all = sum(p.numel() for p in model.parameters())
     loss_module = LossModule(model)
-    if ddp:
+    fsdp = ddp and args.strategy == "fsdp"
+    if args.strategy == "fsdp" and not ddp:
+        raise ValueError("--strategy fsdp shards over the processes of torchrun: run torchrun --nproc_per_node=N train.py ...")
+    if fsdp:
+        shard(model, loss_module, device, dtype, world)
+        groups = model.param_groups()                                    # the sharded (DTensor) parameters
+    elif ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         loss_module = DDP(loss_module, device_ids=[local_rank] if device.type == "cuda" else None,
-                          find_unused_parameters=True)
+                          find_unused_parameters=True, gradient_as_bucket_view=True)
     if args.compile:
         loss_module = torch.compile(loss_module)
 
@@ -243,7 +332,15 @@ def main(argv=None):
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
     if resumed:
-        optimizer.load_state_dict(state["optimizer"])
+        by_name = state.get("strategy") == "fsdp"                        # FSDP2 saves the optimizer keyed by parameter name
+        if fsdp and not by_name:
+            raise ValueError(f"{resumed}: train_state.pt was written without FSDP (optimizer keyed by position); "
+                             f"resume it with --strategy ddp or in one process")
+        if by_name:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(loss_module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("data_rng") is not None:
             gen.set_state(state["data_rng"])
@@ -253,9 +350,10 @@ def main(argv=None):
     end = total if args.stop_after is None else min(total, start + args.stop_after)
     if master:
         os.makedirs(out, exist_ok=True)
-        print(f"{args.model} ({preset}, stage {cfg.stage}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        print(f"{args.model} ({preset}, stage {cfg.stage}): {n_all / 1e6:.2f}M "
               f"params, {n_train / 1e6:.2f}M trainable; {len(data)} clips; steps {start}->{end} of {total}; "
-              f"batch {cfg.batch_size}x{args.grad_accum}x{world}; {device} {dtype}")
+              f"batch {cfg.batch_size}x{args.grad_accum}x{world}; {device} {dtype}"
+              + (f"; {args.strategy}" if ddp else "") + ("; activation checkpointing" if args.grad_checkpoint else ""))
 
     # ------------------------------------------------------------------ loop
     from tqdm import tqdm
@@ -269,7 +367,10 @@ def main(argv=None):
         parts_sum, loss_sum = {}, 0.0
         for micro in range(args.grad_accum):
             batch = to_device(data.sample(cfg.batch_size, gen), device)
-            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else loss_module.no_sync()
+            last = micro == args.grad_accum - 1
+            if fsdp:
+                loss_module.set_requires_gradient_sync(last)                # FSDP2: reduce-scatter on the last micro-batch
+            sync = nullcontext() if not ddp or fsdp or last else loss_module.no_sync()
             with sync, autocast:
                 loss, parts = loss_module(batch)
             if not torch.isfinite(loss):
@@ -279,7 +380,8 @@ def main(argv=None):
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / args.grad_accum
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()   # FSDP2: a DTensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if master:
@@ -292,12 +394,14 @@ def main(argv=None):
                 named = " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
                 tqdm.write(f"step {step + 1:5d} | loss {loss_sum:.4f} | {named} | lr {rec['lr']:.2e} | "
                            f"grad {gnorm:.2f} | {time.time() - t0:.0f}s")
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 != end:
-                save_checkpoint(out, args.model, model, cfg, dmeta["stats"], step + 1, optimizer, gen, dmeta)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 != end and (master or fsdp):
+            save_checkpoint(out, args.model, model, cfg, dmeta["stats"], step + 1, optimizer, gen, dmeta,
+                            loss_module if fsdp else None, master)
 
     # ------------------------------------------------------------------ checkpoint
+    if master or fsdp:
+        save_checkpoint(out, args.model, model, cfg, dmeta["stats"], end, optimizer, gen, dmeta, loss_module if fsdp else None, master)
     if master:
-        save_checkpoint(out, args.model, model, cfg, dmeta["stats"], end, optimizer, gen, dmeta)
         log.close()
         print(f"saved {out}/model.safetensors at step {end} ({time.time() - t0:.0f}s)")
     if ddp:

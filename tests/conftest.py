@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 
@@ -17,3 +18,14 @@ def toy_data(tmp_path_factory):
     write_dataset(folder, arrays, meta)
     arrays, meta = load_dataset(folder)
     return folder, arrays, meta
+
+
+def need(module: str):
+    """Import an optional extra (requirements-extra.txt): under CI (CI=true) a missing one fails the
+    test, elsewhere the test is skipped with the pip command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            raise
+        pytest.skip(f"{module} is not installed: pip install -r requirements-extra.txt", allow_module_level=True)

@@ -8,12 +8,11 @@ through the public from_pretrained API and run on the same inputs: equal within 
 weight is re-drawn first (zero-initialized output layers and gates would hide a wrong key).
 No network: HF_HUB_OFFLINE=1; Hub ids are served from a hand-made local cache.
 
-diffusers and transformers are test-only dependencies (requirements-test.txt). Under CI (CI=true)
+diffusers and transformers are test-only dependencies (requirements-extra.txt). Under CI (CI=true)
 a missing one fails these tests; elsewhere they are skipped with a message.
 """
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -28,15 +27,7 @@ import agra
 import common as C
 import eawm
 import mvwam
-
-
-def need(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            raise
-        pytest.skip(f"{module} is not installed: pip install -r requirements-test.txt")
+from conftest import need
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
