@@ -45,13 +45,13 @@ import copy
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, RMSNorm, SiglipVisionTower, TinyTextEncoder, add_noise,
+from common import (frame_times, Attention, PixelCodec, RMSNorm, SiglipVisionTower, TinyTextEncoder, add_noise,
                     build_pretrained, check_choice, check_clip_frames, check_layers, check_shape, checkpointed, grid_positions,
                     modulate, read_config, read_weights, rename_keys, resolve_source, rope_3d, sample_t, set_trainable, shift_t,
                     timestep_embedding, velocity_target)

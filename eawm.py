@@ -59,8 +59,7 @@ import torch.nn.functional as F
 
 from common import depth_range as common_depth_range
 from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, TinyTextEncoder, URDFChain, WanDiT, WanHead, add_noise,
-                    bell_weight, check_choice, check_clip_frames, checkpointed, check_layers, check_shape, colormap, grid_positions,
-                    inject_lora, project, rope_3d, sample_t, set_trainable, shift_t, velocity_target)
+                    bell_weight, check_choice, check_clip_frames, checkpointed, check_layers, colormap, inject_lora, project, rope_3d, sample_t, set_trainable, shift_t, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # KVAF renderer (Sec. 3.1, App. A.2)

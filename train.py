@@ -26,7 +26,6 @@ import argparse
 import copy
 import importlib
 import json
-import math
 import os
 import sys
 import time

@@ -14,7 +14,6 @@ a missing one fails these tests; elsewhere they are skipped with a message.
 import argparse
 import dataclasses
 import json
-import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
