@@ -17,8 +17,9 @@ standard deviation (ddof 1) of the n per-seed values (a seed evaluated twice in 
 the mean of its evaluations). A cell is marked `*` when it differs from the baseline row's cell by more
 than 2 sqrt(SE_row^2 + SE_baseline^2), i.e. by more than about two standard errors of the difference of
 two independent means: with 3+ seeds per row, a difference the seed-to-seed spread is unlikely to make.
-Rows with one seed have no SE and are never marked. Success comes from the closed-loop episodes
-(AGRA, MV-WAM; an MV-WAM evaluation with --rollback adds a row "sample.rollback=<delta>"), the diagnostics
+Rows with one seed have no SE and are never marked. Success and the stages reached (object reached,
+grasped, lifted) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback
+adds a row "sample.rollback=<delta>" with its success and rollbacks per episode), the diagnostics
 from held-out expert clips: AGRA's attention-in-mask ratio (chance level in brackets), centroid error and
 Matched Sensitivity Ratio (AGRA Sec. 3.2, 4.2.1, Table 1), MV-WAM's value against the Monte-Carlo return
 (Eq. 4), EA-WM's PSNR / latent MSE against the true rendering (copy-first-frame level in brackets) and
@@ -47,10 +48,16 @@ MARK_NOTE = ("* = differs from the first row (the baseline: the first run given)
 # ratio of attention spread uniformly) and the first frame repeated (a model that predicts no motion)
 METRICS = {
     "success": ("success %", 1, None),
+    "reached": ("reached the object %", 1, None),
+    "grasped": ("grasped it %", 1, None),
+    "lifted": ("lifted it %", 1, None),
     "rollbacks_per_episode": ("rollbacks per episode", 2, None),
     "in_mask_ratio": ("attention in mask (chance)", 3, "mask_fraction"),
     "centroid_error": ("attention centroid error", 2, None),
     "msr_mean": ("MSR, mean intervention", 2, None),
+    "msr_zero": ("MSR, zero intervention", 2, None),
+    "msr_shuffle": ("MSR, shuffle intervention", 2, None),
+    "msr_swap": ("MSR, swap intervention", 2, None),
     "value_pearson": ("value vs return, Pearson r", 3, None),
     "value_mae": ("value vs return, MAE", 3, None),
     "psnr_kvaf": ("PSNR dB, KVAF-conditioned (copy first frame)", 2, "psnr_copy_first"),
@@ -142,6 +149,8 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
         for split, r in splits.items():
             n = r.get("episodes", res.get("episodes"))
             put(ev, "success", split, 100 * _need(r, "success", f"{f} splits.{split}", fix), n)
+            for stage in ("reached", "grasped", "lifted"):                 # stage flags (toy world info["stages"])
+                put(ev, stage, split, 100 * r[stage] if stage in r else None, n)
             if rb is not None:
                 put(rb, "success", split, 100 * _need(r, "success_rollback", f"{f} splits.{split}", fix), n)
                 put(rb, "rollbacks_per_episode", split, r.get("rollbacks_per_episode"), n)
@@ -149,7 +158,8 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
             n = d.get("n", settings.get("diag_clips"))
             put(ev, "in_mask_ratio", split, d.get("in_mask_ratio"), n, d.get("mask_fraction"))
             put(ev, "centroid_error", split, d.get("centroid_error"), n)
-            put(ev, "msr_mean", split, (d.get("msr") or {}).get("mean"), n)
+            for kind in ("mean", "zero", "shuffle", "swap"):
+                put(ev, f"msr_{kind}", split, (d.get("msr") or {}).get(kind), n)
         for split, d in res.get("value", {}).items():              # MV-WAM value vs Monte-Carlo return (Eq. 4)
             put(ev, "value_pearson", split, d.get("pearson"), d.get("n"))
             put(ev, "value_mae", split, d.get("mae"), d.get("n"))

@@ -37,7 +37,7 @@ def fake_run(root, name, model="agra", step=100, metrics=None, jsonl=None, sub="
 
 def agra_metrics(train, layout, in_mask=0.05, steps=4, episodes=20):
     return {"model": "agra", "episodes": episodes, "settings": {"steps": steps, "episodes": episodes, "seed": 100000},
-            "splits": {"train": {"success": train, "episodes": episodes}, "ood_layout": {"success": layout}},
+            "splits": {"train": {"success": train, "episodes": episodes, "reached": 1.0}, "ood_layout": {"success": layout}},
             "diagnostics": {s: {"in_mask_ratio": in_mask, "mask_fraction": 0.04, "centroid_error": 1.5,
                                 "msr": {"mean": 1.0}} for s in ("train", "ood_layout")}}
 
@@ -78,6 +78,9 @@ def test_standard_error_and_marker_hand_computed(wam_vs_agra, tmp_path):
     # the diagnostics go through the same path, with the chance level carried along
     im = res["rows"][1]["metrics"]["in_mask_ratio"]["train"]
     assert im["mean"] == pytest.approx(0.08) and im["se"] == pytest.approx(0.0) and im["ref"] == pytest.approx(0.04)
+    assert wam["train"]["values"] == pytest.approx([50, 60, 70])
+    reached = res["rows"][0]["metrics"]["reached"]                      # stage flags, in % like success
+    assert reached["train"]["mean"] == 100.0 and "ood_layout" not in reached
 
 
 def test_table_json_md_and_svg_are_written(wam_vs_agra, tmp_path, capsys):

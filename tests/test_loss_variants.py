@@ -23,6 +23,17 @@ def tiny(mod, **kw):
     return cfg
 
 
+def parts_for(model, field: str, values, batch) -> dict:
+    """The loss parts of one model under each value of a Config field, with the same noise draws."""
+    out = {}
+    for v in values:
+        setattr(model.cfg, field, v)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out[v] = model.loss(batch)[1]
+    return out
+
+
 # ------------------------------------------------------------------ AGRA: agra_distance = cosine | mse
 
 
@@ -48,11 +59,7 @@ def test_agra_distance_reaches_the_loss(toy_data):
     batch = ds.sample(2, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = agra.Model(cfg)
-    parts = {}
-    for d in ("cosine", "mse"):
-        model.cfg.agra_distance = d
-        torch.manual_seed(1)
-        parts[d] = model.loss(batch)[1]
+    parts = parts_for(model, "agra_distance", ("cosine", "mse"), batch)
     assert -1.0 <= parts["cosine"]["agra"].item() <= 1.0 and parts["mse"]["agra"].item() >= 0
     assert parts["cosine"]["agra"] != parts["mse"]["agra"]
     assert parts["cosine"]["video"] == parts["mse"]["video"]        # the same noise: only the AGRA term changes
@@ -84,11 +91,7 @@ def test_x0_weight_reaches_the_loss(monkeypatch):
     monkeypatch.setattr(mvwam, "sample_t", lambda kind, n, device=None, **kw: torch.full((n,), 0.5, device=device))
     torch.manual_seed(0)
     model = mvwam.Model(cfg)
-    parts = {}
-    for w in ("none", "inv_t2"):
-        model.cfg.x0_weight = w
-        torch.manual_seed(1)
-        parts[w] = model.loss(batch)[1]
+    parts = parts_for(model, "x0_weight", ("none", "inv_t2"), batch)
     assert parts["inv_t2"]["video"] == parts["none"]["video"]
     for k in ("action", "value"):                                  # t = 0.5 for every sample: 1/t^2 = 4
         assert parts["inv_t2"][k].item() == pytest.approx(4 * parts["none"][k].item(), rel=1e-5)
@@ -107,12 +110,7 @@ def test_time_weight_uniform_removes_the_bell(toy_data, monkeypatch):
     monkeypatch.setattr(eawm, "sample_t", lambda kind, n, device=None, **kw: t.to(device))
     torch.manual_seed(0)
     model = eawm.Model(cfg)
-    parts = {}
-    for w in ("bell", "uniform"):
-        model.cfg.time_weight = w
-        torch.manual_seed(1)
-        with torch.no_grad():
-            parts[w] = model.loss(batch)[1]
+    parts = parts_for(model, "time_weight", ("bell", "uniform"), batch)
     w07 = bell_weight(t, cfg.t_shift if cfg.t_sampler == "shifted" else 1.0)[0].item()
     assert abs(w07 - 1) > 0.05                                      # the bell does weigh this t
     for k in ("video", "kvaf"):                                     # bell = w(0.7) * uniform
