@@ -246,9 +246,10 @@ def compare_rows(rows: list[dict], splits: list[str]) -> list[dict]:
                                  "ref": sum(refs) / len(refs) if refs and None not in refs else None}
             if cells:
                 metrics[metric] = cells
-        out.append({"name": row["name"], "fields": row["fields"], "runs": runs, "seeds": len(runs),
-                    "evaluations": [ev["file"] + (f" (rollback {ev['settings']['rollback']})" if ev["settings"]["rollback"] != "off" else "")
-                                    for ev in row["evals"]], "metrics": metrics})
+        files = [ev["file"] + ("" if ev["settings"]["rollback"] == "off" else f" (rollback {ev['settings']['rollback']})")
+                 for ev in row["evals"]]
+        out.append({"name": row["name"], "fields": row["fields"], "runs": runs, "seeds": len(runs), "evaluations": files,
+                    "metrics": metrics})
     base = out[0]["metrics"]
     for r in out[1:]:                                                        # each row against the first
         for metric, cells in r["metrics"].items():
@@ -366,8 +367,9 @@ def svg_bars(path: str, title: str, ylabel: str, splits: list[str], series: list
             if m is None:
                 continue
             bx, base = gx + i * bar, y_of(max(0.0, y0))
+            tip = f"{m:.3g}" + (f" ± {se:.2g}" if se is not None else "")       # shown on hover
             body.append(f'<rect x="{bx + 1:.1f}" y="{min(base, y_of(m)):.1f}" width="{bar - 2}" height="{abs(base - y_of(m)):.1f}" '
-                        f'fill="{PALETTE[i % len(PALETTE)]}"><title>{m:.3g}' + (f" ± {se:.2g}" if se is not None else "") + '</title></rect>')
+                        f'fill="{PALETTE[i % len(PALETTE)]}"><title>{tip}</title></rect>')
             cx, hi = bx + bar / 2, y_of(m + (se or 0))
             if se is not None:
                 lo = y_of(m - se)
@@ -474,7 +476,8 @@ def compare_runs(runs: list[str], patterns=("samples/metrics.json",), splits=SPL
     notes = [f"cells: {SE_NOTE}", MARK_NOTE, "n/seed = episodes (success) or clips (diagnostics) per seed"]
     present = {m for r in table for m in r["metrics"]}
     if "in_mask_ratio" in present:
-        notes.append("(x) after the attention-in-mask ratio: its chance level, the mask's share of tokens (attention spread uniformly)")
+        notes.append("(x) after the attention-in-mask ratio: its chance level, the mask's share of tokens "
+                     "(attention spread uniformly)")
     if present & {"psnr_kvaf", "psnr_joint", "latent_mse_kvaf"}:
         notes.append("(x) after PSNR / latent MSE: the first frame repeated (a model that predicts no motion), on the same clips")
     if dropped:
