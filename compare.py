@@ -350,7 +350,8 @@ def svg_bars(path: str, title: str, ylabel: str, splits: list[str], series: list
     width = max(360, left + right + group_w * len(splits))
     lo_hi = [m + s * (se or 0) for x in series for m, se in zip(x["means"], x["ses"]) if m is not None for s in (-1, 1)]
     lo_hi += [r for x in series for r in x.get("refs") or [] if r is not None]
-    ticks = nice_ticks(min(0.0, min(lo_hi, default=0.0)), max(lo_hi, default=1.0))
+    hi = max(lo_hi, default=0.0)
+    ticks = nice_ticks(min(0.0, min(lo_hi, default=0.0)), hi if hi > 0 else 100.0 if "%" in ylabel else 1.0)
     y0, y1, bottom = ticks[0], ticks[-1], top + plot_h
     y_of = lambda v: bottom - (v - y0) / (y1 - y0) * plot_h                    # noqa: E731
     body = [_text(width / 2, 18, title, size=14)] + _legend([x["name"] for x in series], left, 38, ref_label)
