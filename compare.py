@@ -347,7 +347,8 @@ def svg_bars(path: str, title: str, ylabel: str, splits: list[str], series: list
     top = 34 + 16 * (len(series) + (1 if ref_label else 0) + marked)
     plot_h, bottom_pad = 220, 46
     group_w = max(bar * len(series) + gap, 7 * max(len(x) for x in splits) + 14)  # room for the split's name
-    width = max(360, left + right + group_w * len(splits))
+    width = max(360, left + right + group_w * len(splits), 8 * len(title) + 20)   # room for the title (14 px)
+    group_w = (width - left - right) / len(splits)                               # spread the groups over the width
     lo_hi = [m + s * (se or 0) for x in series for m, se in zip(x["means"], x["ses"]) if m is not None for s in (-1, 1)]
     lo_hi += [r for x in series for r in x.get("refs") or [] if r is not None]
     hi = max(lo_hi, default=0.0)
