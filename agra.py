@@ -113,6 +113,7 @@ class Config:
     act_weight: float = 1.0              # lambda_act (Eq. 18, App. C.3)
     agra_layers: tuple = (2,)            # S_agra; (8,) of 28 at full size (~1/3 depth; 2 of 6 here)
     agra_pass: str = "action_cond"       # action_cond | video | shared (Table 2)
+    agra_distance: str = "cosine"        # cosine (Eq. 6) | mse (a loss variant, not in the paper: see agra_loss)
     teacher: str = "toy"                 # toy (semantic teacher) | dinov2 | siglip (AGRA-SiglipL8, Sec. 4.2.2 b)
     teacher_dim: int = 16                # d_t (DINOv2-B: 768)
     teacher_patch: int = 2               # toy teacher patch (pixels); DINOv2: 14, SigLIP-B/16: 16
@@ -143,6 +144,7 @@ class Config:
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint", "finetune"))
         check_choice("agra_pass", self.agra_pass, ("action_cond", "video", "shared"))
+        check_choice("agra_distance", self.agra_distance, ("cosine", "mse"))
         check_choice("bridge", self.bridge, ("multi", "single"))
         check_choice("teacher", self.teacher, ("toy", "dinov2", "siglip"))
         check_choice("video_t_sampler", self.video_t_sampler, ("uniform", "logit_normal"))
@@ -518,10 +520,15 @@ class ActionDiT(nn.Module):
 # -------------------------------------------------------------------------------------------------
 
 
-def agra_loss(z: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def agra_loss(z: torch.Tensor, y: torch.Tensor, eps: float = 1e-8, distance: str = "cosine") -> torch.Tensor:
     """Eq. 6: negative cosine similarity, averaged over all leading dims (k, b, t, u, v).
 
-    cos(x, y) = x.y / (|x| |y| + eps): -1 for identical directions, 0 for orthogonal ones."""
+    cos(x, y) = x.y / (|x| |y| + eps): -1 for identical directions, 0 for orthogonal ones.
+    distance="mse" (Config.agra_distance, a variant not in the paper): the squared error of the raw
+    features, averaged over k, b, t, u, v and the d_t channels, so P_k must match the teacher's norm
+    too. (An MSE between L2-normalized features would be 2 - 2 cos: Eq. 6 again, up to scale.)"""
+    if distance == "mse":
+        return ((z - y) ** 2).mean()
     cos = (z * y).sum(-1) / (z.norm(dim=-1) * y.norm(dim=-1) + eps)
     return -cos.mean()
 
@@ -874,7 +881,7 @@ class Model(nn.Module):
             source = hidden_b if cfg.agra_pass == "action_cond" else hidden_a
             y = interpolate_teacher(self.teacher_features(batch), grid[1:])          # (B, T, h, w, d_t) Eq. 4
             zs = torch.stack([self.projectors[str(l)](source[l]) for l in cfg.agra_layers])  # (k, B, N_v, d_t) Eq. 5
-            parts["agra"] = agra_loss(zs.float(), y.reshape(B, -1, y.shape[-1])[None])      # Eq. 6
+            parts["agra"] = agra_loss(zs.float(), y.reshape(B, -1, y.shape[-1])[None], distance=cfg.agra_distance)  # Eq. 6
             total = total + cfg.agra_weight * parts["agra"]              # Eq. 7
         return total, {k: v.detach() for k, v in parts.items()}
 

@@ -199,6 +199,7 @@ class Config:
     fusion: str = "event"                # event (Eq. 4-6 + EDLS) | plain (bidirectional cross-attention, Sec. 4.3)
     fusion_layers: tuple = (1, 3)        # S: sparse fusion layers (the paper does not list them)
     event_dim: int = 64                  # width of the event representation e
+    time_weight: str = "bell"            # w(t) of Eq. 8: bell (Wan / DiffSynth trainer) | uniform (w = 1, a variant)
     edls_weight: float = 1.0             # lambda_e (the paper gives no value)
     edls_normalize: bool = True          # divide the EDLS MSE by the target's mean square, so predicting "no change"
                                          #   scores 1 like a flow loss at init (ours; the raw target is tiny: README)
@@ -226,6 +227,7 @@ class Config:
 
     def __post_init__(self):
         check_choice("fusion", self.fusion, ("event", "plain"))
+        check_choice("time_weight", self.time_weight, ("bell", "uniform"))
         check_choice("stage", self.stage, ("stage1", "stage2"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
@@ -504,6 +506,8 @@ class Model(nn.Module):
             k_t = add_noise(k, n_k, t_k[..., None])
         v_hat, vk_hat, e_hats = self(z_t, t_v, k_t, t_k, ctx)
         w = bell_weight(t, cfg.t_shift if cfg.t_sampler == "shifted" else 1.0).to(dev)       # w(t), Eq. 8
+        if cfg.time_weight == "uniform":                                         # variant: every t weighs 1
+            w = torch.ones_like(w)
         per_sample = lambda x: x.float().flatten(1).mean(1)                      # noqa: E731
         l_video = per_sample((v_hat - velocity_target(z, n_z))[:, :, 1:] ** 2)   # first frame excluded
         err_k = (vk_hat - velocity_target(k, n_k)) ** 2

@@ -129,6 +129,7 @@ class Config:
     video_weight: float = 1.0            # lambda_v
     action_weight: float = 1.0           # lambda_a
     value_weight: float = 1.0            # value tokens share Eq. 3 (App. F); 1 like lambda_a
+    x0_weight: str = "none"              # none (App. F: plain x0 MSE) | inv_t2 (Eq. 7: x0 loss in velocity space, 1/t^2)
     independent_t: bool = False          # draw the action/value t independently of the video t
     t_sampler: str = "logit_normal"      # the paper does not name one (Wan's trainer draws shifted t)
     t_shift: float = 1.0                 # for t_sampler="shifted" (Wan: 5)
@@ -155,6 +156,10 @@ class Config:
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint"))
         check_choice("action_target", self.action_target, ("x0", "v", "eps"))
+        check_choice("x0_weight", self.x0_weight, ("none", "inv_t2"))
+        if self.x0_weight == "inv_t2" and self.action_target != "x0":
+            raise ValueError(f"x0_weight='inv_t2' re-weights the x0 loss (Eq. 7); action_target is {self.action_target!r}, "
+                             f"set action_target=x0 or x0_weight=none")
         check_choice("image_encoder", self.image_encoder, ("tiny", "precomputed", "siglip"))
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
@@ -338,11 +343,15 @@ def widen_patch_embedding(video: WanDiT, in_dim: int, generator: torch.Generator
 # -------------------------------------------------------------------------------------------------
 
 
-def flow_loss(pred, x0, noise, target: str) -> torch.Tensor:
+def flow_loss(pred, x0, noise, target: str, weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE in the output's own parameterization (Table 6): v -> noise - x0 (Eq. 2), x0 -> x0 (Eq. 3,
-    with no 1/t^2 weight, App. F / Eq. 7), eps -> noise."""
+    with no 1/t^2 weight, App. F / Eq. 7), eps -> noise. `weight` (B,): an optional per-sample factor
+    (Config.x0_weight="inv_t2" passes 1/t^2, which turns the x0 loss into Eq. 7's velocity-space loss)."""
     goal = {"v": velocity_target(x0, noise), "x0": x0, "eps": noise}[target]
-    return F.mse_loss(pred.float(), goal.float())
+    err = (pred.float() - goal.float()) ** 2
+    if weight is not None:
+        err = err * weight.float().reshape(-1, *[1] * (err.dim() - 1))
+    return err.mean()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -575,10 +584,11 @@ class Model(nn.Module):
         parts = {"video": F.mse_loss(v_hat[:, :, 1:].float(), velocity_target(z, noise)[:, :, 1:].float())}   # Eq. 2
         total = cfg.video_weight * parts["video"]
         if with_action:
-            parts["action"] = flow_loss(a_hat, a0, eps_a, cfg.action_target)                # Eq. 3
+            w = t_a.clamp(min=1e-3) ** -2 if cfg.x0_weight == "inv_t2" else None      # Eq. 7 variant (clamped like to_velocity)
+            parts["action"] = flow_loss(a_hat, a0, eps_a, cfg.action_target, w)             # Eq. 3
             total = total + cfg.action_weight * parts["action"]
             if cfg.use_value:
-                parts["value"] = flow_loss(c_hat, c0, eps_c, cfg.action_target)             # Eq. 3-4 (value token)
+                parts["value"] = flow_loss(c_hat, c0, eps_c, cfg.action_target, w)          # Eq. 3-4 (value token)
                 total = total + cfg.value_weight * parts["value"]
         return total, {k: v.detach() for k, v in parts.items()}
 

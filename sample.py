@@ -5,16 +5,23 @@
     python sample.py --ckpt runs/mvwam --rollback        # success with and without value-guided rollback
     python sample.py --ckpt runs/eawm                    # video generation from first frame + actions / text
     python sample.py --ckpt runs/agra_full --data data/encoded/aloha_agra   # real data: decode with the VAE, write MP4
+    python sample.py --compare runs/wam_s* runs/agra_s*  # one table of variants, mean +- SE over seeds (+ JSON, SVG)
+    python sample.py --curves runs/wam_s* runs/agra_s*   # success against training step (train.py --eval-every)
 
 Every run writes pictures to --out (default: <ckpt>/samples): `rollout_<split>.gif` (observation |
 the model's predicted future, re-planned every chunk); AGRA: `agra_diagnostics_<split>.png` per split
 (frame | action-head cross-attention | mean-intervention heatmap, all on the last latent frame, the
-interaction mask outlined); MV-WAM with
---rollback: `rollback_<split>.gif` (an episode where a rollback fired, the restored frame outlined in
-red); EA-WM: `generation_<split>.gif` (true | generated from KVAF | generated jointly | generated KVAF).
-`metrics.json` holds every printed number. With --data ENCODED (a folder of data/encode.py, the way the
-full presets train) the model predicts clips of that dataset, the predicted latents are decoded with
-the same VAE, and `samples.mp4` (or .gif) shows true (VAE reconstruction) | predicted per clip.
+interaction mask outlined); MV-WAM with --rollback: `rollback_<split>.gif` (an episode where a rollback
+fired, the restored frame outlined in red); EA-WM: `generation_<split>.gif` (true | generated from KVAF | generated jointly | generated KVAF).
+`metrics.json` holds every printed number and the settings that produced them. With --data ENCODED (a
+folder of data/encode.py, the way the full presets train) the model predicts clips of that dataset, the
+predicted latents are decoded with the same VAE, and `samples.mp4` (or .gif) shows true (VAE
+reconstruction) | predicted per clip.
+
+--compare RUN... and --curves RUN... turn run folders into one table of variants (mean +- standard error
+over seeds, comparison.md / .json / .svg) and learning curves (curves.json / .svg); compare.py implements
+them and defines the grouping, the standard error and the `*` marker. They are flags of this script, not a
+script of their own, because they read what this script and train.py write.
 """
 from __future__ import annotations
 
@@ -245,6 +252,7 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
 def eawm_main(args, model, cfg, meta, out_dir, gen):
     """sample.py --model eawm: generation quality per split (EA-WM Table 1 / Table 4 style)."""
     results = {"model": "eawm", "checkpoint": args.ckpt, "step": meta.get("step"), "clips": args.clips, "splits": {}}
+    results["settings"] = eval_settings(args, "eawm", cfg)
     print(f"eawm checkpoint {args.ckpt} (step {meta.get('step')}): {args.clips} held-out clips per split, "
           f"{args.steps or cfg.sample_steps} Euler steps")
     print(f"{'split':16s} {'PSNR kvaf-cond':>14s} {'MSE kvaf-cond':>13s} {'PSNR joint':>10s} {'MSE joint':>9s} "
@@ -317,11 +325,19 @@ def encoded_main(args, name, model, cfg, meta, out_dir, gen, device):
           + (f", latent MSE {res['latent_mse_future']:.4f}" if "latent_mse_future" in res else ""))
     print(f"wrote {path} (true | predicted per clip) and metrics.json")
     return res
+def eval_settings(args, name: str, cfg) -> dict:
+    """The sample.py settings that change the numbers in metrics.json (stored there as "settings";
+    --compare puts evaluations that differ in one of them into different rows)."""
+    steps = args.steps or (cfg.action_steps if name == "agra" else cfg.sample_steps)   # denoising steps used
+    if name == "eawm":
+        return {"steps": steps, "clips": args.clips, "seed": args.seed}
+    return {"steps": steps, "episodes": args.episodes, "exec_steps": args.exec_steps or max(1, cfg.horizon // 2),
+            "max_steps": args.max_steps, "seed": args.seed, "diag_clips": args.diag_clips}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Roll out a trained world action model in the toy world and report success.")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py (or its model.safetensors)")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder written by train.py (or its model.safetensors)")
     p.add_argument("--model", default=None, help="expected model name (agra, mvwam, eawm); checked against the checkpoint")
     p.add_argument("--episodes", type=int, default=50, help="episodes per split")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="which splits to evaluate")
@@ -339,7 +355,14 @@ def get_args(argv=None):
                    "(Sec. 3.2) and write rollback_<split>.gif of an episode where one fired")
     p.add_argument("--rollback-delta", type=float, default=None, help="MV-WAM: the rollback threshold delta "
                    "(default: the checkpoint's Config.rollback_delta, the paper's 0.2; Fig. 3(c) varies it)")
-    p.add_argument("--out", default=None, help="folder for GIFs, PNGs and metrics.json (default <ckpt>/samples)")
+    p.add_argument("--out", default=None, help="folder for GIFs, PNGs and metrics.json (default <ckpt>/samples); "
+                   "with --compare / --curves: for their tables and figures (default <the runs' parent>/compare)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RUN", help="compare run folders of one model "
+                   "(each evaluated by sample.py --ckpt RUN): one table, mean +- SE over seeds, + comparison.json/.svg")
+    p.add_argument("--curves", nargs="+", default=None, metavar="RUN", help="learning curves of run folders "
+                   "trained with --eval-every: success (EA-WM: PSNR) against training step, curves.json/.svg")
+    p.add_argument("--metrics", nargs="+", default=["samples/metrics.json"], metavar="GLOB", help="--compare: which "
+                   "evaluations of each run, globs relative to the run folder, e.g. 'samples*/metrics.json'")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--data", default=None, help="an encoded dataset (data/encode.py): predict its clips, decode with its "
@@ -351,6 +374,11 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.compare or args.curves:                      # tables and figures from run folders (compare.py)
+        import compare
+        return compare.main(args)
+    if not args.ckpt:
+        raise SystemExit("sample.py needs --ckpt RUN (or --compare RUN... / --curves RUN...)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -378,6 +406,7 @@ def main(argv=None):
 
     results = {"model": name, "checkpoint": args.ckpt, "step": meta.get("step"), "episodes": args.episodes,
                "exec_steps": exec_steps, "splits": {}}
+    results["settings"] = eval_settings(args, name, cfg)
     print(f"{name} checkpoint {args.ckpt} (step {meta.get('step')}): {args.episodes} episodes per split, "
           f"re-plan every {exec_steps} steps")
     rb = None

@@ -1,0 +1,202 @@
+"""compare.py (sample.py --compare / --curves) on fake run folders: a 1-parameter model.safetensors with
+train.py's metadata plus a hand-written metrics.json / metrics.jsonl, so no training runs. Grouping,
+the standard error and the marker against hand-computed values, the files written, clear errors."""
+import copy
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+import compare
+import sample
+from common import config_to_dict, save_weights
+
+
+def fake_run(root, name, model="agra", step=100, metrics=None, jsonl=None, sub="samples", **fields):
+    """A run folder as train.py + sample.py write it; `fields` override the tiny preset's Config."""
+    import train
+    cfg = copy.deepcopy(train.model_module(model).CONFIGS["tiny"])
+    for k, v in fields.items():
+        setattr(cfg, k, v)
+    folder = os.path.join(str(root), name)
+    os.makedirs(folder, exist_ok=True)
+    save_weights(os.path.join(folder, "model.safetensors"), {"w": torch.zeros(1)},
+                 {"model": model, "config": config_to_dict(cfg), "step": step, "data": {"res": 32, "gamma": 0.99}})
+    if metrics is not None:
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        with open(os.path.join(folder, sub, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+    if jsonl is not None:
+        with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in jsonl))
+    return folder
+
+
+def agra_metrics(train, layout, in_mask=0.05, steps=4, episodes=20):
+    return {"model": "agra", "episodes": episodes, "settings": {"steps": steps, "episodes": episodes, "seed": 100000},
+            "splits": {"train": {"success": train, "episodes": episodes, "reached": 1.0}, "ood_layout": {"success": layout}},
+            "diagnostics": {s: {"in_mask_ratio": in_mask, "mask_fraction": 0.04, "centroid_error": 1.5,
+                                "msr": {"mean": 1.0}} for s in ("train", "ood_layout")}}
+
+
+@pytest.fixture
+def wam_vs_agra(tmp_path):
+    """3 seeds of the WAM baseline (agra_weight=0) and of AGRA (0.01), success given per seed."""
+    runs = []
+    for s, (tr, lay) in enumerate([(0.5, 0.0), (0.6, 0.1), (0.7, 0.2)]):
+        runs.append(fake_run(tmp_path, f"wam_s{s}", metrics=agra_metrics(tr, lay, 0.04), agra_weight=0.0))
+    for s, (tr, lay) in enumerate([(0.8, 0.1), (0.9, 0.2), (0.85, 0.3)]):
+        runs.append(fake_run(tmp_path, f"agra_s{s}", metrics=agra_metrics(tr, lay, 0.08)))
+    return runs
+
+
+def test_runs_differing_in_one_field_become_two_rows_and_seeds_merge(wam_vs_agra, tmp_path):
+    res = compare.compare_runs(wam_vs_agra, splits=("train", "ood_layout"), out_dir=str(tmp_path / "cmp"), quiet=True)
+    assert res["differing_fields"] == ["agra_weight"]
+    assert [r["name"] for r in res["rows"]] == ["agra_weight=0", "agra_weight=0.01"]   # first run given = baseline
+    assert [r["seeds"] for r in res["rows"]] == [3, 3]
+    assert res["baseline"] == "agra_weight=0"
+
+
+def test_standard_error_and_marker_hand_computed(wam_vs_agra, tmp_path):
+    res = compare.compare_runs(wam_vs_agra, splits=("train", "ood_layout"), out_dir=str(tmp_path / "cmp"), quiet=True)
+    wam, agra = (r["metrics"]["success"] for r in res["rows"])
+    # train: WAM 50, 60, 70 -> mean 60, sample std 10, SE 10 / sqrt(3); AGRA 80, 90, 85 -> 85, std 5, SE 5 / sqrt(3)
+    assert wam["train"]["mean"] == pytest.approx(60.0) and wam["train"]["se"] == pytest.approx(10 / math.sqrt(3))
+    assert agra["train"]["mean"] == pytest.approx(85.0) and agra["train"]["se"] == pytest.approx(5 / math.sqrt(3))
+    # difference 25 > 2 sqrt(100/3 + 25/3) = 12.9: marked
+    assert agra["train"]["combined_se"] == pytest.approx(math.sqrt(125 / 3)) and agra["train"]["differs"]
+    # ood_layout: 0, 10, 20 vs 10, 20, 30 -> difference 10 < 2 sqrt(2 * 100/3) = 16.3: not marked
+    assert agra["ood_layout"]["diff"] == pytest.approx(10.0) and not agra["ood_layout"]["differs"]
+    assert "differs" not in wam["train"]                                # the baseline is not tested against itself
+    # the mean over splits is taken per seed first: WAM (25, 35, 45) -> 35 +- 10 / sqrt(3)
+    assert wam["mean"]["mean"] == pytest.approx(35.0) and wam["mean"]["se"] == pytest.approx(10 / math.sqrt(3))
+    assert wam["train"]["n_per_seed"] == [20, 20, 20]
+    # the diagnostics go through the same path, with the chance level carried along
+    im = res["rows"][1]["metrics"]["in_mask_ratio"]["train"]
+    assert im["mean"] == pytest.approx(0.08) and im["se"] == pytest.approx(0.0) and im["ref"] == pytest.approx(0.04)
+    assert wam["train"]["values"] == pytest.approx([50, 60, 70])
+    reached = res["rows"][0]["metrics"]["reached"]                      # stage flags, in % like success
+    assert reached["train"]["mean"] == 100.0 and "ood_layout" not in reached
+
+
+def test_table_json_md_and_svg_are_written(wam_vs_agra, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    sample.main(["--compare", *wam_vs_agra, "--splits", "train", "ood_layout", "--out", out])
+    text = capsys.readouterr().out
+    assert "agra_weight=0.01" in text and "85.0 ± 2.9 *" in text and "60.0 ± 5.8" in text
+    assert "20.0 ± 5.8 " in text.replace("\n", " ")                     # ood_layout of AGRA, unmarked
+    with open(os.path.join(out, "comparison.json")) as f:
+        assert json.load(f)["rows"][1]["metrics"]["success"]["train"]["values"] == pytest.approx([80, 90, 85])
+    md = open(os.path.join(out, "comparison.md")).read()
+    assert "| success % | agra_weight=0.01 | 3 | 20 | 85.0 ± 2.9 * |" in md
+    svg = ET.parse(os.path.join(out, "comparison.svg")).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [r for r in svg.iter(ns + "rect") if r.find(ns + "title") is not None]
+    assert len(bars) == 2 * 2                                            # 2 rows x 2 splits
+    texts = [t.text for t in svg.iter(ns + "text")]
+    assert {"agra_weight=0", "agra_weight=0.01", "train", "ood_layout", "split", "success %"} <= set(texts)
+    assert texts.count("*") == 1                                          # the one marked cell
+
+
+def test_default_out_is_next_to_the_runs(wam_vs_agra, tmp_path):
+    compare.compare_runs(wam_vs_agra, splits=("train",), quiet=True)
+    assert os.path.isfile(tmp_path / "compare" / "comparison.svg")
+
+
+def test_evaluation_settings_and_rollback_become_rows(tmp_path):
+    """MV-WAM x0 with 1 and 5 denoising steps (two evaluations of each run in sub-folders) + rollback."""
+    def mv(success, steps, rollback=None):
+        m = {"model": "mvwam", "episodes": 10, "settings": {"steps": steps, "episodes": 10},
+             "splits": {"train": {"success": success}}, "value": {"train": {"pearson": 0.9, "mae": 0.02, "n": 32}}}
+        if rollback is not None:
+            m["rollback_delta"] = 0.2
+            m["splits"]["train"].update(success_rollback=rollback, rollbacks_per_episode=1.5)
+        return m
+    runs = []
+    for s in range(2):
+        r = fake_run(tmp_path, f"x0_s{s}", "mvwam", metrics=mv(0.5 + 0.1 * s, 5, rollback=0.7))
+        fake_run(tmp_path, f"x0_s{s}", "mvwam", metrics=mv(0.1 * s, 1), sub="samples_steps1")
+        runs.append(r)
+    res = compare.compare_runs(runs, ("samples*/metrics.json",), splits=("train",), out_dir=str(tmp_path / "c"), quiet=True)
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["sample.steps=5, sample.rollback=off", "sample.steps=5, sample.rollback=0.2",
+                     "sample.steps=1, sample.rollback=off"]
+    base, rb, one = (r["metrics"] for r in res["rows"])
+    assert base["success"]["train"]["mean"] == pytest.approx(55.0) and rb["success"]["train"]["mean"] == pytest.approx(70.0)
+    assert one["success"]["train"]["mean"] == pytest.approx(5.0) and rb["rollbacks_per_episode"]["train"]["mean"] == 1.5
+    assert base["value_pearson"]["train"]["mean"] == pytest.approx(0.9) and "value_pearson" not in rb
+
+
+def test_eawm_psnr_with_the_copy_first_reference(tmp_path):
+    def ea(psnr):
+        split = {"kvaf": {"psnr": psnr, "latent_mse": 0.03}, "joint": {"psnr": psnr - 1, "latent_mse": 0.04,
+                 "ee_track_px": float("nan")}, "copy_first": {"psnr": 21.0, "latent_mse": 0.033}}
+        return {"model": "eawm", "clips": 16, "splits": {"train": split}}
+    runs = [fake_run(tmp_path, "full", "eawm", metrics=ea(22.0)), fake_run(tmp_path, "plain", "eawm", metrics=ea(20.0), fusion="plain")]
+    res = compare.compare_runs(runs, splits=("train",), out_dir=str(tmp_path / "c"), quiet=True)
+    assert [r["name"] for r in res["rows"]] == ["fusion=event", "fusion=plain"]
+    cell = res["rows"][1]["metrics"]["psnr_kvaf"]["train"]
+    assert cell["mean"] == 20.0 and cell["se"] is None and cell["ref"] == 21.0 and "differs" not in cell   # one seed
+    assert "ee_track_px" not in res["rows"][0]["metrics"]                # NaN: the heatmap was never found
+    assert res["rows"][0]["metrics"]["psnr_kvaf"]["train"]["n_per_seed"] == [16]
+
+
+def test_clear_errors(wam_vs_agra, tmp_path):
+    other = fake_run(tmp_path, "mv", "mvwam", metrics={"model": "mvwam", "episodes": 1, "splits": {"train": {"success": 0}}})
+    with pytest.raises(ValueError, match="different models.*wam_s0: agra.*mv: mvwam"):
+        compare.compare_runs([wam_vs_agra[0], other], quiet=True)
+    with pytest.raises(ValueError, match="two or more run folders.*sample.py --ckpt RUN"):
+        compare.compare_runs(wam_vs_agra[:1], quiet=True)
+    bare = fake_run(tmp_path, "bare")
+    with pytest.raises(FileNotFoundError, match=r"bare: no evaluation matches --metrics samples/metrics.json; "
+                                               r"write one with `python sample.py --ckpt .*bare`"):
+        compare.compare_runs([wam_vs_agra[0], bare], quiet=True)
+    broken = fake_run(tmp_path, "broken", metrics={"model": "agra", "splits": {"train": {"reached": 0.5}}})
+    with pytest.raises(ValueError, match=r"broken/samples/metrics.json splits.train: no 'success'; re-run `python sample.py --ckpt"):
+        compare.compare_runs([wam_vs_agra[0], broken], quiet=True)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="empty: no model.safetensors"):
+        compare.compare_runs([wam_vs_agra[0], str(tmp_path / "empty")], quiet=True)
+
+
+def test_learning_curves_group_like_compare(tmp_path):
+    def log(values):                                                     # train success at steps 100 and 200
+        return ([{"step": 1, "loss": 1.0}] + [{"step": st, "time": 10.0 * st, "eval": {"train": {"success": v, "episodes": 20},
+                                                                                           "ood_layout": {"success": 0.0}}}
+                                              for st, v in zip((100, 200), values)])
+    runs = [fake_run(tmp_path, f"wam_s{s}", jsonl=log(v), agra_weight=0.0) for s, v in enumerate([(0.1, 0.4), (0.3, 0.6)])]
+    runs += [fake_run(tmp_path, f"agra_s{s}", jsonl=log(v)) for s, v in enumerate([(0.2, 0.7), (0.2, 0.9)])]
+    out = str(tmp_path / "c")
+    res = sample.main(["--curves", *runs, "--out", out])["curves"]
+    wam, agra = res["rows"]
+    assert (wam["name"], agra["name"]) == ("agra_weight=0", "agra_weight=0.01")
+    p = wam["splits"]["train"][1]                                        # step 200: 40, 60 -> 50 +- 10
+    assert (p["step"], p["mean"], p["se"], p["seeds"], p["time"]) == (200, pytest.approx(50.0), pytest.approx(10.0), 2, 2000.0)
+    assert agra["splits"]["train"][0]["se"] == 0.0
+    svg = ET.parse(os.path.join(out, "curves.svg")).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(list(svg.iter(ns + "polyline"))) == 2 * 2 and len(list(svg.iter(ns + "polygon"))) == 2 * 2
+    assert "training step" in [t.text for t in svg.iter(ns + "text")]
+    flat = fake_run(tmp_path, "flat", jsonl=[{"step": 1, "loss": 1.0}])
+    with pytest.raises(ValueError, match="no evaluation lines; train with .*--eval-every N"):
+        compare.learning_curves([flat], quiet=True)
+
+
+def test_nice_ticks():
+    assert compare.nice_ticks(0, 87) == [0, 20, 40, 60, 80, 100]
+    assert compare.nice_ticks(0, 0.05) == [0, 0.01, 0.02, 0.03, 0.04, 0.05]
+    assert compare.nice_ticks(-0.2, 0.9) == [-0.5, 0, 0.5, 1.0]                 # step 0.5: the first of 1, 2, 5 >= 1.1 / 5
+
+
+def test_sample_records_the_settings_that_group_evaluations():
+    import agra
+    import mvwam
+    args = sample.get_args(["--ckpt", "runs/x", "--episodes", "7"])
+    s = sample.eval_settings(args, "agra", agra.CONFIGS["tiny"])
+    assert s["steps"] == agra.CONFIGS["tiny"].action_steps and s["episodes"] == 7 and s["exec_steps"] == 4
+    args = sample.get_args(["--ckpt", "runs/x", "--steps", "1"])
+    assert sample.eval_settings(args, "mvwam", mvwam.CONFIGS["tiny"])["steps"] == 1
