@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -133,6 +134,41 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     return success, stages, frames_rec, fired
 
 
+def standard_error(p: float, n: int) -> float:
+    """Standard error of a success rate p measured on n independent episodes: sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def success_row(success: np.ndarray, stages: list) -> dict:
+    """Per-split summary of `rollout`: success rate, its standard error, episodes, stage rates."""
+    p = float(success.mean())
+    row = {"success": p, "success_se": standard_error(p, len(success)), "episodes": len(success)}
+    for s in ("reached", "grasped", "lifted"):
+        row[s] = float(np.mean([st[s] for st in stages]))
+    return row
+
+
+def quick_eval(name: str, model, cfg, stats, episodes: int, splits=SPLITS, seed: int = 100000) -> dict:
+    """train.py --eval-every: per split, closed-loop success on `episodes` held-out episodes (AGRA,
+    MV-WAM; re-planning every horizon // 2 actions) or the PSNR of `episodes` generated held-out clips
+    against copying the first frame (EA-WM). Leaves the model in eval mode."""
+    device = next(model.parameters()).device
+    out = {}
+    for split in splits:
+        gen = torch.Generator().manual_seed(seed)
+        if name == "eawm":
+            arrays, dmeta = generate(max(2, episodes // 4), split, seed0=seed + 50000, res=cfg.height)
+            dmeta["stats"] = stats
+            r = eawm_report(model, cfg, dataset_for(cfg, arrays, dmeta), episodes, gen, None, modes=("kvaf",))
+            out[split] = {"psnr": r["kvaf"]["psnr"], "psnr_copy_first": r["copy_first"]["psnr"], "clips": episodes}
+        else:
+            policy = Policy(model, cfg, stats, device)
+            success, stages, _, _ = rollout(policy, split, episodes, seed, max(1, cfg.horizon // 2), 60, cfg.height, gen)
+            row = success_row(success, stages)
+            out[split] = {k: row[k] for k in ("success", "episodes", "reached", "grasped", "lifted")}
+    return out
+
+
 def value_report(model, cfg, clips: ClipDataset, n: int, generator) -> dict:
     """MV-WAM: the sampled value against the true Monte-Carlo return (Eq. 4) on held-out expert clips."""
     rows = torch.randperm(len(clips), generator=torch.Generator().manual_seed(0))[:n].numpy()   # same clips for every model
@@ -203,7 +239,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
-def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | None, steps=None) -> dict:
+def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | None, steps=None,
+                modes=("kvaf", "joint")) -> dict:
     """Generate the future of `n` held-out clips in both modes; PSNR (future frames, 8-bit) and latent
     MSE against the true rendering of the same commanded actions, and the end-effector track recovered
     from the generated KVAF (joint mode; the numeric ablation: FK of its generated joints) against the
@@ -221,7 +258,7 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
     out = {"copy_first": {"psnr": float(np.mean([psnr(g, t) for g, t in zip(still, true)])),
                           "latent_mse": F.mse_loss(z_true[:, :, :1].expand_as(z_true)[:, :, 1:], z_true[:, :, 1:]).item()}}
     pictures = {}
-    for mode in ("kvaf", "joint"):
+    for mode in modes:
         res = model.sample(batch, steps=steps, generator=generator, mode=mode)
         gen = to_uint8(model.decode(res["video_latents"]))[:, 1:]
         row = {"psnr": float(np.mean([psnr(g, t) for g, t in zip(gen, true)])),
@@ -240,7 +277,7 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
             row["ee_detected"] = float(np.isfinite(err).mean())
         out[mode] = row
         pictures[mode] = (gen, kv[:, 1:] if cfg.kvaf else kv)
-    if gif:                                                                      # true | generated (KVAF mode) | generated (joint) | KVAF (joint)
+    if gif and len(modes) == 2:                                                  # true | generated (KVAF mode) | generated (joint) | KVAF (joint)
         k = min(3, n)
         frames = [np.concatenate([np.concatenate([true[i, f], pictures["kvaf"][0][i, f], pictures["joint"][0][i, f],
                                                   pictures["joint"][1][i, f]], 1) for i in range(k)], 0)
@@ -421,30 +458,30 @@ def main(argv=None):
         print(f"value-guided rollback: delta {delta}, at most {cfg.max_rollbacks} per episode, "
               f"buffer of the last {cfg.rollback_buffer} chunks")
         results["rollback_delta"] = delta
-    print(f"{'split':16s} {'success':>8s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s}"
-          + (f" {'+rollback':>9s} {'rb/ep':>6s}" if rb else "") + "   time")
+    print(f"{'split':16s} {'success':>13s} {'n':>4s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s}"
+          + (f" {'+rollback':>14s} {'rb/ep':>6s}" if rb else "") + "   time")
     for split in args.splits:
         t0 = time.time()
         success, stages, rec, _ = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res, gen,
                                           record=args.gif_episodes, predict_video=predict_video)
-        row = {"success": float(success.mean())}
-        for s in ("reached", "grasped", "lifted"):
-            row[s] = float(np.mean([st[s] for st in stages]))
+        row = success_row(success, stages)
         extra = ""
         if rb:                                            # the same episodes again, with rollback
             s_rb, st_rb, rec_rb, fired = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res,
                                                  gen, record=args.episodes, rollback=rb)
             row["success_rollback"] = float(s_rb.mean())
+            row["success_rollback_se"] = standard_error(row["success_rollback"], len(s_rb))
             row["rollbacks_per_episode"] = float(fired.mean())
             row["rollback_episodes"] = int((fired > 0).sum())
-            extra = f" {row['success_rollback']:9.2f} {row['rollbacks_per_episode']:6.2f}"
+            extra = f" {row['success_rollback']:7.2f} ± {row['success_rollback_se']:4.2f} {row['rollbacks_per_episode']:6.2f}"
             if fired.any():                               # an episode where a rollback fired, restored frames outlined red
                 save_gif(os.path.join(out_dir, f"rollback_{split}.gif"), np.stack(rec_rb[int(np.argmax(fired > 0))]), fps=6, scale=4)
         results["splits"][split] = row
-        print(f"{split:16s} {row['success']:8.2f} {row['reached']:8.2f} {row['grasped']:8.2f} {row['lifted']:8.2f}"
-              f"{extra}   {time.time() - t0:.0f}s")
+        print(f"{split:16s} {row['success']:6.2f} ± {row['success_se']:4.2f} {row['episodes']:4d} {row['reached']:8.2f} "
+              f"{row['grasped']:8.2f} {row['lifted']:8.2f}{extra}   {time.time() - t0:.0f}s")
         if rec and rec[0]:
             save_gif(os.path.join(out_dir, f"rollout_{split}.gif"), np.stack([f for r in rec for f in r]), fps=6, scale=4)
+    print("± : standard error of the success rate, sqrt(p (1 - p) / n) over n episodes")
     if name == "mvwam" and cfg.use_value and args.diag_clips:
         results["value"] = {}
         print(f"\nMV-WAM value vs true Monte-Carlo return (Eq. 4) on {args.diag_clips} held-out expert clips per split")

@@ -233,6 +233,10 @@ def get_args(argv=None):
                    "plan per GPU (weights, gradients, optimizer, activation estimate), then exit")
     p.add_argument("--gpus", type=int, default=None, help="--dry-run: GPUs of the plan (default: WORLD_SIZE or 1)")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="--dry-run: GPU memory (GiB) the plan must fit")
+    p.add_argument("--eval-every", type=int, default=0, help="every N steps, evaluate on held-out toy-world episodes "
+                   "of every split (AGRA / MV-WAM: closed-loop success; EA-WM: generation PSNR) and append the result "
+                   "to metrics.jsonl as {\"step\", \"time\", \"eval\": {split: ...}} (0: off)")
+    p.add_argument("--eval-episodes", type=int, default=10, help="episodes (EA-WM: clips) per split of --eval-every")
     return p.parse_args(argv)
 
 
@@ -354,11 +358,18 @@ def main(argv=None):
               f"batch {cfg.batch_size}x{args.grad_accum}x{world}; {device} {dtype}"
               + (f"; {args.strategy}" if ddp else "") + ("; activation checkpointing" if args.grad_checkpoint else ""))
 
+    from data.toyworld import ClipDataset
+    if args.eval_every and (fsdp or not isinstance(data, ClipDataset)):
+        raise SystemExit("--eval-every runs closed-loop episodes in the toy world with the unsharded model: it needs "
+                         "toy-world training data and no --strategy fsdp (evaluate a full-size run with sample.py --data)")
+
     # ------------------------------------------------------------------ loop
     from tqdm import tqdm
+    if args.eval_every:
+        from sample import quick_eval
     log = open(os.path.join(out, "metrics.jsonl"), "a") if master else None
     bar = tqdm(range(start, end), disable=not master, dynamic_ncols=True, mininterval=1.0)
-    t0 = time.time()
+    t0 = time.time()                                       # "time" in metrics.jsonl: training seconds, evaluations excluded
     for step in bar:
         mult = lr_schedule(cfg.lr_schedule, step, total, cfg.warmup_frac, getattr(cfg, "const_frac", 0.0))
         for g in optimizer.param_groups:
@@ -396,6 +407,20 @@ def main(argv=None):
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 != end and (master or fsdp):
             save_checkpoint(out, args.model, model, cfg, dmeta["stats"], step + 1, optimizer, gen, dmeta,
                             loss_module if fsdp else None, master)
+        if args.eval_every and master and ((step + 1) % args.eval_every == 0 or step + 1 == end):
+            t_eval = time.time()
+            rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+            ev = quick_eval(args.model, model, cfg, dmeta["stats"], args.eval_episodes)
+            torch.set_rng_state(rng[0])                                      # evaluating does not change the run
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
+            model.train()
+            log.write(json.dumps({"step": step + 1, "time": rec["time"], "eval": ev}) + "\n")
+            log.flush()
+            key = "psnr" if args.model == "eawm" else "success"
+            tqdm.write(f"eval  {step + 1:5d} | {key} " + " ".join(f"{k} {v[key]:.2f}" for k, v in ev.items())
+                       + f" | {time.time() - t_eval:.0f}s")
+            t0 += time.time() - t_eval                                       # "time" counts training only
 
     # ------------------------------------------------------------------ checkpoint
     if master or fsdp:

@@ -52,10 +52,38 @@ def test_checkpoint_contents_and_sampling(run6, tmp_path):
     res = sample.main(["--ckpt", run6, "--episodes", "2", "--splits", "train", "ood_layout", "--diag-clips", "4",
                        "--video-steps", "2", "--out", out, "--threads", "2"])
     assert set(res["splits"]) == {"train", "ood_layout"} and 0 <= res["splits"]["train"]["success"] <= 1
+    for row in res["splits"].values():                  # the standard error next to each success rate
+        p = row["success"]
+        assert row["episodes"] == 2 and row["success_se"] == pytest.approx((p * (1 - p) / 2) ** 0.5)
     d = res["diagnostics"]["train"]
     assert 0 <= d["in_mask_ratio"] <= 1 and set(d["msr"]) == {"mean", "zero", "shuffle", "swap"}
     for f in ("rollout_train.gif", "agra_diagnostics_train.png", "metrics.json"):
         assert os.path.getsize(os.path.join(out, f)) > 100, f
+
+
+def test_standard_error_of_a_success_rate():
+    assert sample.standard_error(0.25, 12) == pytest.approx(0.125)        # sqrt(0.25 * 0.75 / 12) = sqrt(1/64)
+    assert sample.standard_error(1.0, 50) == 0.0
+    assert sample.standard_error(0.5, 0) != sample.standard_error(0.5, 0)  # no episodes: NaN, not 0
+
+
+def test_eval_every_logs_success_and_leaves_the_run_unchanged(run6, toy_data, tmp_path):
+    out = str(tmp_path / "ev")
+    train.main(["--model", "agra", "--tiny", "--steps", "6", "--data", toy_data[0], "--out", out,
+                "--eval-every", "4", "--eval-episodes", "1"] + FAST)
+    recs = losses(out)
+    evals = [r for r in recs if "eval" in r]
+    assert [r["step"] for r in evals] == [4, 6]                            # every 4 steps and at the end
+    for r in evals:
+        assert set(r["eval"]) == {"train", "ood_background", "ood_object", "ood_layout"} and r["time"] >= 0
+        for d in r["eval"].values():
+            assert d["episodes"] == 1 and d["success"] in (0.0, 1.0) and 0 <= d["reached"] <= 1
+    steps = [r for r in recs if "eval" not in r]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in losses(run6)]  # evaluating changes no training number
+    sd_a, sd_b = train.load_model(run6)[1].state_dict(), train.load_model(out)[1].state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    curves = sample.main(["--curves", out, "--out", str(tmp_path / "cmp")])["curves"]   # the learning curve reads them
+    assert [p["step"] for p in curves["rows"][0]["splits"]["train"]] == [4, 6]
 
 
 def test_a_short_run_lowers_the_loss(toy_data):
