@@ -80,6 +80,12 @@ def bench_toyworld(rows):
     dt = time.perf_counter() - t0
     rows.append(("toyworld", "default dataset (400 expert episodes) s", dt, "s"))
     rows.append(("toyworld", "expert frames generated /s", len(arrays["frames"]) / dt, "frames/s"))
+    from common import save_gif
+    frames = np.concatenate([arrays["frames"][:60], arrays["frames"][60:120]], 2)     # sample.py's rollout GIF: obs | prediction
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        save_gif(os.path.join(d, "a.gif"), frames, fps=6, scale=4)
+        rows.append(("toyworld", "rollout GIF, 60 frames of 128x256 (s)", time.perf_counter() - t0, "s"))
     torch.set_num_threads(torch_threads)
 
 

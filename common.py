@@ -1436,33 +1436,27 @@ def save_gif(path: str, frames: np.ndarray, fps: float = 8.0, scale: int = 1):
     frequent clear codes, so every code stays 9 bits wide)."""
     pal = _gif_palette()
     frames = np.asarray(frames, dtype=np.uint8)
+    rgb = frames.astype(np.int32)
+    packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    colours, inverse = np.unique(packed, return_inverse=True)         # nearest palette entry per distinct colour
+    c = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], -1)
+    lut = ((c[:, None, :] - pal.astype(np.int32)) ** 2).sum(-1).argmin(-1).astype(np.uint8)
+    index = lut[inverse.reshape(packed.shape)]
     if scale > 1:
-        frames = frames.repeat(scale, 1).repeat(scale, 2)
-    T, H, W, _ = frames.shape
-    d = ((frames[..., None, :].astype(np.int32) - pal.astype(np.int32)) ** 2).sum(-1)  # (T,H,W,256)
-    index = d.argmin(-1).astype(np.uint8)
+        index = index.repeat(scale, 1).repeat(scale, 2)
+    T, H, W = index.shape
     out = bytearray(b"GIF89a" + struct.pack("<HHBBB", W, H, 0xF7, 0, 0) + pal.tobytes())
     out += b"\x21\xFF\x0BNETSCAPE2.0\x03\x01\x00\x00\x00"             # loop forever
     delay = int(round(100 / fps))
+    shifts = np.arange(9, dtype=np.uint16)
     for t in range(T):
         out += b"\x21\xF9\x04\x04" + struct.pack("<H", delay) + b"\x00\x00"
         out += b"\x2C" + struct.pack("<HHHHB", 0, 0, W, H, 0) + b"\x08"  # min code size 8
-        codes = []
-        for i, px in enumerate(index[t].ravel()):
-            if i % 200 == 0:
-                codes.append(256)                                       # clear: table never grows past 9 bits
-            codes.append(int(px))
-        codes.append(257)
-        bits, nbits, data = 0, 0, bytearray()
-        for c in codes:
-            bits |= c << nbits
-            nbits += 9
-            while nbits >= 8:
-                data.append(bits & 0xFF)
-                bits >>= 8
-                nbits -= 8
-        if nbits:
-            data.append(bits & 0xFF)
+        px = index[t].ravel().astype(np.uint16)
+        codes = np.insert(px, np.arange(0, len(px), 200), 256)           # clear every 200 pixels: codes stay 9 bits
+        codes = np.append(codes, 257)                                   # end of information
+        bits = ((codes[:, None] >> shifts) & 1).astype(np.uint8).ravel()  # 9 bits per code, least significant first
+        data = np.packbits(bits, bitorder="little").tobytes()
         for i in range(0, len(data), 255):
             block = data[i:i + 255]
             out += bytes([len(block)]) + block

@@ -295,6 +295,9 @@ def test_image_writers(tmp_path):
     pal = C._gif_palette().astype(int)
     expected = pal[((frames[..., None, :].astype(int) - pal) ** 2).sum(-1).argmin(-1)]   # nearest palette colour
     assert decoded.shape == frames.shape and np.array_equal(decoded, expected)
+    C.save_gif(str(tmp_path / "b.gif"), frames, fps=5, scale=3)                          # 270 px per frame: a clear code mid-frame
+    decoded = decode_gif(open(tmp_path / "b.gif", "rb").read())
+    assert np.array_equal(decoded, expected.repeat(3, 1).repeat(3, 2))
 
 
 def decode_gif(data: bytes) -> np.ndarray:
