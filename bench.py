@@ -4,6 +4,7 @@
     python bench.py --json           # the same as JSON
     python bench.py --device cuda --preset full --dtype bfloat16   # full-size AGRA step on a GPU
     python bench.py --skip-toyworld --models --load                # only the pretrained-weights load row
+    python bench.py --skip-toyworld --models agra --compile --threads-sweep   # torch.compile and thread counts
 
 Rows: the machine's measured matmul peak; toy-world rendering frames/s on one core and default
 dataset generation time; per model: training step time, samples/s, achieved FLOP/s as a fraction
@@ -11,7 +12,9 @@ of the measured peak, inference latency (AGRA: one t = 1 video pass + 4 action E
 5 joint Euler steps, as actions/s like the paper's 17.9 actions/s headline; EA-WM: time per
 generated frame), and peak memory. With --load: the peak RSS of loading a full-size
 Wan2.1-T2V-1.3B-shaped bf16 checkpoint through WanDiT.from_pretrained, as a ratio to the file size,
-and the load time. No number here is asserted by a test: machines are shared and noisy.
+and the load time. With --compile: the first step under torch.compile (compilation included), the
+compiled step as a ratio to the eager one and the steps a run needs to earn the compilation back;
+with --threads-sweep: the step with fewer CPU threads as a ratio to the default. No number here is asserted by a test: machines are shared and noisy.
 """
 from __future__ import annotations
 
@@ -117,9 +120,9 @@ INFERENCE = {   # what one `sample` call is, per model
 }
 
 
-def bench_model(name, rows, device, dtype, preset, peak, batch_size=None):
+def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compile_=False, threads_sweep=False):
     """Training step time, samples/s, FLOP/s as a fraction of the matmul peak, inference latency and
-    actions/s at batch 1, memory."""
+    actions/s at batch 1, memory; optionally the step with fewer CPU threads and under torch.compile."""
     import importlib
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -161,6 +164,26 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None):
     rows.append((name, f"{preset} train samples/s", B / t, "samples/s"))
     rows.append((name, f"{preset} train FLOP per step (G)", flops / 1e9, "GFLOP"))
     rows.append((name, f"{preset} achieved FLOP/s / matmul peak", flops / t / peak, "ratio"))
+    if threads_sweep and device.type == "cpu":                 # each thread count against the default (all cores)
+        n = torch.get_num_threads()
+        for k in range(1, n):
+            torch.set_num_threads(k)
+            rows.append((name, f"{preset} train step, {k} of {n} threads / {n} threads", timeit(step, repeat=3, warmup=1) / t, "ratio"))
+        torch.set_num_threads(n)
+    if compile_:                                           # torch.compile of the loss (inductor): compile cost, step time
+        eager_loss = model.loss
+        model.loss = torch.compile(eager_loss)
+        t0 = time.perf_counter()
+        step()
+        if sync:
+            sync()
+        first = time.perf_counter() - t0
+        tc = timeit(step, repeat=5 if preset == "tiny" else 3, sync=sync)
+        model.loss = eager_loss
+        rows.append((name, f"{preset} torch.compile: first step incl. compilation (s)", first, "s"))
+        rows.append((name, f"{preset} torch.compile: train step / eager train step", tc / t, "ratio"))
+        rows.append((name, f"{preset} torch.compile: steps to earn back the compilation", first / max(t - tc, 1e-9)
+                     if tc < t else float("inf"), "steps"))
     model.eval()
     one = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in batch.items()}
     with autocast:
@@ -240,6 +263,9 @@ def main(argv=None):
     p.add_argument("--skip-toyworld", action="store_true", help="do not time the toy world")
     p.add_argument("--load", action="store_true", help="also measure loading a full-size Wan2.1-1.3B-shaped bf16 "
                    "checkpoint (writes ~2.8 GB to a temp dir, deleted afterwards)")
+    p.add_argument("--compile", action="store_true", help="also time the train step under torch.compile (minutes of "
+                   "compilation per model on a CPU)")
+    p.add_argument("--threads-sweep", action="store_true", help="CPU: also time the train step with 1 .. n-1 threads")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -250,7 +276,7 @@ def main(argv=None):
     if not args.skip_toyworld:
         bench_toyworld(rows)
     for m in args.models:
-        bench_model(m, rows, device, dtype, args.preset, peak, args.batch_size)
+        bench_model(m, rows, device, dtype, args.preset, peak, args.batch_size, args.compile, args.threads_sweep)
     if args.load:
         bench_load(rows)
     if args.json:
