@@ -14,7 +14,8 @@ generated frame), and peak memory. With --load: the peak RSS of loading a full-s
 Wan2.1-T2V-1.3B-shaped bf16 checkpoint through WanDiT.from_pretrained, as a ratio to the file size,
 and the load time. With --compile: the first step under torch.compile (compilation included), the
 compiled step as a ratio to the eager one and the steps a run needs to earn the compilation back;
-with --threads-sweep: the step with fewer CPU threads as a ratio to the default. No number here is asserted by a test: machines are shared and noisy.
+with --threads-sweep: the step with fewer CPU threads as a ratio to the default. No number here is
+asserted by a test: machines are shared and noisy.
 """
 from __future__ import annotations
 
