@@ -9,6 +9,18 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data"))
 
 
+def tiny_config(mod, **kw):
+    """A copy of module `mod`'s tiny preset with the toy world's vocabulary and the fields in kw, checked."""
+    import copy
+    from data.toyworld import VOCAB
+    cfg = copy.deepcopy(mod.CONFIGS["tiny"])
+    cfg.vocab = tuple(VOCAB)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    cfg.__post_init__()
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """A small toy-world dataset written once per test session: (folder, arrays, meta)."""

@@ -1,21 +1,16 @@
 """AGRA: oracles for the bridge indices, the AGRA loss, teacher interpolation, the t = 1 pass,
 gradient flow per stage, the diagnostics; full-preset sizes and the Cosmos key map."""
-import copy
 
 import pytest
 import torch
 
 import agra
-from data.toyworld import VOCAB, ClipDataset
+from data.toyworld import ClipDataset
+from conftest import tiny_config
 
 
 def tiny_cfg(**kw):
-    cfg = copy.deepcopy(agra.CONFIGS["tiny"])
-    cfg.vocab = tuple(VOCAB)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    cfg.__post_init__()
-    return cfg
+    return tiny_config(agra, **kw)
 
 
 @pytest.fixture(scope="module")

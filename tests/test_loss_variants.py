@@ -2,7 +2,6 @@
 Config field that switches one line of the loss: AGRA's alignment distance (agra_distance), MV-WAM's
 1/t^2 weight of the x0 loss (x0_weight, Eq. 7), EA-WM's timestep weight w(t) (time_weight, Eq. 8).
 Oracles on hand-computed values, and the field reaching the model's loss."""
-import copy
 
 import pytest
 import torch
@@ -11,16 +10,10 @@ import agra
 import eawm
 import mvwam
 from common import bell_weight
-from data.toyworld import VOCAB
+from conftest import tiny_config
 
 
-def tiny(mod, **kw):
-    cfg = copy.deepcopy(mod.CONFIGS["tiny"])
-    cfg.vocab = tuple(VOCAB)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    cfg.__post_init__()
-    return cfg
+tiny = tiny_config
 
 
 def parts_for(model, field: str, values, batch) -> dict:
