@@ -1,19 +1,20 @@
 """ToyWorld: a procedural pick-and-place robot world that renders in microseconds.
 
 A 3-DoF arm + parallel gripper described in `toyarm.urdf` (parsed with xml.etree, forward
-kinematics over the parsed chain), 2-3 coloured objects on a table, a bin, one fixed pinhole camera.
-Instruction: "put the {color} {shape} in the bin". Kinematic grasp: an object attaches when the
-gripper closes near it and drops when it opens; success = the named object released inside the
+kinematics over the parsed chain), 2-3 coloured objects on a 2 x 3 grid of table slots, a bin, one
+fixed pinhole camera looking steeply down (2.2 cm per pixel at 32 x 32; an object covers about 4 x 4
+pixels). Instruction: "put the {color} {shape} in the bin". Kinematic grasp: an object attaches when
+the gripper closes near it and drops when it opens; success = the named object released inside the
 bin (sparse reward 1, episode ends). A scripted expert (analytic IK + waypoints) succeeds on
 >= 98 % of train seeds.
 
 Splits (what changes is held out of `train`):
-  train            table/wall colours from TRAIN_TABLE/TRAIN_WALL; object (colour, shape) pairs
-                   outside HELD_OUT_COMBOS; the target in the near band of the workspace
-  ood_background   table/wall colours from the held-out OOD_TABLE/OOD_WALL palettes
+  train            table colours from TRAIN_TABLE (the wall, TRAIN_WALL, is out of the camera's view);
+                   object (colour, shape) pairs outside HELD_OUT_COMBOS; the target in a near-row slot
+  ood_background   table colours from the held-out OOD_TABLE palette
   ood_object       the target is a held-out (colour, shape) pair (each colour and each shape
                    alone is seen in training, the pair is not)
-  ood_layout       target and distractor regions swapped: the target sits in the far band, where
+  ood_layout       target and distractor rows swapped: the target sits in a far-row slot, where
                    in training only distractors are placed
 
 API (gymnasium conventions, no gymnasium dependency):
@@ -39,6 +40,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -48,6 +50,8 @@ from common import (URDFChain, atomic_write, depth_range, draw_disc, draw_polygo
                     intrinsics, look_at, project)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FORMAT = "toyworld-v2"   # bump when the world or the on-disk layout changes (v2: slot layout, steeper camera,
+                         # 10 cm objects); train.py's cached default dataset is regenerated when it differs
 URDF_PATH = os.path.join(HERE, "toyarm.urdf")
 
 # ---------------------------------------------------------------- scene constants
@@ -69,15 +73,21 @@ SEG_WALL, SEG_TABLE, SEG_BIN, SEG_ARM, SEG_GRIPPER, SEG_OBJ0 = 0, 1, 2, 3, 4, 5
 TEACHER_CLASSES = ("wall", "table", "bin", "arm", "gripper") + SHAPES
 
 # geometry (metres)
-OBJ_HALF = 0.04                      # object half-size
+OBJ_HALF = 0.05                      # object half-size: 10 cm objects cover about 4 x 4 pixels at 32 x 32
 BIN_CENTER = np.array([0.30, -0.26])
 BIN_HALF = 0.075
-NEAR_BAND, FAR_BAND = (0.24, 0.33), (0.38, 0.46)      # x ranges of target / distractor placement
-Y_RANGE = (-0.08, 0.26)
-MIN_SEP = 0.11
+# Objects stand on a 2 x 3 grid of slots with a small jitter: the near row (next to the arm) holds the
+# target on `train`, the far row only distractors (ood_layout swaps them). Discrete slots turn "where is
+# the named object" into picking one of a few places, which a tiny model learns from 400 demos; the
+# jitter stays well inside the grasp tolerance, so a grasp aimed at the slot centre succeeds.
+ROWS = (0.26, 0.40)                  # x of the near / far row
+COLUMNS = (-0.06, 0.08, 0.22)        # y of the slot columns (the bin is at y = -0.26)
+JITTER = 0.015                       # uniform +- jitter of an object around its slot centre
+N_OBJECTS = (2, 3)                   # objects per scene (min, max): the target and 1-2 distractors
 MAX_DQ = 0.12                        # rad per step
-GRASP_XY, GRASP_Z = 0.045, 0.06
-CAMERA_EYE, CAMERA_TARGET, CAMERA_FOV = (0.80, 0.0, 0.85), (0.22, -0.03, 0.10), 48.0
+GRASP_XY, GRASP_Z = 0.05, 0.06
+# a steep camera over the workspace: the 2 x 3 slots, the bin and the arm fill the frame
+CAMERA_EYE, CAMERA_TARGET, CAMERA_FOV = (0.55, -0.06, 0.95), (0.29, -0.06, 0.0), 40.0
 TABLE_EXTENT = (-0.2, 0.75, -0.5, 0.5)                # x0, x1, y0, y1 of the table top
 LINK_RADIUS, FINGER_RADIUS = 0.022, 0.012
 
@@ -118,7 +128,7 @@ class ToyWorld:
         ood_bg = split == "ood_background"
         table = (OOD_TABLE if ood_bg else TRAIN_TABLE)[rng.integers(len(OOD_TABLE if ood_bg else TRAIN_TABLE))]
         wall = (OOD_WALL if ood_bg else TRAIN_WALL)[rng.integers(len(OOD_WALL if ood_bg else TRAIN_WALL))]
-        n = int(rng.integers(2, 4))
+        n = int(rng.integers(N_OBJECTS[0], N_OBJECTS[1] + 1))
         train_combos = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in HELD_OUT_COMBOS]
         held = sorted(HELD_OUT_COMBOS)
         target = held[rng.integers(len(held))] if split == "ood_object" else train_combos[rng.integers(len(train_combos))]
@@ -127,18 +137,14 @@ class ToyWorld:
             c = train_combos[rng.integers(len(train_combos))]
             if c not in objects:
                 objects.append(c)
-        # train: target in the near band, distractors anywhere; ood_layout swaps the regions
-        t_band = FAR_BAND if split == "ood_layout" else NEAR_BAND
-        d_band = NEAR_BAND if split == "ood_layout" else (NEAR_BAND[0], FAR_BAND[1])
-        positions = []
-        for i in range(n):
-            for _ in range(1000):
-                p = np.array([rng.uniform(*(t_band if i == 0 else d_band)), rng.uniform(*Y_RANGE)])
-                if all(np.linalg.norm(p - q) > MIN_SEP for q in positions):
-                    positions.append(p)
-                    break
-            else:
-                raise RuntimeError("could not place objects")
+        # train: target in a near-row slot, distractors in any other slot; ood_layout: target in the far row
+        t_row = 1 if split == "ood_layout" else 0
+        t_slot = (t_row, int(rng.integers(len(COLUMNS))))
+        free = [(r, c) for r in range(len(ROWS)) for c in range(len(COLUMNS)) if (r, c) != t_slot]
+        if split == "ood_layout":                            # distractors only where targets were in training
+            free = [rc for rc in free if rc[0] == 0]
+        slots = [t_slot] + [free[i] for i in rng.choice(len(free), n - 1, replace=False)]
+        positions = [np.array([ROWS[r], COLUMNS[c]]) + rng.uniform(-JITTER, JITTER, 2) for r, c in slots]
         order = rng.permutation(n)                           # the target is not always slot 0
         objs = [objects[i] for i in order]
         pos = np.array([positions[i] for i in order])
@@ -363,6 +369,22 @@ class Expert:
 # -------------------------------------------------------------------------------------------------
 
 
+def horizon_gamma(length: float, start_value: float = 0.1) -> float:
+    """The discount rule of the toy world: gamma^length = start_value, so the Monte-Carlo return of a
+    successful episode of `length` steps rises from `start_value` at its first frame to 1 at the
+    reward, and a state that is still `length` steps away is worth `start_value`.
+
+    MV-WAM (Sec. 3.2, Eq. 4) uses gamma = 0.99 on real-robot episodes of hundreds of steps, where
+    0.99^H covers most of [0, 1]; on the toy's ~25-step episodes 0.99 squeezes every return into
+    [0.78, 1], so the paper's rollback threshold delta = 0.2 is as large as the whole value range.
+    The rule keeps the paper's delta meaningful: a 0.2 drop is then a setback of a few steps."""
+    return float(start_value ** (1.0 / length))
+
+
+EXPERT_STEPS = 25                    # median expert episode length on `train` (steps from reset to reward)
+TOY_GAMMA = round(horizon_gamma(EXPERT_STEPS), 2)    # 0.91: returns of a demo span [0.1, 1]
+
+
 def mc_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
     """V_t = sum_i gamma^i r_{t+i} (MV-WAM Eq. 4), computed backwards."""
     v, out = 0.0, np.zeros(len(rewards), np.float32)
@@ -393,7 +415,7 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
     return rec, info["success"]
 
 
-def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = 0.99,
+def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
              task: str = "pick_place", only_success: bool = True):
     """n expert episodes of `split` -> (arrays dict, meta dict). Failed demos are skipped."""
     env = ToyWorld(res=res, task=task)
@@ -418,7 +440,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
               "state": np.stack(cols["state"]).astype(np.float32), "ee_pose": np.stack(cols["ee"]).astype(np.float32),
               "actions": np.stack(cols["actions"]).astype(np.float32),
               "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32)}
-    meta = {"format": "toyworld-v1", "res": res, "fps": 10, "task": task, "gamma": gamma,
+    meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
             "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
             "dims": {"state": 4, "action": 4, "ee_pose": 7},
@@ -455,6 +477,9 @@ def load_dataset(folder: str):
             raise FileNotFoundError(f"dataset {folder}: missing {f} (expected episodes.safetensors + meta.json, "
                                     f"written by `python data/toyworld.py --out {folder}`)")
     meta = json.load(open(os.path.join(folder, "meta.json")))
+    if meta.get("format") != FORMAT:
+        warnings.warn(f"dataset {folder} was generated by {meta.get('format')}, this world is {FORMAT}: its scenes differ "
+                      f"from what sample.py and --eval-every evaluate on; regenerate it with `python data/toyworld.py --out {folder}`")
     try:
         arrays = load_file(os.path.join(folder, "episodes.safetensors"))
     except Exception as e:
@@ -586,9 +611,19 @@ class ClipDataset:
         return batch
 
 
-def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: float = 0.99, seed: int = 0, quiet: bool = False):
-    """Load `folder`, generating it first if absent (train.py's cached default dataset)."""
-    if not os.path.isfile(os.path.join(folder, "meta.json")):
+def dataset_format(folder: str) -> str | None:
+    """The world version a dataset folder was generated with (None if it has no meta.json)."""
+    path = os.path.join(folder, "meta.json")
+    return json.load(open(path)).get("format") if os.path.isfile(path) else None
+
+
+def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: float = TOY_GAMMA, seed: int = 0, quiet: bool = False):
+    """Load `folder`, generating it first if absent or made by another world version (train.py's
+    cached default dataset: a checkout that changed the world must not train on the old one)."""
+    found = dataset_format(folder)
+    if found is not None and found != FORMAT and not quiet:
+        print(f"{folder} holds a {found} dataset; this world is {FORMAT}: regenerating it")
+    if found != FORMAT:
         t0 = time.time()
         arrays, meta = generate(episodes, "train", seed0=seed, res=res, gamma=gamma)
         write_dataset(folder, arrays, meta)
@@ -598,16 +633,35 @@ def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: floa
     return load_dataset(folder)
 
 
+def overview(path: str, res: int = 96, frames: int = 6, seed: int = 3):
+    """The README figure: one expert episode per split (rows train, ood_background, ood_object,
+    ood_layout at `res`, then train at 32 x 32 as the models see it), `frames` evenly spaced frames."""
+    from common import save_png
+    rows = []
+    for split, r in [(s, res) for s in SPLITS] + [("train", 32)]:
+        rec, _ = run_expert_episode(ToyWorld(res=r), seed, split)
+        pick = np.linspace(0, len(rec["frames"]) - 1, frames).round().astype(int)
+        row = np.concatenate([rec["frames"][i] for i in pick], 1)
+        rows.append(row.repeat(res // r, 0).repeat(res // r, 1))
+    save_png(path, np.concatenate(rows, 0))
+
+
 def main():
     p = argparse.ArgumentParser(description="Generate a toy-world dataset of expert demonstrations.")
     p.add_argument("--episodes", type=int, default=400, help="number of successful expert episodes")
-    p.add_argument("--out", required=True, help="output folder (episodes.safetensors + meta.json)")
+    p.add_argument("--out", required=True, help="output folder (episodes.safetensors + meta.json), or with --figure "
+                   "the PNG to write")
+    p.add_argument("--figure", action="store_true", help="write the README's overview figure (one expert episode "
+                   "per split) to --out instead of a dataset")
     p.add_argument("--split", default="train", choices=SPLITS, help="scene distribution")
     p.add_argument("--seed", type=int, default=0, help="first episode seed (episodes use seed, seed+1, ...)")
     p.add_argument("--res", type=int, default=32, help="image resolution (32, 64, 128)")
-    p.add_argument("--gamma", type=float, default=0.99, help="discount for the Monte-Carlo values")
+    p.add_argument("--gamma", type=float, default=TOY_GAMMA, help="discount of the Monte-Carlo values (default: "
+                   "horizon_gamma(EXPERT_STEPS), so a demo's returns span [0.1, 1]; MV-WAM's real-robot value is 0.99)")
     p.add_argument("--task", default="pick_place", choices=("pick_place", "reach"))
     args = p.parse_args()
+    if args.figure:
+        return overview(args.out)
     t0 = time.time()
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task)
     write_dataset(args.out, arrays, meta)

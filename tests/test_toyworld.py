@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from data import toyworld as tw
 
 
@@ -38,6 +39,15 @@ def test_reset_is_deterministic_and_state_restore_reproduces_frames():
     assert all(np.array_equal(x, y) for x, y in zip(first, again))
 
 
+def slot_of(xy):
+    """(row, column) of the slot whose jitter square contains xy, else None."""
+    for r, x in enumerate(tw.ROWS):
+        for c, y in enumerate(tw.COLUMNS):
+            if abs(xy[0] - x) <= tw.JITTER and abs(xy[1] - y) <= tw.JITTER:
+                return r, c
+    return None
+
+
 def test_splits_hold_out_what_they_say():
     env = tw.ToyWorld(res=32)
     for s in range(40):
@@ -45,7 +55,9 @@ def test_splits_hold_out_what_they_say():
         sc = env.scene
         assert all((c, k) not in tw.HELD_OUT_COMBOS for c, k in zip(sc["colors"], sc["shapes"]))
         assert tuple(sc["table"]) in tw.TRAIN_TABLE and tuple(sc["wall"]) in tw.TRAIN_WALL
-        assert tw.NEAR_BAND[0] <= env.obj_pos[sc["target"], 0] <= tw.NEAR_BAND[1]
+        slots = [slot_of(p) for p in env.obj_pos[:, :2]]
+        assert None not in slots and len(set(slots)) == len(slots)          # one object per slot
+        assert slots[sc["target"]][0] == 0                                  # target in the near row
         env.reset(seed=s, split="ood_object")
         t = env.scene["target"]
         assert (env.scene["colors"][t], env.scene["shapes"][t]) in tw.HELD_OUT_COMBOS
@@ -53,13 +65,56 @@ def test_splits_hold_out_what_they_say():
         assert tuple(env.scene["table"]) in tw.OOD_TABLE and tuple(env.scene["wall"]) in tw.OOD_WALL
         env.reset(seed=s, split="ood_layout")
         t = env.scene["target"]
-        assert tw.FAR_BAND[0] <= env.obj_pos[t, 0] <= tw.FAR_BAND[1]
-        others = [i for i in range(len(env.scene["shapes"])) if i != t]
-        assert all(tw.NEAR_BAND[0] <= env.obj_pos[i, 0] <= tw.NEAR_BAND[1] for i in others)
+        slots = [slot_of(p) for p in env.obj_pos[:, :2]]
+        assert slots[t][0] == 1 and all(r == 0 for i, (r, _) in enumerate(slots) if i != t)   # rows swapped
     # every colour and every shape alone appears in training
     assert {c for c, _ in tw.HELD_OUT_COMBOS} == set(tw.COLOR_NAMES) and {s for _, s in tw.HELD_OUT_COMBOS} == set(tw.SHAPES)
     with pytest.raises(ValueError, match="unknown split"):
         env.reset(seed=0, split="ood_weather")
+
+
+def test_slot_layout_is_visible_and_graspable():
+    """The v2 geometry: the whole frame is table, neighbouring slots are further apart than the grasp
+    tolerance plus the jitter (a grasp at a slot centre can only take that slot's object), and each
+    slot centre projects at least 3 pixels from its neighbours at 32 x 32."""
+    env = tw.ToyWorld(res=32)
+    assert env._table_mask.all()
+    centres = np.array([[x, y, 0.0] for x in tw.ROWS for y in tw.COLUMNS])
+    gaps = [np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]]
+    assert min(gaps) - 2 * np.sqrt(2) * tw.JITTER > tw.GRASP_XY
+    assert tw.JITTER * np.sqrt(2) < tw.GRASP_XY
+    uv, _ = common.project(centres, env.K, env.T_wc)
+    assert ((uv > 0) & (uv < 32)).all()
+    du = [np.linalg.norm(a - b) for i, a in enumerate(uv) for b in uv[i + 1:]]
+    assert min(du) >= 3.0
+
+
+def test_grasp_takes_the_object_within_tolerance_only():
+    """Oracle for the kinematic grasp: closing with the tool centre point GRASP_XY - 1 cm beside an
+    object, low enough, attaches it; GRASP_XY + 1 cm beside it attaches nothing."""
+    env = tw.ToyWorld(res=32)
+    for offset, expect in ((tw.GRASP_XY - 0.01, True), (tw.GRASP_XY + 0.01, False)):
+        env.reset(seed=5)
+        t = env.scene["target"]
+        goal = env.obj_pos[t] + np.array([offset, 0.0, 0.015])
+        env.q = env.ik(goal)
+        assert np.linalg.norm(env.ee_pos() - goal) < 1e-6
+        for _ in range(2):                                            # two closing steps: 1 -> 0.6 -> 0.2
+            env.step(np.array([0.0, 0.0, 0.0, 1.0]))
+        assert (env.held == t) == expect
+
+
+def test_cached_default_dataset_is_regenerated_for_another_world_version(tmp_path, capsys):
+    folder = str(tmp_path / "default")
+    tw.default_dataset(folder, episodes=2, quiet=True)
+    assert tw.dataset_format(folder) == tw.FORMAT
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    meta["format"] = "toyworld-v1"
+    json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+    with pytest.warns(UserWarning, match="toyworld-v1"):
+        tw.load_dataset(folder)
+    tw.default_dataset(folder, episodes=2)
+    assert "regenerating" in capsys.readouterr().out and tw.dataset_format(folder) == tw.FORMAT
 
 
 def test_segmentation_interaction_mask_and_stage_flags():
@@ -168,3 +223,17 @@ def test_dataset_cli(tmp_path):
     assert v[L - 2] == pytest.approx(1.0) and v[0] == pytest.approx(0.9 ** (L - 2))   # MC values with the CLI's gamma
     assert not any(f.endswith((".pkl", ".pt", ".pickle")) for f in os.listdir(out))
     json.load(open(out / "meta.json"))
+
+
+def test_horizon_gamma_rule_and_demo_returns():
+    """gamma^L = 0.1 (hand value: 0.1 ** (1/25) = 0.9120); EXPERT_STEPS is the median demo length, so a
+    demo's first-frame return is about 0.1 and a 0.2 drop (MV-WAM's delta) is a setback of a few steps."""
+    assert tw.horizon_gamma(25) == pytest.approx(0.912011, abs=1e-6)
+    assert tw.horizon_gamma(10, 0.5) ** 10 == pytest.approx(0.5)
+    assert tw.TOY_GAMMA == 0.91
+    arrays, meta = tw.generate(12, "train", seed0=0)
+    lengths = [e["length"] - 1 for e in meta["episodes"]]           # steps (frames minus the start frame)
+    assert abs(np.median(lengths) - tw.EXPERT_STEPS) <= 2
+    starts = arrays["value"][[e["start"] for e in meta["episodes"]]]
+    assert meta["gamma"] == tw.TOY_GAMMA and 0.05 < np.median(starts) < 0.2
+    assert np.allclose(starts, tw.TOY_GAMMA ** (np.array(lengths) - 1))   # reward on the last step
