@@ -1,20 +1,19 @@
 """ToyWorld: a procedural pick-and-place robot world that renders in microseconds.
 
 A 3-DoF arm + parallel gripper described in `toyarm.urdf` (parsed with xml.etree, forward
-kinematics over the parsed chain), 2-3 coloured objects on a 2 x 3 grid of table slots, a bin, one
-fixed pinhole camera looking steeply down (2.2 cm per pixel at 32 x 32; an object covers about 4 x 4
-pixels). Instruction: "put the {color} {shape} in the bin". Kinematic grasp: an object attaches when
-the gripper closes near it and drops when it opens; success = the named object released inside the
+kinematics over the parsed chain), 2-3 coloured objects on a table, a bin, one fixed pinhole camera.
+Instruction: "put the {color} {shape} in the bin". Kinematic grasp: an object attaches when the
+gripper closes near it and drops when it opens; success = the named object released inside the
 bin (sparse reward 1, episode ends). A scripted expert (analytic IK + waypoints) succeeds on
 >= 98 % of train seeds.
 
 Splits (what changes is held out of `train`):
-  train            table colours from TRAIN_TABLE (the wall, TRAIN_WALL, is out of the camera's view);
-                   object (colour, shape) pairs outside HELD_OUT_COMBOS; the target in a near-row slot
-  ood_background   table colours from the held-out OOD_TABLE palette
+  train            table/wall colours from TRAIN_TABLE/TRAIN_WALL; object (colour, shape) pairs
+                   outside HELD_OUT_COMBOS; the target in the near band of the workspace
+  ood_background   table/wall colours from the held-out OOD_TABLE/OOD_WALL palettes
   ood_object       the target is a held-out (colour, shape) pair (each colour and each shape
                    alone is seen in training, the pair is not)
-  ood_layout       target and distractor rows swapped: the target sits in a far-row slot, where
+  ood_layout       target and distractor regions swapped: the target sits in the far band, where
                    in training only distractors are placed
 
 API (gymnasium conventions, no gymnasium dependency):
@@ -50,8 +49,8 @@ from common import (URDFChain, atomic_write, depth_range, draw_disc, draw_polygo
                     intrinsics, look_at, project)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FORMAT = "toyworld-v2"   # bump when the world or the on-disk layout changes (v2: slot layout, steeper camera,
-                         # 10 cm objects); train.py's cached default dataset is regenerated when it differs
+FORMAT = "toyworld-v2"   # bump when the world or what a dataset holds changes (v2: the value column uses the
+                         # horizon rule's gamma = 0.91); train.py's cached default dataset is regenerated when it differs
 URDF_PATH = os.path.join(HERE, "toyarm.urdf")
 
 # ---------------------------------------------------------------- scene constants
@@ -73,21 +72,16 @@ SEG_WALL, SEG_TABLE, SEG_BIN, SEG_ARM, SEG_GRIPPER, SEG_OBJ0 = 0, 1, 2, 3, 4, 5
 TEACHER_CLASSES = ("wall", "table", "bin", "arm", "gripper") + SHAPES
 
 # geometry (metres)
-OBJ_HALF = 0.05                      # object half-size: 10 cm objects cover about 4 x 4 pixels at 32 x 32
+OBJ_HALF = 0.04                      # object half-size
 BIN_CENTER = np.array([0.30, -0.26])
 BIN_HALF = 0.075
-# Objects stand on a 2 x 3 grid of slots with a small jitter: the near row (next to the arm) holds the
-# target on `train`, the far row only distractors (ood_layout swaps them). Discrete slots turn "where is
-# the named object" into picking one of a few places, which a tiny model learns from 400 demos; the
-# jitter stays well inside the grasp tolerance, so a grasp aimed at the slot centre succeeds.
-ROWS = (0.26, 0.40)                  # x of the near / far row
-COLUMNS = (-0.06, 0.08, 0.22)        # y of the slot columns (the bin is at y = -0.26)
-JITTER = 0.015                       # uniform +- jitter of an object around its slot centre
+NEAR_BAND, FAR_BAND = (0.24, 0.33), (0.38, 0.46)      # x ranges of target / distractor placement
+Y_RANGE = (-0.08, 0.26)
+MIN_SEP = 0.11
 N_OBJECTS = (2, 3)                   # objects per scene (min, max): the target and 1-2 distractors
 MAX_DQ = 0.12                        # rad per step
-GRASP_XY, GRASP_Z = 0.05, 0.06
-# a steep camera over the workspace: the 2 x 3 slots, the bin and the arm fill the frame
-CAMERA_EYE, CAMERA_TARGET, CAMERA_FOV = (0.55, -0.06, 0.95), (0.29, -0.06, 0.0), 40.0
+GRASP_XY, GRASP_Z = 0.045, 0.06
+CAMERA_EYE, CAMERA_TARGET, CAMERA_FOV = (0.80, 0.0, 0.85), (0.22, -0.03, 0.10), 48.0
 TABLE_EXTENT = (-0.2, 0.75, -0.5, 0.5)                # x0, x1, y0, y1 of the table top
 LINK_RADIUS, FINGER_RADIUS = 0.022, 0.012
 
@@ -137,14 +131,18 @@ class ToyWorld:
             c = train_combos[rng.integers(len(train_combos))]
             if c not in objects:
                 objects.append(c)
-        # train: target in a near-row slot, distractors in any other slot; ood_layout: target in the far row
-        t_row = 1 if split == "ood_layout" else 0
-        t_slot = (t_row, int(rng.integers(len(COLUMNS))))
-        free = [(r, c) for r in range(len(ROWS)) for c in range(len(COLUMNS)) if (r, c) != t_slot]
-        if split == "ood_layout":                            # distractors only where targets were in training
-            free = [rc for rc in free if rc[0] == 0]
-        slots = [t_slot] + [free[i] for i in rng.choice(len(free), n - 1, replace=False)]
-        positions = [np.array([ROWS[r], COLUMNS[c]]) + rng.uniform(-JITTER, JITTER, 2) for r, c in slots]
+        # train: target in the near band, distractors anywhere; ood_layout swaps the regions
+        t_band = FAR_BAND if split == "ood_layout" else NEAR_BAND
+        d_band = NEAR_BAND if split == "ood_layout" else (NEAR_BAND[0], FAR_BAND[1])
+        positions = []
+        for i in range(n):
+            for _ in range(1000):
+                p = np.array([rng.uniform(*(t_band if i == 0 else d_band)), rng.uniform(*Y_RANGE)])
+                if all(np.linalg.norm(p - q) > MIN_SEP for q in positions):
+                    positions.append(p)
+                    break
+            else:
+                raise RuntimeError("could not place objects")
         order = rng.permutation(n)                           # the target is not always slot 0
         objs = [objects[i] for i in order]
         pos = np.array([positions[i] for i in order])

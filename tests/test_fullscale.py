@@ -120,7 +120,7 @@ def test_reader_both_layouts_give_the_recorded_episodes(toy_lerobot):
             frames = r.frames(r.episodes[i], CAM)                  # v3.0: decoded from the shared MP4 at from_timestamp
             assert frames.shape == arrays["frames"][sl].shape
             assert np.abs(frames.astype(int) - arrays["frames"][sl]).max() <= 2   # near-lossless x264 (crf 0, 4:4:4)
-        clips = lerobot.LeRobotClips(r, CAM, frames=5, horizon=4, height=32, width=32)
+        clips = lerobot.LeRobotClips(r, CAM, frames=5, horizon=4, height=32, width=32, gamma=meta["gamma"])
         assert np.allclose(clips.a["value"], arrays["value"])       # MC return of next.reward (MV-WAM Eq. 4)
 
 
