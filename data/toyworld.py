@@ -81,6 +81,7 @@ MIN_SEP = 0.11
 N_OBJECTS = (2, 3)                   # objects per scene (min, max): the target and 1-2 distractors
 MAX_DQ = 0.12                        # rad per step
 GRASP_XY, GRASP_Z = 0.045, 0.06
+MISS_OFFSET = 0.07                   # how far beside the target a recovering demo's first grasp goes
 CAMERA_EYE, CAMERA_TARGET, CAMERA_FOV = (0.80, 0.0, 0.85), (0.22, -0.03, 0.10), 48.0
 TABLE_EXTENT = (-0.2, 0.75, -0.5, 0.5)                # x0, x1, y0, y1 of the table top
 LINK_RADIUS, FINGER_RADIUS = 0.022, 0.012
@@ -320,10 +321,31 @@ def rotation_to_quat(R: np.ndarray) -> np.ndarray:
 class Expert:
     """Scripted expert: above -> descend -> close -> lift -> above bin -> open, via analytic IK.
 
-    Closed-loop (re-plans from the current state each step) with small Gaussian action noise."""
+    Closed-loop (re-plans from the current state each step) with small Gaussian action noise.
 
-    def __init__(self, env: ToyWorld, noise: float = 0.01, seed: int = 0):
+    miss_prob: chance that the episode is a *recovering* demo: the first grasp is aimed MISS_OFFSET
+    beside the target (in a direction clear of the other objects), closes on nothing, and the expert
+    opens and retries. Its true Monte-Carlo returns are lower than a clean demo's at the same phase
+    (the retry costs steps), which shows MV-WAM's value head what a setback is worth."""
+
+    def __init__(self, env: ToyWorld, noise: float = 0.01, seed: int = 0, miss_prob: float = 0.0):
         self.env, self.noise, self.rng, self.phase = env, noise, np.random.default_rng(seed), 0
+        self.offset = np.zeros(3)
+        if miss_prob > 0 and self.rng.random() < miss_prob:
+            self.offset = self._miss_offset()
+        self.missed = bool(self.offset.any())
+
+    def _miss_offset(self) -> np.ndarray:
+        """A horizontal offset of MISS_OFFSET from the target that keeps the gripper more than
+        GRASP_XY + 1 cm from every other object (so the empty close cannot take a distractor)."""
+        env, tgt = self.env, self.env.scene["target"]
+        others = np.delete(env.obj_pos[:, :2], tgt, 0)
+        for a in self.rng.permutation(16) * (2 * math.pi / 16):
+            off = MISS_OFFSET * np.array([math.cos(a), math.sin(a)])
+            spot = env.obj_pos[tgt, :2] + off
+            if np.all(np.linalg.norm(others - spot, axis=1) > GRASP_XY + 0.01):
+                return np.append(off, 0.0)
+        return np.zeros(3)
 
     def act(self) -> np.ndarray:
         env = self.env
@@ -336,6 +358,8 @@ class Expert:
         else:
             if self.phase == 2 and env.g < 0.5 and env.held < 0:
                 self.phase = 0                                # closed on nothing: open and retry
+                self.offset = np.zeros(3)                     # a recovering demo's retry aims right
+            obj = obj + self.offset
             if self.phase == 0:
                 goal = obj + np.array([0, 0, 0.10])
                 if np.linalg.norm(ee - goal) < 0.03 and env.g > 0.9:
@@ -392,10 +416,11 @@ def mc_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
     return out
 
 
-def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01):
-    """Roll out the expert. Returns per-frame lists (frames, seg, state, ee, actions, rewards) + info."""
+def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01, miss_prob: float = 0.0):
+    """Roll out the expert. Returns per-frame lists (frames, seg, state, ee, actions, rewards, and
+    `missed`: whether it was a recovering demo) + success."""
     frame, info = env.reset(seed=seed, split=split)
-    expert = Expert(env, noise=noise, seed=seed + 7919)
+    expert = Expert(env, noise=noise, seed=seed + 7919, miss_prob=miss_prob)
     rec = {"frames": [frame], "seg": [info["seg"]], "state": [env.proprio()], "ee": [env.ee_pose()], "actions": [], "rewards": []}
     while True:
         a = expert.act()
@@ -410,17 +435,19 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
             break
     rec["actions"].append(np.array([0, 0, 0, rec["actions"][-1][3]], np.float32))   # no-op after the end
     rec["rewards"].append(0.0)
+    rec["missed"] = expert.missed
     return rec, info["success"]
 
 
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
-             task: str = "pick_place", only_success: bool = True):
-    """n expert episodes of `split` -> (arrays dict, meta dict). Failed demos are skipped."""
+             task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0):
+    """n expert episodes of `split` -> (arrays dict, meta dict). Failed demos are skipped.
+    recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert)."""
     env = ToyWorld(res=res, task=task)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
     eps, seed, failures = [], seed0, 0
     while len(eps) < n:
-        rec, ok = run_expert_episode(env, seed, split)
+        rec, ok = run_expert_episode(env, seed, split, miss_prob=recover_frac)
         seed += 1
         if not ok:
             failures += 1
@@ -433,7 +460,8 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
             cols[k].extend(rec[k])
         sc = env.scene
         eps.append({"start": start, "length": L, "seed": seed - 1, "split": split, "instruction": env.instruction(),
-                    "target": sc["target"], "shapes": sc["shapes"], "colors": sc["colors"], "success": bool(ok)})
+                    "target": sc["target"], "shapes": sc["shapes"], "colors": sc["colors"], "success": bool(ok),
+                    "recovering": rec["missed"]})
     arrays = {"frames": np.stack(cols["frames"]), "seg": np.stack(cols["seg"]),
               "state": np.stack(cols["state"]).astype(np.float32), "ee_pose": np.stack(cols["ee"]).astype(np.float32),
               "actions": np.stack(cols["actions"]).astype(np.float32),
@@ -657,11 +685,14 @@ def main():
     p.add_argument("--gamma", type=float, default=TOY_GAMMA, help="discount of the Monte-Carlo values (default: "
                    "horizon_gamma(EXPERT_STEPS), so a demo's returns span [0.1, 1]; MV-WAM's real-robot value is 0.99)")
     p.add_argument("--task", default="pick_place", choices=("pick_place", "reach"))
+    p.add_argument("--recover-frac", type=float, default=0.0, help="share of recovering demos: the first grasp "
+                   "misses by MISS_OFFSET and the expert retries (lower true returns for MV-WAM's value head)")
     args = p.parse_args()
     if args.figure:
         return overview(args.out)
     t0 = time.time()
-    arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task)
+    arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
+                            recover_frac=args.recover_frac)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
     print(f"{args.episodes} episodes, {n} frames, {meta['expert_failures']} expert failures skipped, "

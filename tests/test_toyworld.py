@@ -210,3 +210,27 @@ def test_horizon_gamma_rule_and_demo_returns():
     starts = arrays["value"][[e["start"] for e in meta["episodes"]]]
     assert meta["gamma"] == tw.TOY_GAMMA and 0.05 < np.median(starts) < 0.2
     assert np.allclose(starts, tw.TOY_GAMMA ** (np.array(lengths) - 1))   # reward on the last step
+
+
+def test_recovering_demo_misses_retries_and_is_worth_less_at_the_grasp():
+    """Expert(miss_prob=1): the first close is MISS_OFFSET beside the target and takes nothing (not a
+    distractor either), the expert reopens, retries and succeeds. Its true return when the fingers
+    first close is gamma^(steps left), lower than the clean demo's at its (successful) close."""
+    env = tw.ToyWorld(res=32)
+    g = tw.TOY_GAMMA
+    for seed in range(5):
+        clean, ok_c = tw.run_expert_episode(env, seed, "train")
+        rec, ok_r = tw.run_expert_episode(env, seed, "train", miss_prob=1.0)
+        assert ok_c and ok_r and rec["missed"] and not clean["missed"]
+        grip = np.array(rec["state"])[:, 3]                               # gripper opening per frame
+        closes = np.flatnonzero((grip[:-1] >= 0.5) & (grip[1:] < 0.5)) + 1  # frames right after a close
+        assert len(closes) == 2                                          # the empty close, then the grasp
+        c_clean = np.flatnonzero((np.array(clean["state"])[:-1, 3] >= 0.5) & (np.array(clean["state"])[1:, 3] < 0.5))[0] + 1
+        v_rec = tw.mc_returns(np.array(rec["rewards"], np.float32), g)
+        v_clean = tw.mc_returns(np.array(clean["rewards"], np.float32), g)
+        r_rec, r_clean = int(np.argmax(rec["rewards"])), int(np.argmax(clean["rewards"]))
+        assert v_rec[closes[0]] == pytest.approx(g ** (r_rec - closes[0]), rel=1e-5)
+        assert v_rec[closes[0]] < v_clean[c_clean] and r_rec > r_clean   # the retry costs steps
+    arrays, meta = tw.generate(6, "train", seed0=0, recover_frac=0.5)
+    flags = [e["recovering"] for e in meta["episodes"]]
+    assert any(flags) and not all(flags) and all(e["success"] for e in meta["episodes"])
