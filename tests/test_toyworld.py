@@ -234,3 +234,13 @@ def test_recovering_demo_misses_retries_and_is_worth_less_at_the_grasp():
     arrays, meta = tw.generate(6, "train", seed0=0, recover_frac=0.5)
     flags = [e["recovering"] for e in meta["episodes"]]
     assert any(flags) and not all(flags) and all(e["success"] for e in meta["episodes"])
+
+
+def test_overview_figure_has_one_row_per_split_and_the_32px_row(tmp_path):
+    path = str(tmp_path / "world.png")
+    tw.overview(path, res=64, frames=3)
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert (w, h) == (3 * 64, (len(tw.SPLITS) + 1) * 64)
