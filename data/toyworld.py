@@ -90,10 +90,12 @@ LINK_RADIUS, FINGER_RADIUS = 0.022, 0.012
 class ToyWorld:
     """Pick-and-place ("pick_place", default) or "reach" (touch the named object) in a toy world."""
 
-    def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60):
+    def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60, distractors: bool = True):
+        """distractors=False: each seed's scene with the named object alone (same place, colour, table;
+        sample.py --no-distractors): does a policy find the object at all, before it must find the named one?"""
         if task not in ("pick_place", "reach"):
             raise ValueError(f"task={task!r}; expected 'pick_place' or 'reach'")
-        self.res, self.task, self.max_steps = res, task, max_steps
+        self.res, self.task, self.max_steps, self.distractors = res, task, max_steps, distractors
         self.chain = URDFChain(URDF_PATH)
         self.K = intrinsics(res, res, CAMERA_FOV)
         self.T_wc = look_at(CAMERA_EYE, CAMERA_TARGET)
@@ -145,6 +147,8 @@ class ToyWorld:
             else:
                 raise RuntimeError("could not place objects")
         order = rng.permutation(n)                           # the target is not always slot 0
+        if not self.distractors:
+            order = np.array([0])
         objs = [objects[i] for i in order]
         pos = np.array([positions[i] for i in order])
         bin_c = BIN_CENTER + rng.uniform(-0.02, 0.02, 2)
@@ -164,7 +168,7 @@ class ToyWorld:
         self.g = 1.0                                          # gripper opening in [0, 1], 1 = open
         self.held = -1
         self.t = 0
-        self.stages = {"reached": False, "grasped": False, "lifted": False, "placed": False}
+        self.stages = {"reached": False, "grasped": False, "lifted": False, "placed": False, "distractor_grasped": False}
         self.done = False
         self._make_background()
         return self._observe()
@@ -201,6 +205,8 @@ class ToyWorld:
             self.stages["reached"] = True
             if self.task == "reach":
                 reward, self.done = 1.0, True
+        if self.held >= 0 and self.held != tgt:
+            self.stages["distractor_grasped"] = True          # a grounding failure: the arm took another object
         if self.held == tgt:
             self.stages["grasped"] = True
             if self.obj_pos[tgt, 2] > 0.08:
@@ -326,19 +332,36 @@ class Expert:
     miss_prob: chance that the episode is a *recovering* demo: the first grasp is aimed MISS_OFFSET
     beside the target (in a direction clear of the other objects), closes on nothing, and the expert
     opens and retries. Its true Monte-Carlo returns are lower than a clean demo's at the same phase
-    (the retry costs steps), which shows MV-WAM's value head what a setback is worth."""
+    (the retry costs steps), which shows MV-WAM's value head what a setback is worth.
 
-    def __init__(self, env: ToyWorld, noise: float = 0.01, seed: int = 0, miss_prob: float = 0.0):
+    wrong_prob: chance that the episode is a *failing* demo: the expert puts a distractor (the
+    object nearest the target) in the bin instead of the named object. No reward ever comes, so its
+    true returns are 0 at every frame: what a grounding failure is worth. `finished` turns True once
+    the wrong object is released over the bin (the episode has nothing left to show)."""
+
+    def __init__(self, env: ToyWorld, noise: float = 0.01, seed: int = 0, miss_prob: float = 0.0,
+                 wrong_prob: float = 0.0):
         self.env, self.noise, self.rng, self.phase = env, noise, np.random.default_rng(seed), 0
+        self.goal_obj = env.scene["target"]
+        if wrong_prob > 0 and self.rng.random() < wrong_prob:
+            d = np.linalg.norm(env.obj_pos[:, :2] - env.obj_pos[self.goal_obj, :2], axis=1)
+            d[self.goal_obj] = np.inf
+            self.goal_obj = int(np.argmin(d))
+        self.wrong = self.goal_obj != env.scene["target"]
         self.offset = np.zeros(3)
-        if miss_prob > 0 and self.rng.random() < miss_prob:
+        if miss_prob > 0 and not self.wrong and self.rng.random() < miss_prob:
             self.offset = self._miss_offset()
         self.missed = bool(self.offset.any())
+
+    @property
+    def finished(self) -> bool:
+        """A failing (wrong-object) demo has released its object over the bin."""
+        return self.wrong and self.phase == 5 and self.env.held < 0
 
     def _miss_offset(self) -> np.ndarray:
         """A horizontal offset of MISS_OFFSET from the target that keeps the gripper more than
         GRASP_XY + 1 cm from every other object (so the empty close cannot take a distractor)."""
-        env, tgt = self.env, self.env.scene["target"]
+        env, tgt = self.env, self.goal_obj
         others = np.delete(env.obj_pos[:, :2], tgt, 0)
         for a in self.rng.permutation(16) * (2 * math.pi / 16):
             off = MISS_OFFSET * np.array([math.cos(a), math.sin(a)])
@@ -349,7 +372,7 @@ class Expert:
 
     def act(self) -> np.ndarray:
         env = self.env
-        tgt = env.scene["target"]
+        tgt = self.goal_obj                                   # the named object (a failing demo: a distractor)
         obj = env.obj_pos[tgt]
         ee = env.ee_pos()
         close = False
@@ -416,11 +439,12 @@ def mc_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
     return out
 
 
-def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01, miss_prob: float = 0.0):
+def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01, miss_prob: float = 0.0,
+                       wrong_prob: float = 0.0):
     """Roll out the expert. Returns per-frame lists (frames, seg, state, ee, actions, rewards, and
-    `missed`: whether it was a recovering demo) + success."""
+    `missed` / `wrong`: whether it was a recovering / failing demo) + success."""
     frame, info = env.reset(seed=seed, split=split)
-    expert = Expert(env, noise=noise, seed=seed + 7919, miss_prob=miss_prob)
+    expert = Expert(env, noise=noise, seed=seed + 7919, miss_prob=miss_prob, wrong_prob=wrong_prob)
     rec = {"frames": [frame], "seg": [info["seg"]], "state": [env.proprio()], "ee": [env.ee_pose()], "actions": [], "rewards": []}
     while True:
         a = expert.act()
@@ -431,25 +455,28 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
         rec["seg"].append(info["seg"])
         rec["state"].append(env.proprio())
         rec["ee"].append(env.ee_pose())
-        if term or trunc:
+        if term or trunc or expert.finished:
             break
     rec["actions"].append(np.array([0, 0, 0, rec["actions"][-1][3]], np.float32))   # no-op after the end
     rec["rewards"].append(0.0)
-    rec["missed"] = expert.missed
+    rec["missed"], rec["wrong"] = expert.missed, expert.wrong
     return rec, info["success"]
 
 
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
-             task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0):
+             task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0):
     """n expert episodes of `split` -> (arrays dict, meta dict). Failed demos are skipped.
-    recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert)."""
+    recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert).
+    wrong_frac: the share of failing demos (a distractor goes to the bin; returns 0; meta "wrong_object").
+    They are kept, flagged "success": False, and ClipDataset gives their clips action_weight 0: the
+    value and the video learn from them, the policy does not imitate them."""
     env = ToyWorld(res=res, task=task)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
     eps, seed, failures = [], seed0, 0
     while len(eps) < n:
-        rec, ok = run_expert_episode(env, seed, split, miss_prob=recover_frac)
+        rec, ok = run_expert_episode(env, seed, split, miss_prob=recover_frac, wrong_prob=wrong_frac)
         seed += 1
-        if not ok:
+        if not ok and not rec["wrong"]:
             failures += 1
             if only_success:
                 continue
@@ -461,7 +488,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
         sc = env.scene
         eps.append({"start": start, "length": L, "seed": seed - 1, "split": split, "instruction": env.instruction(),
                     "target": sc["target"], "shapes": sc["shapes"], "colors": sc["colors"], "success": bool(ok),
-                    "recovering": rec["missed"]})
+                    "recovering": rec["missed"], "wrong_object": rec["wrong"]})
     arrays = {"frames": np.stack(cols["frames"]), "seg": np.stack(cols["seg"]),
               "state": np.stack(cols["state"]).astype(np.float32), "ee_pose": np.stack(cols["ee"]).astype(np.float32),
               "actions": np.stack(cols["actions"]).astype(np.float32),
@@ -560,7 +587,8 @@ def semantic_teacher(classes: np.ndarray, patch: int, emb: np.ndarray) -> np.nda
 
 class ClipDataset:
     """Yields model batches from a toy-world dataset: video (B, 3, T, H, W) in [-1, 1] (frame 0 = the
-    current observation), state (B, 4) and actions (B, K, 4) normalized, text, value, joints, gripper,
+    current observation), state (B, 4) and actions (B, K, 4) normalized, text, value, action_weight
+    (B,: 1 for a successful demo, 0 for a failing one, whose actions the policy must not imitate), joints, gripper,
     ee_pose, K, T_wc, seg, interaction_mask (per latent frame), teacher (AGRA's toy teacher),
     kvaf_depth_range (the episode's camera-depth range of the robot links, EA-WM App. A.2).
 
@@ -581,6 +609,7 @@ class ClipDataset:
         self.shapes = [e["shapes"] for e in eps]
         self.targets = np.array([e["target"] for e in eps])
         self.texts = [e["instruction"] for e in eps]
+        self.imitate = np.array([e.get("success", True) for e in eps], np.float32)   # 0: a failing demo, not imitated
         st = meta["stats"]
         self.a_mean, self.a_std = np.array(st["actions"]["mean"], np.float32), np.array(st["actions"]["std"], np.float32)
         self.s_mean, self.s_std = np.array(st["state"]["mean"], np.float32), np.array(st["state"]["std"], np.float32)
@@ -624,6 +653,7 @@ class ClipDataset:
             "actions": torch.from_numpy((actions - self.a_mean) / self.a_std),
             "text": [self.texts[e] for e in ep],
             "value": torch.from_numpy(self.a["value"][base + s].copy()),
+            "action_weight": torch.from_numpy(self.imitate[ep]),
             "joints": torch.from_numpy(self.a["state"][f_idx][..., :3].copy()),
             "gripper": torch.from_numpy(self.a["state"][f_idx][..., 3:].copy()),
             "ee_pose": torch.from_numpy(self.a["ee_pose"][f_idx].copy()),
@@ -688,15 +718,18 @@ def main():
     p.add_argument("--task", default="pick_place", choices=("pick_place", "reach"))
     p.add_argument("--recover-frac", type=float, default=0.0, help="share of recovering demos: the first grasp "
                    "misses by MISS_OFFSET and the expert retries (lower true returns for MV-WAM's value head)")
+    p.add_argument("--wrong-frac", type=float, default=0.0, help="share of failing demos: the expert puts a "
+                   "distractor in the bin (returns 0; trains MV-WAM's value and the video, not the policy)")
     args = p.parse_args()
     if args.figure:
         return overview(args.out)
     t0 = time.time()
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
-                            recover_frac=args.recover_frac)
+                            recover_frac=args.recover_frac, wrong_frac=args.wrong_frac)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
-    print(f"{args.episodes} episodes, {n} frames, {meta['expert_failures']} expert failures skipped, "
+    wrong = sum(e["wrong_object"] for e in meta["episodes"])
+    print(f"{args.episodes} episodes ({wrong} failing by design), {n} frames, {meta['expert_failures']} expert failures skipped, "
           f"{time.time() - t0:.1f}s -> {args.out}")
 
 

@@ -244,3 +244,56 @@ def test_overview_figure_has_one_row_per_split_and_the_32px_row(tmp_path):
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     assert (w, h) == (3 * 64, (len(tw.SPLITS) + 1) * 64)
+
+
+def test_failing_demo_puts_a_distractor_in_the_bin_and_is_worth_zero():
+    """Expert(wrong_prob=1): the object nearest the target goes to the bin, the named one stays on
+    the table, no reward comes, so every true return is 0; the env flags the distractor grasp (and
+    not `grasped`, which is the named object's stage). A clean demo never grasps a distractor."""
+    env = tw.ToyWorld(res=32)
+    for seed in range(5):
+        clean, ok_c = tw.run_expert_episode(env, seed, "train")
+        assert ok_c and not clean["wrong"]
+        rec, ok = tw.run_expert_episode(env, seed, "train", wrong_prob=1.0)
+        tgt = env.scene["target"]
+        d = np.linalg.norm(env.scene["obj_xy"] - env.scene["obj_xy"][tgt], axis=1)
+        d[tgt] = np.inf
+        assert rec["wrong"] and not ok
+        assert env.in_bin[int(np.argmin(d))] and not env.in_bin[tgt]     # the nearest distractor went in
+        assert env.stages["distractor_grasped"] and not env.stages["grasped"]
+        assert sum(rec["rewards"]) == 0 and not tw.mc_returns(np.array(rec["rewards"], np.float32), 0.91).any()
+        assert len(rec["frames"]) < env.max_steps                        # ends once the object is released
+
+
+def test_failing_demos_are_kept_flagged_and_not_imitated():
+    arrays, meta = tw.generate(8, "train", seed0=0, wrong_frac=0.5)
+    eps = meta["episodes"]
+    wrong = np.array([e["wrong_object"] for e in eps])
+    assert wrong.any() and not wrong.all() and meta["expert_failures"] == 0
+    assert all(e["success"] != e["wrong_object"] for e in eps)
+    for e in eps:
+        v = arrays["value"][e["start"]:e["start"] + e["length"]]
+        assert (v.max() == 0) == e["wrong_object"]                         # failing demos: returns 0 throughout
+    ds = tw.ClipDataset(arrays, meta, frames=5, horizon=4)
+    batch = ds.get(np.arange(len(ds)))
+    ep = ds.index[:, 0]
+    assert torch.equal(batch["action_weight"], torch.from_numpy((~wrong[ep]).astype(np.float32)))
+    _, clean_meta = tw.generate(3, "train", seed0=0)                      # the default draws no extra numbers:
+    assert [e["seed"] for e in clean_meta["episodes"]] == [0, 1, 2]       # same seeds, same demos as before
+    assert not any(e["wrong_object"] for e in clean_meta["episodes"])
+
+
+def test_one_object_scenes_are_the_same_scenes_without_distractors():
+    """ToyWorld(distractors=False) (sample.py --no-distractors): for each seed and split the one object is
+    the default scene's target, same place, colour, shape and instruction, on the same table."""
+    full, one = tw.ToyWorld(res=32), tw.ToyWorld(res=32, distractors=False)
+    for split in tw.SPLITS:
+        for seed in range(100000, 100006):
+            full.reset(seed=seed, split=split)
+            one.reset(seed=seed, split=split)
+            t = full.scene["target"]
+            assert len(one.scene["shapes"]) == 1 and one.scene["target"] == 0
+            assert np.allclose(one.scene["obj_xy"][0], full.scene["obj_xy"][t])
+            assert (one.scene["colors"][0], one.scene["shapes"][0]) == (full.scene["colors"][t], full.scene["shapes"][t])
+            assert one.instruction() == full.instruction() and np.array_equal(one.scene["table"], full.scene["table"])
+            assert np.allclose(one.scene["bin"], full.scene["bin"])
