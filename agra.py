@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 from common import (frame_times, Attention, PixelCodec, RMSNorm, SiglipVisionTower, TinyTextEncoder, add_noise,
                     build_pretrained, check_choice, check_clip_frames, check_layers, check_shape, checkpointed, grid_positions,
-                    modulate, read_config, read_weights, rename_keys, resolve_source, rope_3d, sample_t, set_trainable, shift_t,
-                    timestep_embedding, velocity_target)
+                    modulate, read_config, read_weights, rename_keys, resolve_source, rope_3d, sample_mean, sample_t,
+                    set_trainable, shift_t, timestep_embedding, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -101,6 +101,8 @@ class Config:
     project_layers: int = 1              # shared project module depth: 4 self-attention layers
     project_heads: int = 2               # 32
     bridge_pos_embed: bool = True        # learned (t, h, w) position tables on G_j (ours, not in the paper; README)
+    bridge_pos_init: str = "normal"      # their start: normal (N(0, 0.02^2), like the head's) | sincos (sin-cos per
+                                         #   axis, a third of the channels each: where a token is, readable at step 0)
     max_grid: tuple = (8, 64, 64)        # (T, h, w) sizes of the bridge position tables
     action_steps: int = 4                # Euler steps at inference (App. A.2)
     action_repeats: int = 1              # action-noise draws per video pass (DiT4DiT's repeated_diffusion_steps; paper: 1)
@@ -146,6 +148,7 @@ class Config:
         check_choice("agra_pass", self.agra_pass, ("action_cond", "video", "shared"))
         check_choice("agra_distance", self.agra_distance, ("cosine", "mse"))
         check_choice("bridge", self.bridge, ("multi", "single"))
+        check_choice("bridge_pos_init", self.bridge_pos_init, ("normal", "sincos"))
         check_choice("teacher", self.teacher, ("toy", "dinov2", "siglip"))
         check_choice("video_t_sampler", self.video_t_sampler, ("uniform", "logit_normal"))
         check_layers("agra_layers", self.agra_layers, self.video_layers)
@@ -402,6 +405,21 @@ class SABlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
+def axis_tables(sizes: tuple, dim: int, max_period: float = 100.0) -> list[torch.Tensor]:
+    """Sin-cos position tables for the (t, h, w) axes, (size_i, dim) each: axis i fills its own third of
+    the channels (an even number, the last third takes the rest) and leaves the others 0, so their sum
+    is the concatenation of three 1D sin-cos codes (MAE's 2D sin-cos embedding, with a time axis)."""
+    third = (dim // 3) // 2 * 2
+    widths = [third, third, dim - 2 * third]
+    out, start = [], 0
+    for n, wd in zip(sizes, widths):
+        table = torch.zeros(n, dim)
+        table[:, start:start + wd] = timestep_embedding(torch.arange(n), wd, max_period)
+        out.append(table)
+        start += wd
+    return out
+
+
 class Bridge(nn.Module):
     """G_j = Project(Proj_j(H_{l_j})) (Eq. 15), one context per action block j:
 
@@ -428,7 +446,7 @@ class Bridge(nn.Module):
         self.pos_embed = cfg.bridge_pos_embed
         if self.pos_embed:
             Tm, hm, wm = cfg.max_grid
-            self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, G)) for n in (Tm, hm, wm))
+            self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, G)) for n in (Tm, hm, wm))   # Model.initialize_weights
         self.project_norm = nn.LayerNorm(G)
         self.project = nn.ModuleList([SABlock(G, cfg.project_heads) for _ in range(cfg.project_layers)])
 
@@ -727,8 +745,13 @@ class Model(nn.Module):
             nn.init.zeros_(self.video.final_layer.linear.weight)
         nn.init.normal_(self.head.pos_embed.weight, std=0.02)
         if self.bridge.pos_embed:
-            for p in (self.bridge.pos_t, self.bridge.pos_h, self.bridge.pos_w):
+            tables = (self.bridge.pos_t, self.bridge.pos_h, self.bridge.pos_w)
+            for p in tables:
                 nn.init.normal_(p, std=0.02)
+            if self.cfg.bridge_pos_init == "sincos":                    # (drawn first all the same: the rest of the
+                with torch.no_grad():                                    #  init sees the same random numbers)
+                    for p, x in zip(tables, axis_tables(self.cfg.max_grid, self.cfg.bridge_dim)):
+                        p.copy_(x)
         nn.init.zeros_(self.head.action_decoder[2].weight)
         nn.init.zeros_(self.head.action_decoder[2].bias)
 
@@ -867,14 +890,16 @@ class Model(nn.Module):
             a0, state = batch["actions"], batch["state"]
             check_shape("batch['actions']", a0, (B, cfg.horizon, cfg.action_dim))
             R = cfg.action_repeats                                       # R noise draws share one video pass
+            keep = batch.get("action_weight")                            # 0: a failing toy demo, not imitated
             if R > 1:
                 G = [g.repeat(R, 1, 1) for g in G]
                 a0, state = a0.repeat(R, 1, 1), state.repeat(R, 1)
+                keep = None if keep is None else keep.repeat(R)
             tau_a = sample_t("beta", B * R, device=dev, alpha=cfg.action_t_alpha, beta=cfg.action_t_beta)
             eps_a = torch.randn_like(a0)
             a_t = add_noise(a0, eps_a, tau_a[:, None, None])             # Eq. 11
             v_act = self.head(a_t, tau_a, state, G)
-            parts["action"] = F.mse_loss(v_act.float(), velocity_target(a0, eps_a).float())   # Eq. 13
+            parts["action"] = sample_mean((v_act.float() - velocity_target(a0, eps_a).float()) ** 2, keep)   # Eq. 13
             total = total + cfg.act_weight * parts["action"]             # Eq. 18
 
         if use_agra:                                                     # Eq. 3-6

@@ -206,6 +206,16 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+def sample_mean(err: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of a per-element loss (B, ...). keep (B,): a per-sample weight (a toy-world failing demo has
+    0: its actions are not imitated); the mean then runs over the kept samples only, so a batch of all
+    ones gives the plain mean and a batch of all zeros gives 0 (no gradient), not a division by zero."""
+    if keep is None:
+        return err.mean()
+    keep = keep.to(err)
+    return (err.flatten(1).mean(1) * keep).sum() / keep.sum().clamp(min=1.0)
+
+
 def to_velocity(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, param: str,
                 eps: float = 1e-3) -> torch.Tensor:
     """Convert a network output in parameterization `param` to the sampling velocity (MV-WAM Table 6).

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from common import (frame_times, PixelCodec, SiglipVisionTower, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise,
                     check_choice, check_clip_frames, check_shape, checkpointed, grid_positions, rope_3d, sample_t,
-                    set_trainable, shift_t, timestep_embedding, to_velocity, velocity_target)
+                    sample_mean, set_trainable, shift_t, timestep_embedding, to_velocity, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -343,15 +343,17 @@ def widen_patch_embedding(video: WanDiT, in_dim: int, generator: torch.Generator
 # -------------------------------------------------------------------------------------------------
 
 
-def flow_loss(pred, x0, noise, target: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+def flow_loss(pred, x0, noise, target: str, weight: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
     """MSE in the output's own parameterization (Table 6): v -> noise - x0 (Eq. 2), x0 -> x0 (Eq. 3,
     with no 1/t^2 weight, App. F / Eq. 7), eps -> noise. `weight` (B,): an optional per-sample factor
-    (Config.x0_weight="inv_t2" passes 1/t^2, which turns the x0 loss into Eq. 7's velocity-space loss)."""
+    (Config.x0_weight="inv_t2" passes 1/t^2, which turns the x0 loss into Eq. 7's velocity-space loss).
+    `keep` (B,): which samples count (batch["action_weight"]: 0 for a failing toy demo), see sample_mean."""
     goal = {"v": velocity_target(x0, noise), "x0": x0, "eps": noise}[target]
     err = (pred.float() - goal.float()) ** 2
     if weight is not None:
         err = err * weight.float().reshape(-1, *[1] * (err.dim() - 1))
-    return err.mean()
+    return sample_mean(err, keep)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -585,7 +587,8 @@ class Model(nn.Module):
         total = cfg.video_weight * parts["video"]
         if with_action:
             w = t_a.clamp(min=1e-3) ** -2 if cfg.x0_weight == "inv_t2" else None      # Eq. 7 variant (clamped like to_velocity)
-            parts["action"] = flow_loss(a_hat, a0, eps_a, cfg.action_target, w)             # Eq. 3
+            keep = batch.get("action_weight")                                          # failing demos: value only
+            parts["action"] = flow_loss(a_hat, a0, eps_a, cfg.action_target, w, keep)       # Eq. 3
             total = total + cfg.action_weight * parts["action"]
             if cfg.use_value:
                 parts["value"] = flow_loss(c_hat, c0, eps_c, cfg.action_target, w)          # Eq. 3-4 (value token)

@@ -1,6 +1,8 @@
 """AGRA: oracles for the bridge indices, the AGRA loss, teacher interpolation, the t = 1 pass,
 gradient flow per stage, the diagnostics; full-preset sizes and the Cosmos key map."""
 
+import math
+
 import pytest
 import torch
 
@@ -261,3 +263,26 @@ def test_action_repeats_share_one_video_pass(batch):
     torch.manual_seed(3)
     total, p3 = model.loss(batch)
     assert p1["video"] == p3["video"] and p1["agra"] == p3["agra"] and torch.isfinite(total)
+
+
+def test_bridge_position_tables_sincos_start():
+    """bridge_pos_init=sincos: each axis owns a third of the channels (20 / 20 / 24 of 64) with a 1D
+    sin-cos code, cos(0) = 1 and sin(0) = 0 at position 0; the default draws N(0, 0.02^2)."""
+    t, h, w = agra.axis_tables((3, 8, 8), 64)
+    for table, (lo, hi) in zip((t, h, w), ((0, 20), (20, 40), (40, 64))):
+        used = (table != 0).any(0).nonzero().flatten()
+        assert used.min() == lo and used.max() == hi - 1
+    wd = 20
+    assert torch.allclose(h[0, 20:30], torch.ones(10)) and torch.allclose(h[0, 30:40], torch.zeros(10))
+    assert h[2, 20].item() == pytest.approx(math.cos(2.0)) and h[2, 30].item() == pytest.approx(math.sin(2.0))   # frequency 1
+    assert h[2, 21].item() == pytest.approx(math.cos(2.0 * 100 ** (-1 / (wd // 2))), abs=1e-6)
+    torch.manual_seed(0)
+    m_sin = agra.Model(tiny_cfg(bridge_pos_init="sincos"))
+    torch.manual_seed(0)
+    m_def = agra.Model(tiny_cfg())
+    assert torch.equal(m_sin.bridge.pos_h.data, agra.axis_tables(tiny_cfg().max_grid, tiny_cfg().bridge_dim)[1])
+    assert m_def.bridge.pos_h.std().item() == pytest.approx(0.02, rel=0.1)        # the default: N(0, 0.02^2)
+    sd_sin, sd_def = m_sin.state_dict(), m_def.state_dict()                      # everything else starts the same
+    assert all(torch.equal(sd_sin[k], sd_def[k]) for k in sd_def if not k.startswith("bridge.pos_"))
+    with pytest.raises(ValueError, match="bridge_pos_init"):
+        tiny_cfg(bridge_pos_init="random")

@@ -9,7 +9,7 @@ import torch
 import agra
 import eawm
 import mvwam
-from common import bell_weight
+from common import bell_weight, sample_mean
 from conftest import tiny_config
 
 
@@ -111,3 +111,45 @@ def test_time_weight_uniform_removes_the_bell(toy_data, monkeypatch):
     assert parts["bell"]["edls"] == parts["uniform"]["edls"]        # EDLS is not weighted by w(t)
     with pytest.raises(ValueError, match="time_weight"):
         tiny(eawm, time_weight="snr")
+
+
+# ------------------------------------------------------------------ a per-sample action mask (failing toy demos)
+
+
+def test_sample_mean_oracle():
+    err = torch.tensor([[1.0, 1.0], [3.0, 5.0]], requires_grad=True)
+    assert sample_mean(err).item() == pytest.approx(2.5)
+    assert sample_mean(err, torch.ones(2)).item() == pytest.approx(2.5)              # all kept: the plain mean
+    assert sample_mean(err, torch.tensor([1.0, 0.0])).item() == pytest.approx(1.0)    # sample 1 does not count
+    assert sample_mean(err, torch.tensor([0.0, 1.0])).item() == pytest.approx(4.0)
+    loss = sample_mean(err, torch.zeros(2))
+    loss.backward()
+    assert loss.item() == 0.0 and not err.grad.any()                                # nothing kept: no gradient
+
+
+@pytest.mark.parametrize("mod", [agra, mvwam])
+def test_action_weight_zero_removes_a_sample_from_the_action_loss(mod, toy_data):
+    """batch['action_weight'] = [1, 0]: changing the masked sample's actions leaves the action loss as it
+    was (same noise draws); changing the kept sample's actions changes it; all ones = no mask."""
+    from data.toyworld import ClipDataset
+    cfg = tiny(mod)
+    model = mod.Model(cfg).eval()
+    ds = ClipDataset(toy_data[1], toy_data[2], cfg.frames, cfg.horizon, cfg.latent_q, getattr(cfg, "teacher_patch", 0),
+                     getattr(cfg, "teacher_dim", 16))
+    batch = ds.sample(2, torch.Generator().manual_seed(0))
+
+    def action_loss(b):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return model.loss(b)[1]["action"].item()
+
+    unmasked = action_loss({k: v for k, v in batch.items() if k != "action_weight"})
+    assert action_loss(dict(batch, action_weight=torch.ones(2))) == pytest.approx(unmasked, rel=1e-5)
+    masked = dict(batch, action_weight=torch.tensor([1.0, 0.0]))
+    base = action_loss(masked)
+    other = batch["actions"].clone()
+    other[1] += 3.0
+    assert action_loss(dict(masked, actions=other)) == pytest.approx(base, rel=1e-5)
+    other = batch["actions"].clone()
+    other[0] += 3.0
+    assert action_loss(dict(masked, actions=other)) != pytest.approx(base, rel=1e-2)
