@@ -18,11 +18,11 @@ the mean of its evaluations). A cell is marked `*` when it differs from the base
 than 2 sqrt(SE_row^2 + SE_baseline^2), i.e. by more than about two standard errors of the difference of
 two independent means: with 3+ seeds per row, a difference the seed-to-seed spread is unlikely to make.
 Rows with one seed have no SE and are never marked. Success and the stages reached (object reached,
-grasped, lifted) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback
+grasped, lifted; a distractor grasped) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback
 adds a row "sample.rollback=<delta>" with its success and rollbacks per episode), the diagnostics
 from held-out expert clips: AGRA's attention-in-mask ratio (chance level in brackets), centroid error and
 Matched Sensitivity Ratio (AGRA Sec. 3.2, 4.2.1, Table 1), MV-WAM's value against the Monte-Carlo return
-(Eq. 4), EA-WM's PSNR / latent MSE against the true rendering (copy-first-frame level in brackets) and
+(Eq. 4) and its AUC between the named object and a distractor in hand, EA-WM's PSNR / latent MSE against the true rendering (copy-first-frame level in brackets) and
 end-effector track error.
 
 Outputs (--out, default <the runs' common parent folder>/compare): comparison.md (the table as Markdown,
@@ -51,6 +51,7 @@ METRICS = {
     "reached": ("reached the object %", 1, None),
     "grasped": ("grasped it %", 1, None),
     "lifted": ("lifted it %", 1, None),
+    "distractor_grasped": ("grasped a distractor %", 1, None),
     "rollbacks_per_episode": ("rollbacks per episode", 2, None),
     "in_mask_ratio": ("attention in mask (chance)", 3, "mask_fraction"),
     "centroid_error": ("attention centroid error", 2, None),
@@ -60,6 +61,7 @@ METRICS = {
     "msr_swap": ("MSR, swap intervention", 2, None),
     "value_pearson": ("value vs return, Pearson r", 3, None),
     "value_mae": ("value vs return, MAE", 3, None),
+    "value_holding_auc": ("value AUC, named object vs distractor in hand", 3, None),
     "psnr_kvaf": ("PSNR dB, KVAF-conditioned (copy first frame)", 2, "psnr_copy_first"),
     "psnr_joint": ("PSNR dB, joint (copy first frame)", 2, "psnr_copy_first"),
     "latent_mse_kvaf": ("latent MSE, KVAF-conditioned (copy first frame)", 4, "latent_mse_copy_first"),
@@ -149,7 +151,7 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
         for split, r in splits.items():
             n = r.get("episodes", res.get("episodes"))
             put(ev, "success", split, 100 * _need(r, "success", f"{f} splits.{split}", fix), n)
-            for stage in ("reached", "grasped", "lifted"):                 # stage flags (toy world info["stages"])
+            for stage in ("reached", "grasped", "lifted", "distractor_grasped"):   # toy world info["stages"]
                 put(ev, stage, split, 100 * r[stage] if stage in r else None, n)
             if rb is not None:
                 put(rb, "success", split, 100 * _need(r, "success_rollback", f"{f} splits.{split}", fix), n)
@@ -163,6 +165,7 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
         for split, d in res.get("value", {}).items():              # MV-WAM value vs Monte-Carlo return (Eq. 4)
             put(ev, "value_pearson", split, d.get("pearson"), d.get("n"))
             put(ev, "value_mae", split, d.get("mae"), d.get("n"))
+            put(ev, "value_holding_auc", split, d.get("holding_auc"), d.get("n_holding"))
         evals += [ev] + ([rb] if rb is not None else [])
     return evals
 

@@ -77,7 +77,7 @@ def mark(frame: np.ndarray, color=(255, 0, 0)) -> np.ndarray:
 
 
 def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: int, max_steps: int, res: int,
-            generator, record: int = 0, predict_video=None, rollback=None):
+            generator, record: int = 0, predict_video=None, rollback=None, distractors: bool = True):
     """Run `episodes` envs of `split` in lock-step, re-planning every `exec_steps` actions.
 
     rollback: None or a factory of MV-WAM's ValueRollback controllers (Sec. 3.2): before a chunk is
@@ -85,8 +85,8 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     peak's saved state (the episode clock keeps running: a rollback costs the time already spent) and
     the chunk is resampled from there. Returns per-episode success, stage flags, rollback counts and
     (if record) frames [observation | predicted frame] of the first `record` envs (restored frames
-    outlined in red)."""
-    envs = [ToyWorld(res=res, max_steps=max_steps) for _ in range(episodes)]
+    outlined in red). distractors=False: the same scenes with the named object alone (ToyWorld)."""
+    envs = [ToyWorld(res=res, max_steps=max_steps, distractors=distractors) for _ in range(episodes)]
     obs = [env.reset(seed=seed0 + i, split=split)[0] for i, env in enumerate(envs)]
     done = np.zeros(episodes, bool)
     success = np.zeros(episodes, bool)
@@ -139,11 +139,14 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
+STAGES = ("reached", "grasped", "lifted", "distractor_grasped")   # toy-world info["stages"]; the last: a grounding failure
+
+
 def success_row(success: np.ndarray, stages: list) -> dict:
     """Per-split summary of `rollout`: success rate, its standard error, episodes, stage rates."""
     p = float(success.mean())
     row = {"success": p, "success_se": standard_error(p, len(success)), "episodes": len(success)}
-    for s in ("reached", "grasped", "lifted"):
+    for s in STAGES:
         row[s] = float(np.mean([st[s] for st in stages]))
     return row
 
@@ -165,18 +168,38 @@ def quick_eval(name: str, model, cfg, stats, episodes: int, splits=SPLITS, seed:
             policy = Policy(model, cfg, stats, device)
             success, stages, _, _ = rollout(policy, split, episodes, seed, max(1, cfg.horizon // 2), 60, cfg.height, gen)
             row = success_row(success, stages)
-            out[split] = {k: row[k] for k in ("success", "episodes", "reached", "grasped", "lifted")}
+            out[split] = {k: row[k] for k in ("success", "episodes") + STAGES}
     return out
 
 
-def value_report(model, cfg, clips: ClipDataset, n: int, generator) -> dict:
-    """MV-WAM: the sampled value against the true Monte-Carlo return (Eq. 4) on held-out expert clips."""
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a random `pos` score > a random `neg` score), ties count 1/2 (the Mann-Whitney AUC)."""
+    pos, neg = np.asarray(pos, np.float64)[:, None], np.asarray(neg, np.float64)[None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def value_report(model, cfg, clips: ClipDataset, n: int, generator, failing: ClipDataset | None = None) -> dict:
+    """MV-WAM: the sampled value against the true Monte-Carlo return (Eq. 4) on held-out expert clips.
+    `failing`: clips of failing demos (a distractor goes to the bin; true return 0). Compared on the
+    clips where the gripper holds an object (closed at the clip's first frame), so that the state alone
+    cannot tell them apart: AUC 1 = the value tells the named object in hand from a distractor, 0.5 = it
+    cannot (a grounding test of the value head, which rollback at delta relies on)."""
     rows = torch.randperm(len(clips), generator=torch.Generator().manual_seed(0))[:n].numpy()   # same clips for every model
     batch = clips.get(rows)
     pred = model.sample(batch, generator=generator)["value"].float()
     true = batch["value"].float()
     r = torch.corrcoef(torch.stack([pred, true]))[0, 1].item()
-    return {"pearson": r, "mae": (pred - true).abs().mean().item(), "n": len(rows)}
+    out = {"pearson": r, "mae": (pred - true).abs().mean().item(), "n": len(rows)}
+    if failing is not None:
+        held = {}
+        for name, ds in (("success", clips), ("failing", failing)):
+            closed = ds.a["state"][ds.ep_start[ds.index[:, 0]] + ds.index[:, 1], 3] < 0.5
+            rows = np.flatnonzero(closed)
+            rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(1))[:n].numpy()]
+            held[name] = model.sample(ds.get(rows), generator=generator)["value"].float().cpu().numpy()
+        out.update({"holding_value": float(held["success"].mean()), "failing_value": float(held["failing"].mean()),
+                    "holding_auc": auc(held["success"], held["failing"]), "n_holding": len(held["failing"])})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,8 +391,11 @@ def eval_settings(args, name: str, cfg) -> dict:
     steps = args.steps or (cfg.action_steps if name == "agra" else cfg.sample_steps)   # denoising steps used
     if name == "eawm":
         return {"steps": steps, "clips": args.clips, "seed": args.seed}
-    return {"steps": steps, "episodes": args.episodes, "exec_steps": args.exec_steps or max(1, cfg.horizon // 2),
-            "max_steps": args.max_steps, "seed": args.seed, "diag_clips": args.diag_clips}
+    out = {"steps": steps, "episodes": args.episodes, "exec_steps": args.exec_steps or max(1, cfg.horizon // 2),
+           "max_steps": args.max_steps, "seed": args.seed, "diag_clips": args.diag_clips}
+    if args.no_distractors:                             # only when set: older metrics.json files compare as before
+        out["distractors"] = False
+    return out
 
 
 def get_args(argv=None):
@@ -383,6 +409,9 @@ def get_args(argv=None):
     p.add_argument("--exec-steps", type=int, default=None, help="actions executed per chunk before re-planning "
                    "(default: half the horizon)")
     p.add_argument("--max-steps", type=int, default=60, help="episode time limit")
+    p.add_argument("--no-distractors", action="store_true", help="the same scenes (target, place, colours) with the "
+                   "named object alone: tells a policy that cannot find the object from one that cannot tell which "
+                   "object is named")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's; MV-WAM: joint steps, EA-WM: generation steps)")
     p.add_argument("--gif-episodes", type=int, default=1, help="episodes per split recorded into the GIF")
     p.add_argument("--video-steps", type=int, default=10, help="Euler steps of the predicted-video panel in GIFs")
@@ -459,17 +488,17 @@ def main(argv=None):
         print(f"value-guided rollback: delta {delta}, at most {cfg.max_rollbacks} per episode, "
               f"buffer of the last {cfg.rollback_buffer} chunks")
         results["rollback_delta"] = delta
-    print(f"{'split':16s} {'success':>13s} {'n':>4s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s}"
+    print(f"{'split':16s} {'success':>13s} {'n':>4s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s} {'other':>6s}"
           + (f" {'+rollback':>14s} {'rb/ep':>6s}" if rb else "") + "   time")
     for split in args.splits:
         t0 = time.time()
         success, stages, rec, _ = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res, gen,
-                                          record=args.gif_episodes, predict_video=predict_video)
+                                          record=args.gif_episodes, predict_video=predict_video, distractors=not args.no_distractors)
         row = success_row(success, stages)
         extra = ""
         if rb:                                            # the same episodes again, with rollback
             s_rb, st_rb, rec_rb, fired = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res,
-                                                 gen, record=args.episodes, rollback=rb)
+                                                 gen, record=args.episodes, rollback=rb, distractors=not args.no_distractors)
             row["success_rollback"] = float(s_rb.mean())
             row["success_rollback_se"] = standard_error(row["success_rollback"], len(s_rb))
             row["rollbacks_per_episode"] = float(fired.mean())
@@ -479,21 +508,27 @@ def main(argv=None):
                 save_gif(os.path.join(out_dir, f"rollback_{split}.gif"), np.stack(rec_rb[int(np.argmax(fired > 0))]), fps=6, scale=4)
         results["splits"][split] = row
         print(f"{split:16s} {row['success']:6.2f} ± {row['success_se']:4.2f} {row['episodes']:4d} {row['reached']:8.2f} "
-              f"{row['grasped']:8.2f} {row['lifted']:8.2f}{extra}   {time.time() - t0:.0f}s")
+              f"{row['grasped']:8.2f} {row['lifted']:8.2f} {row['distractor_grasped']:6.2f}{extra}   {time.time() - t0:.0f}s")
         if rec and rec[0]:
             save_gif(os.path.join(out_dir, f"rollout_{split}.gif"), np.stack([f for r in rec for f in r]), fps=6, scale=4)
-    print("± : standard error of the success rate, sqrt(p (1 - p) / n) over n episodes")
+    print("± : standard error of the success rate, sqrt(p (1 - p) / n) over n episodes; other: grasped a distractor")
     if name == "mvwam" and cfg.use_value and args.diag_clips:
         results["value"] = {}
-        print(f"\nMV-WAM value vs true Monte-Carlo return (Eq. 4) on {args.diag_clips} held-out expert clips per split")
-        print(f"{'split':16s} {'pearson r':>9s} {'MAE':>7s}")
+        print(f"\nMV-WAM value vs true Monte-Carlo return (Eq. 4) on {args.diag_clips} held-out expert clips per split; "
+              f"holding: the value on clips with an object in hand, of expert demos and of failing demos (a distractor "
+              f"in hand, true return 0), and the AUC telling them apart (0.5 = the value ignores which object)")
+        print(f"{'split':16s} {'pearson r':>9s} {'MAE':>7s} {'holding':>8s} {'failing':>8s} {'AUC':>6s}")
         for split in args.splits:
-            arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res,
-                                     gamma=meta.get("data", {}).get("gamma", 0.99))
-            dmeta["stats"] = meta["stats"]
-            d = value_report(model, cfg, dataset_for(cfg, arrays, dmeta), args.diag_clips, gen)
+            clips = []
+            for wrong in (0.0, 1.0):
+                arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res,
+                                         gamma=meta.get("data", {}).get("gamma", 0.99), wrong_frac=wrong)
+                dmeta["stats"] = meta["stats"]
+                clips.append(dataset_for(cfg, arrays, dmeta))
+            d = value_report(model, cfg, clips[0], args.diag_clips, gen, failing=clips[1])
             results["value"][split] = d
-            print(f"{split:16s} {d['pearson']:9.3f} {d['mae']:7.3f}")
+            print(f"{split:16s} {d['pearson']:9.3f} {d['mae']:7.3f} {d['holding_value']:8.3f} {d['failing_value']:8.3f} "
+                  f"{d['holding_auc']:6.3f}")
     if name == "agra" and args.diag_clips:
         results["diagnostics"] = {}
         print(f"\nAGRA diagnostics on {args.diag_clips} held-out expert clips per split "

@@ -80,6 +80,20 @@ def dataset_for(cfg, arrays, meta):
                        getattr(cfg, "teacher_dim", 16), getattr(cfg, "frame_stride", 1))
 
 
+def demo_counts(data_meta: dict) -> dict:
+    """A toy-world dataset's composition, stored with the checkpoint (so --compare tells runs on different
+    data apart): its episodes, and the failing / recovering demos when it has any."""
+    if not str(data_meta.get("format", "")).startswith("toyworld"):
+        return {}
+    eps = data_meta["episodes"]
+    out = {"episodes": len(eps)}
+    for flag, key in (("wrong_object", "failing_demos"), ("recovering", "recovering_demos")):
+        n = sum(bool(e.get(flag)) for e in eps)
+        if n:
+            out[key] = n
+    return out
+
+
 def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None, data_meta=None, fsdp_root=None, write=True):
     """model.safetensors (+ train_state.pt when an optimizer is given), each atomic. Under FSDP2
     (`fsdp_root` = the sharded root) every rank calls this: the full state is gathered to rank 0
@@ -87,6 +101,7 @@ def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None
     meta = {"model": name, "config": config_to_dict(cfg), "stats": stats, "step": step, "format": "wam-v1"}
     if data_meta is not None:
         meta["data"] = {k: data_meta[k] for k in ("res", "fps", "camera", "task", "gamma", "source", "encoded") if k in data_meta}
+        meta["data"].update(demo_counts(data_meta))
     weights, optim = model.state_dict(), optimizer.state_dict() if optimizer is not None else None
     if fsdp_root is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict

@@ -391,5 +391,14 @@ def test_train_resume_bit_exact_and_sample_with_rollback(mv_run, toy_data, tmp_p
     assert 0 <= row["success"] <= 1 and 0 <= row["success_rollback"] <= 1
     assert res["rollback_delta"] == -1 and row["rollbacks_per_episode"] == 3 and row["rollback_episodes"] == 2
     assert os.path.getsize(tmp_path / "s" / "rollback_train.gif") > 100
-    assert -1 <= res["value"]["train"]["pearson"] <= 1
+    v = res["value"]["train"]
+    assert -1 <= v["pearson"] <= 1 and 0 <= v["holding_auc"] <= 1 and v["n_holding"] == 8
+    assert "distractor_grasped" in row
     assert os.path.getsize(tmp_path / "s" / "rollout_train.gif") > 100
+
+
+def test_auc_oracle():
+    assert sample.auc([0.9, 0.8], [0.1, 0.2]) == 1.0                     # every pair ordered
+    assert sample.auc([0.1], [0.9]) == 0.0
+    assert sample.auc([0.5, 0.5], [0.5]) == 0.5                          # ties count 1/2
+    assert sample.auc([0.3, 0.7], [0.5]) == 0.5                          # one of two pairs ordered

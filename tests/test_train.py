@@ -59,6 +59,9 @@ def test_checkpoint_contents_and_sampling(run6, tmp_path):
     assert 0 <= d["in_mask_ratio"] <= 1 and set(d["msr"]) == {"mean", "zero", "shuffle", "swap"}
     for f in ("rollout_train.gif", "agra_diagnostics_train.png", "metrics.json"):
         assert os.path.getsize(os.path.join(out, f)) > 100, f
+    res = sample.main(["--ckpt", run6, "--episodes", "2", "--splits", "train", "--diag-clips", "0", "--no-distractors",
+                       "--out", str(tmp_path / "alone"), "--threads", "2"])
+    assert res["settings"]["distractors"] is False and res["splits"]["train"]["distractor_grasped"] == 0
 
 
 def test_standard_error_of_a_success_rate():
