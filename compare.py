@@ -18,11 +18,12 @@ the mean of its evaluations). A cell is marked `*` when it differs from the base
 than 2 sqrt(SE_row^2 + SE_baseline^2), i.e. by more than about two standard errors of the difference of
 two independent means: with 3+ seeds per row, a difference the seed-to-seed spread is unlikely to make.
 Rows with one seed have no SE and are never marked. Success and the stages reached (object reached,
-grasped, lifted; a distractor grasped) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback
-adds a row "sample.rollback=<delta>" with its success and rollbacks per episode), the diagnostics
-from held-out expert clips: AGRA's attention-in-mask ratio (chance level in brackets), centroid error and
-Matched Sensitivity Ratio (AGRA Sec. 3.2, 4.2.1, Table 1), MV-WAM's value against the Monte-Carlo return
-(Eq. 4) and its AUC between the named object and a distractor in hand, EA-WM's PSNR / latent MSE against the true rendering (copy-first-frame level in brackets) and
+grasped, lifted; a distractor grasped) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM
+evaluation with --rollback adds a row "sample.rollback=<delta>" with its success and rollbacks per
+episode), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
+brackets), centroid error and Matched Sensitivity Ratio (AGRA Sec. 3.2, 4.2.1, Table 1), MV-WAM's value
+against the Monte-Carlo return (Eq. 4) and its AUC between the named object and a distractor in hand,
+EA-WM's PSNR / latent MSE against the true rendering (copy-first-frame level in brackets) and
 end-effector track error.
 
 Outputs (--out, default <the runs' common parent folder>/compare): comparison.md (the table as Markdown,

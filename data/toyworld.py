@@ -465,7 +465,8 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
 
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
              task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0):
-    """n expert episodes of `split` -> (arrays dict, meta dict). Failed demos are skipped.
+    """n expert episodes of `split` -> (arrays dict, meta dict). The expert's own failures are skipped
+    (only_success=False keeps them, flagged "success": False like the failing demos below).
     recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert).
     wrong_frac: the share of failing demos (a distractor goes to the bin; returns 0; meta "wrong_object").
     They are kept, flagged "success": False, and ClipDataset gives their clips action_weight 0: the
