@@ -101,6 +101,8 @@ class Config:
     project_layers: int = 1              # shared project module depth: 4 self-attention layers
     project_heads: int = 2               # 32
     bridge_pos_embed: bool = True        # learned (t, h, w) position tables on G_j (ours, not in the paper; README)
+    bridge_tokens: str = "all"           # all | current: G_j holds only the current frame's tokens (ours, an ablation:
+                                         #   at t = 1 the future tokens barely depend on the scene and dilute it)
     bridge_pos_init: str = "normal"      # their start: normal (N(0, 0.02^2), like the head's) | sincos (sin-cos per
                                          #   axis, a third of the channels each: where a token is, readable at step 0)
     max_grid: tuple = (8, 64, 64)        # (T, h, w) sizes of the bridge position tables
@@ -149,6 +151,7 @@ class Config:
         check_choice("agra_distance", self.agra_distance, ("cosine", "mse"))
         check_choice("bridge", self.bridge, ("multi", "single"))
         check_choice("bridge_pos_init", self.bridge_pos_init, ("normal", "sincos"))
+        check_choice("bridge_tokens", self.bridge_tokens, ("all", "current"))
         check_choice("teacher", self.teacher, ("toy", "dinov2", "siglip"))
         check_choice("video_t_sampler", self.video_t_sampler, ("uniform", "logit_normal"))
         check_layers("agra_layers", self.agra_layers, self.video_layers)
@@ -436,6 +439,7 @@ class Bridge(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.layers = list(cfg.bridge_layer_override) or bridge_layers(cfg.video_layers, cfg.act_layers)
+        self.current_only = cfg.bridge_tokens == "current"
         if cfg.bridge == "single":                                   # AGRA-BridgeL8: the aligned layer to every block
             self.layers = [cfg.agra_layers[0]] * cfg.act_layers
         if len(self.layers) != cfg.act_layers:
@@ -451,6 +455,9 @@ class Bridge(nn.Module):
         self.project = nn.ModuleList([SABlock(G, cfg.project_heads) for _ in range(cfg.project_layers)])
 
     def forward(self, hidden: dict, grid) -> list[torch.Tensor]:
+        if self.current_only:                                            # bridge_tokens=current: frame 0's tokens
+            grid = (1, *grid[1:])
+            hidden = {l: h[:, :grid[1] * grid[2]] for l, h in hidden.items()}
         g = torch.stack([proj(hidden[l]) for proj, l in zip(self.layer_proj, self.layers)])   # (N, B, N_v, G) Eq. 15
         N, B = g.shape[:2]
         g = g.flatten(0, 1)                                              # (N B, N_v, G): each G_j on its own
@@ -1011,6 +1018,9 @@ def cross_attention_maps(model: Model, batch, generator=None) -> torch.Tensor:
     N = cfg.act_layers
     a = torch.stack(attn).unflatten(0, (-1, N))                          # (steps, N, B, heads, 1 + K, N_v)
     a = a[..., 1:, :].mean((0, 3, 4))                                    # (N, B, N_v)
+    T, h, w = cfg.token_grid
+    if a.shape[-1] < T * h * w:                                          # bridge_tokens=current: no mass on the future
+        a = F.pad(a, (0, T * h * w - a.shape[-1]))
     return a.transpose(0, 1).unflatten(-1, cfg.token_grid)               # (B, N, T, h, w)
 
 

@@ -286,3 +286,20 @@ def test_bridge_position_tables_sincos_start():
     assert all(torch.equal(sd_sin[k], sd_def[k]) for k in sd_def if not k.startswith("bridge.pos_"))
     with pytest.raises(ValueError, match="bridge_pos_init"):
         tiny_cfg(bridge_pos_init="random")
+
+
+def test_bridge_tokens_current_reads_only_the_current_frame(batch):
+    """bridge_tokens=current: G_j holds the 8 x 8 tokens of latent frame 0; changing the future tokens'
+    hidden states leaves G unchanged; the attention maps put no mass on future frames; the loss runs."""
+    torch.manual_seed(0)
+    model = perturbed(agra.Model(tiny_cfg(bridge_tokens="current"))).eval()
+    hidden = {l: torch.randn(2, 3 * 64, 96) for l in model.bridge.layers}
+    G = model.bridge(hidden, (3, 8, 8))
+    assert len(G) == 4 and G[0].shape == (2, 64, 64)
+    later = {l: torch.cat([h[:, :64], torch.randn(2, 128, 96)], 1) for l, h in hidden.items()}
+    assert all(torch.equal(a, b) for a, b in zip(G, model.bridge(later, (3, 8, 8))))
+    attn = agra.cross_attention_maps(model, batch, torch.Generator().manual_seed(0))
+    assert attn.shape == (4, 4, 3, 8, 8) and not attn[:, :, 1:].any()
+    assert torch.allclose(attn.sum((2, 3, 4)), torch.ones(4, 4), atol=1e-4)
+    total, parts = model.loss(batch)
+    assert torch.isfinite(total) and parts["action"] > 0
