@@ -41,6 +41,7 @@ Paper -> code
 | Sec. 4.1 LoRA r = 32, two stages      | Config.lora_rank, Config.stage, Model.param_groups|
 | Table 1 / 4 joint / KVAF-conditioned  | Model.sample(mode=...), Config.kvaf_cond_prob     |
 | Sec. 4.3 w/o KVAF, w/o EAF            | Config.kvaf=False, Config.fusion="plain"          |
+| (ours) x0 / change prediction, I2V concat | Config.prediction, Model.to_velocity, first_frame_concat |
 
 Shape letters: B batch, C latent channels, T latent frames, h x w token grid, L = T h w tokens,
 D width, F raw frames.
@@ -204,6 +205,13 @@ class Config:
     edls_normalize: bool = True          # divide the EDLS MSE by the target's mean square, so predicting "no change"
                                          #   scores 1 like a flow loss at init (ours; the raw target is tiny: README)
     kvaf_cond_prob: float = 0.0          # fraction of samples with a clean KVAF stream (0 = the paper's setting)
+    prediction: str = "v"                # what the network outputs: v (Wan, Eq. 8) | x0 (the clean clip, turned into
+                                         #   v = (x_t - x0) / max(t, t_min) for Eq. 8; Li & He 2025) | delta (ours, tiny
+                                         #   preset: x0 minus the given first frame, so a fresh model predicts "no motion")
+    x0_t_min: float = 0.05               # the clip of t in that division
+    first_frame_concat: bool = False     # ours (tiny preset): the clean first frame's latents are also concatenated
+                                         #   along channels to every video frame's input, as Wan2.1-I2V conditions;
+                                         #   Wan2.2 TI2V (the paper's backbone) conditions in-sequence only (False)
     # training (Sec. 4.1)
     lora_rank: int = 32                  # LoRA on both streams' blocks, base frozen; 0 = train the base in full
     lora_pattern: str = r"^(video\.blocks|kvaf_blocks)\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])$"
@@ -227,6 +235,7 @@ class Config:
 
     def __post_init__(self):
         check_choice("fusion", self.fusion, ("event", "plain"))
+        check_choice("prediction", self.prediction, ("v", "x0", "delta"))
         check_choice("time_weight", self.time_weight, ("bell", "uniform"))
         check_choice("stage", self.stage, ("stage1", "stage2"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
@@ -250,9 +259,13 @@ CONFIGS = {
     # both generation modes; uniform t (no shift) and LR 1e-3 suit 192-token clips. Width 192: a token
     # carries 48 codec channels x (1, 2, 2) = 192 values, and the velocity target contains the input
     # noise, so a narrower stream cannot pass it through (at width 64 the one-step x0 estimate at
-    # t = 1 was 8x worse than predicting zeros and the generations were noise).
+    # t = 1 was 8x worse than predicting zeros and the generations were noise). The network predicts the
+    # change from the given first frame (prediction="delta"), which it also sees concatenated along
+    # channels (first_frame_concat): from scratch, the in-sequence v-prediction of Wan2.2 generated
+    # futures 5 dB worse than copying the first frame after the 200-step default run (README).
     "tiny": Config(dim=192, heads=3, ffn_dim=768, lora_rank=0, stage="stage2", kvaf_cond_prob=0.5,
-                   t_sampler="uniform", t_shift=1.0, lr_video=1e-3, lr_head=1e-3, sample_steps=10),
+                   t_sampler="uniform", t_shift=1.0, lr_video=1e-3, lr_head=1e-3, sample_steps=10,
+                   first_frame_concat=True, prediction="delta"),
     "full": Config(height=704, width=1280, frames=121, codec_p=16, text_encoder="precomputed", text_dim=4096,
                    dim=3072, ffn_dim=14336, heads=24, layers=30, fusion_layers=(2, 8, 14, 20, 26), event_dim=512,
                    batch_size=32, steps=10000, sample_steps=50, horizon=120),
@@ -311,6 +324,20 @@ class EventFusion(nn.Module):
         return out_v, out_k, e_hat
 
 
+def widen_input(conv: nn.Conv3d, extra: int) -> nn.Conv3d:
+    """The patch embedding with `extra` more input channels whose weights start at zero (Config.
+    first_frame_concat): the same function as before until training moves them, the way an
+    image-to-video model is made from a text-to-video one."""
+    wide = nn.Conv3d(conv.in_channels + extra, conv.out_channels, conv.kernel_size, conv.stride,
+                     bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, :conv.in_channels] = conv.weight
+        if conv.bias is not None:
+            wide.bias.copy_(conv.bias)
+    return wide
+
+
 def patchify(z: torch.Tensor, patch) -> torch.Tensor:
     """(B, C, T, H, W) -> (B, L, p_t p_h p_w C), the inverse of WanDiT.unpatchify (token order t, h, w)."""
     B, C, T, H, W = z.shape
@@ -360,6 +387,8 @@ class Model(nn.Module):
             self.kvaf_head = WanHead(cfg.dim, cfg.state_dim)
             nn.init.zeros_(self.kvaf_head.head.weight)
         self.kvaf_blocks = copy.deepcopy(self.video.blocks)
+        if cfg.first_frame_concat:
+            self.video.patch_embedding = widen_input(self.video.patch_embedding, C)
         out = C * int(np.prod(cfg.patch))
         self.fusion = nn.ModuleDict({str(l): EventFusion(cfg.dim, cfg.heads, cfg.event_dim, out, cfg.fusion == "plain",
                                                          aligned=cfg.kvaf) for l in cfg.fusion_layers})
@@ -456,7 +485,10 @@ class Model(nn.Module):
         t_k (B, T), or numeric tokens (B, F, d) with t_k (B, F); ctx (B, L_text, text_dim).
         -> (video velocity, KVAF velocity (same layout as k_t), [e_hat per fusion layer])."""
         V, cfg = self.video, self.cfg
-        hv, grid = V.embed(z_t)
+        x_in = z_t
+        if cfg.first_frame_concat:                                               # frame 0 of z_t is the clean given frame
+            x_in = torch.cat([z_t, z_t[:, :, :1].expand_as(z_t)], 1)
+        hv, grid = V.embed(x_in)
         e_v, e0_v = V.time(t_v, grid)
         rope_v = V.rope(grid, z_t.device)
         if cfg.kvaf:
@@ -478,7 +510,24 @@ class Model(nn.Module):
             hk = checkpointed(self.grad_checkpoint, bk, hk, e0_k, ctx, rope=rope_k)
         v_video = V.unpatchify(V.head(hv, e_v), grid)
         v_kvaf = V.unpatchify(self.kvaf_head(hk, e_k), grid) if cfg.kvaf else self.kvaf_head(hk, e_k)
+        if cfg.prediction == "delta":                                            # x0 = the given first frame + change
+            v_video = v_video + z_t[:, :, :1]
+            v_kvaf = v_kvaf + (k_t[:, :, :1] if cfg.kvaf else k_t[:, :1])
+        if cfg.prediction in ("x0", "delta"):
+            v_video = self.to_velocity(v_video, z_t, t_v)
+            v_kvaf = self.to_velocity(v_kvaf, k_t, t_k)
         return v_video, v_kvaf, e_hats
+
+    def to_velocity(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """prediction="x0" / "delta": the network's estimate x0 of the clean sample (for "delta", its output
+        plus the clip's given first frame, which is clean, t = 0) -> the velocity that Eq. 8 and the sampler
+        use. From x_t = (1 - t) x0 + t noise: v = (x_t - x0) / t, with t clipped at x0_t_min (x-prediction
+        with a v-loss, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025, arXiv
+        2511.13720: a token of 192 values does not fit through a 192-wide stream when the target carries
+        the input noise, as v does). t: (B, T) per latent frame, or (B, F) for numeric tokens."""
+        t = t.clamp_min(self.cfg.x0_t_min).to(x0.dtype)
+        t = t[:, None, :, None, None] if x0.dim() == 5 else t[..., None]
+        return (x_t - x0) / t
 
     def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
         """(B,) -> (B, T): the given frame 0 clean (t = 0), future frames at t."""

@@ -174,6 +174,67 @@ def test_kvaf_copy_starts_equal_to_the_video_blocks():
     assert model.kvaf_blocks[0].self_attn.q.weight.data_ptr() != model.video.blocks[0].self_attn.q.weight.data_ptr()
 
 
+def test_first_frame_concat_starts_as_the_in_sequence_model():
+    """first_frame_concat widens only the video input, with zero weights on the concatenated first frame:
+    at initialization the model computes what the in-sequence (Wan2.2 TI2V) model computes."""
+    torch.manual_seed(0)
+    a = eawm.Model(tiny(first_frame_concat=False))
+    b = eawm.Model(tiny(first_frame_concat=True))
+    wide = b.video.patch_embedding.weight
+    assert wide.shape[1] == 2 * 48 and b.kvaf_patch_embedding.weight.shape[1] == 48
+    assert torch.equal(wide[:, 48:], torch.zeros_like(wide[:, 48:]))
+    assert torch.equal(wide[:, :48], b.kvaf_patch_embedding.weight)              # the copy was made before widening
+    sd = a.state_dict()
+    sd["video.patch_embedding.weight"] = torch.cat([sd["video.patch_embedding.weight"], torch.zeros_like(wide[:, 48:])], 1)
+    b.load_state_dict(sd)
+    with torch.no_grad():
+        for m in (a, b):
+            m.video.head.head.weight.fill_(0.01)
+    z, k = torch.randn(2, 48, 3, 16, 16), torch.randn(2, 48, 3, 16, 16)
+    t = torch.tensor([[0, 0.5, 0.5], [0, 0.9, 0.9]])
+    ctx = torch.randn(2, 5, 64)
+    assert torch.allclose(a(z, t, k, t, ctx)[0], b(z, t, k, t, ctx)[0], atol=1e-6)
+    with torch.no_grad():                                                    # once trained, the concatenated frame counts
+        b.video.patch_embedding.weight[:, 48:].normal_(0, 0.1)
+    assert not torch.allclose(a(z, t, k, t, ctx)[0], b(z, t, k, t, ctx)[0], atol=1e-3)
+
+
+def test_x0_prediction_gives_the_true_velocity_for_the_true_clip():
+    """prediction="x0": v = (x_t - x0_hat) / t; a perfect x0_hat gives exactly v = noise - x0 (Eq. 8's
+    target), for the video layout and for numeric tokens, and t below x0_t_min is clipped."""
+    from common import add_noise, velocity_target
+    model = eawm.Model(tiny(prediction="x0"))
+    g = torch.Generator().manual_seed(0)
+    z, n = torch.randn(2, 48, 3, 4, 4, generator=g), torch.randn(2, 48, 3, 4, 4, generator=g)
+    t = torch.tensor([[0.2, 0.5, 1.0], [0.3, 0.05, 0.7]])
+    x_t = add_noise(z, n, t[:, None, :, None, None])
+    assert torch.allclose(model.to_velocity(z, x_t, t), velocity_target(z, n), atol=1e-5)
+    q, m = torch.randn(2, 9, 4, generator=g), torch.randn(2, 9, 4, generator=g)
+    tq = torch.full((2, 9), 0.4)
+    assert torch.allclose(model.to_velocity(q, add_noise(q, m, tq[..., None]), tq), velocity_target(q, m), atol=1e-5)
+    small = torch.full((2, 9), 0.01)                                         # clipped: (x_t - x0) / 0.05
+    assert torch.allclose(model.to_velocity(q, q + 1.0, small), torch.full_like(q, 20.0), atol=1e-4)
+
+
+def test_delta_prediction_starts_by_predicting_no_motion():
+    """prediction="delta" (the tiny preset): x0_hat = the given first frame + the network's output, which
+    is zero at initialization (zero output heads), so a fresh model's velocity is the one that leads to
+    the first frame repeated, v = (x_t - x_first) / t, for both streams; one Euler step from t = 1 to 0
+    then generates exactly "copy the first frame"."""
+    torch.manual_seed(0)
+    model = eawm.Model(tiny(prediction="delta"))
+    z, k = torch.randn(2, 48, 3, 16, 16), torch.randn(2, 48, 3, 16, 16)
+    t = torch.tensor([[0, 0.5, 0.5], [0, 0.9, 0.9]])
+    v, vk, _ = model(z, t, k, t, torch.randn(2, 5, 64))
+    tt = t[:, None, 1:, None, None]
+    assert torch.allclose(v[:, :, 1:], (z[:, :, 1:] - z[:, :, :1]) / tt, atol=1e-5)
+    assert torch.allclose(vk[:, :, 1:], (k[:, :, 1:] - k[:, :, :1]) / tt, atol=1e-5)
+    ones = torch.ones(2, 3)
+    ones[:, 0] = 0
+    v1, _, _ = model(z, ones, k, ones, torch.randn(2, 5, 64))
+    assert torch.allclose(z[:, :, 1:] - v1[:, :, 1:], z[:, :, :1].expand_as(z[:, :, 1:]), atol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [{}, {"kvaf": False}, {"fusion": "plain"}, {"stage": "stage1"}])
 def test_loss_and_both_generation_modes(clips, kw):
     torch.manual_seed(0)
