@@ -580,14 +580,16 @@ class Model(nn.Module):
         """Stage 1: LoRA of both streams (or, with lora_rank=0, the base weights) + the KVAF branch's
         embedding and head; fusion frozen at the identity, so in stage 1 the video stream never sees the
         actions (it learns the KVAF branch and the robot domain; EDLS is logged, not optimized). Stage 2:
-        + fusion, where the action conditioning of the video happens. LoRA base weights stay frozen."""
+        + fusion, where the action conditioning of the video happens. LoRA base weights stay frozen, except
+        the video patch embedding under first_frame_concat (its concatenated channels start at zero)."""
         cfg = self.cfg
         names = []
         for n, p in self.named_parameters():
             if n.startswith("fusion."):
                 ok = cfg.stage == "stage2"
             elif cfg.lora_rank:
-                ok = ".lora_" in n or n.startswith(("kvaf_head.", "kvaf_patch_embedding.", "text_encoder."))
+                ok = ".lora_" in n or n.startswith(("kvaf_head.", "kvaf_patch_embedding.", "text_encoder.")) or (
+                    cfg.first_frame_concat and n.startswith("video.patch_embedding."))   # its new channels start at 0
             else:
                 ok = True
             if ok:

@@ -464,14 +464,18 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
 
 
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
-             task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0):
+             task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0,
+             distractors: bool = True):
     """n expert episodes of `split` -> (arrays dict, meta dict). The expert's own failures are skipped
     (only_success=False keeps them, flagged "success": False like the failing demos below).
+    distractors=False: each seed's scene with the named object alone (ToyWorld(distractors=False)).
     recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert).
     wrong_frac: the share of failing demos (a distractor goes to the bin; returns 0; meta "wrong_object").
     They are kept, flagged "success": False, and ClipDataset gives their clips action_weight 0: the
     value and the video learn from them, the policy does not imitate them."""
-    env = ToyWorld(res=res, task=task)
+    if wrong_frac > 0 and not distractors:
+        raise ValueError("wrong_frac > 0 needs distractors: a failing demo puts a distractor in the bin")
+    env = ToyWorld(res=res, task=task, distractors=distractors)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
     eps, seed, failures = [], seed0, 0
     while len(eps) < n:
@@ -494,7 +498,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
               "state": np.stack(cols["state"]).astype(np.float32), "ee_pose": np.stack(cols["ee"]).astype(np.float32),
               "actions": np.stack(cols["actions"]).astype(np.float32),
               "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32)}
-    meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma,
+    meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma, "distractors": distractors,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
             "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
             "dims": {"state": 4, "action": 4, "ee_pose": 7},
@@ -721,12 +725,14 @@ def main():
                    "misses by MISS_OFFSET and the expert retries (lower true returns for MV-WAM's value head)")
     p.add_argument("--wrong-frac", type=float, default=0.0, help="share of failing demos: the expert puts a "
                    "distractor in the bin (returns 0; trains MV-WAM's value and the video, not the policy)")
+    p.add_argument("--no-distractors", action="store_true", help="every scene with the named object alone (the same "
+                   "seeds, places and colours; sample.py --no-distractors evaluates the same way)")
     args = p.parse_args()
     if args.figure:
         return overview(args.out)
     t0 = time.time()
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
-                            recover_frac=args.recover_frac, wrong_frac=args.wrong_frac)
+                            recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
     wrong = sum(e["wrong_object"] for e in meta["episodes"])

@@ -197,6 +197,9 @@ def test_first_frame_concat_starts_as_the_in_sequence_model():
     with torch.no_grad():                                                    # once trained, the concatenated frame counts
         b.video.patch_embedding.weight[:, 48:].normal_(0, 0.1)
     assert not torch.allclose(a(z, t, k, t, ctx)[0], b(z, t, k, t, ctx)[0], atol=1e-3)
+    lora = eawm.Model(tiny(first_frame_concat=True, lora_rank=4, stage="stage1"))  # LoRA leaves the base frozen,
+    lora.param_groups()                                                      # not the widened embedding
+    assert lora.video.patch_embedding.weight.requires_grad and not lora.video.blocks[0].ffn[0].weight.requires_grad
 
 
 def test_x0_prediction_gives_the_true_velocity_for_the_true_clip():

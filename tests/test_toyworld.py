@@ -283,6 +283,20 @@ def test_failing_demos_are_kept_flagged_and_not_imitated():
     assert not any(e["wrong_object"] for e in clean_meta["episodes"])
 
 
+def test_a_dataset_without_distractors_holds_one_object_per_frame():
+    """generate(distractors=False) (data/toyworld.py --no-distractors): the same seeds and instructions as
+    the default dataset, one object in every frame's segmentation, recorded in meta; failing demos need
+    distractors and say so."""
+    arrays, meta = tw.generate(3, "train", seed0=0, distractors=False)
+    _, full = tw.generate(3, "train", seed0=0)
+    assert meta["distractors"] is False and full["distractors"] is True
+    assert [e["instruction"] for e in meta["episodes"]] == [e["instruction"] for e in full["episodes"]]
+    assert all(e["target"] == 0 and len(e["shapes"]) == 1 for e in meta["episodes"])
+    assert arrays["seg"].max() == tw.SEG_OBJ0 and (arrays["seg"] == tw.SEG_OBJ0).any((1, 2)).mean() > 0.9
+    with pytest.raises(ValueError, match="needs distractors"):
+        tw.generate(2, "train", wrong_frac=0.5, distractors=False)
+
+
 def test_one_object_scenes_are_the_same_scenes_without_distractors():
     """ToyWorld(distractors=False) (sample.py --no-distractors): for each seed and split the one object is
     the default scene's target, same place, colour, shape and instruction, on the same table."""
