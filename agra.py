@@ -1002,11 +1002,14 @@ def token_mask(pixel_mask: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cross_attention_maps(model: Model, batch, generator=None) -> torch.Tensor:
+def cross_attention_maps(model: Model, batch, generator=None, focus: dict | None = None) -> torch.Tensor:
     """Action-head cross-attention over the video tokens, averaged over heads and action tokens (the
     state token is left out), per block: (B, N, T, h, w) (Sec. 3.2). The paper does not say at which
     of the 4 Euler steps it reads the maps; we average them over all steps (the contexts G_j are the
-    same at every step, only the noisy action queries change)."""
+    same at every step, only the noisy action queries change). `focus` (a dict, ours, not in the
+    paper): filled with "entropy", the entropy of each query's attention over the tokens divided by that
+    of the uniform distribution (1 = no token preferred), averaged over steps, blocks, heads, action
+    queries and clips, and "entropy_per_block"."""
     cfg = model.cfg
     B = batch["state"].shape[0]
     hidden, _, _ = model.condition(batch, torch.randn(B, cfg.latent_channels, cfg.latent_frames - 1,
@@ -1017,6 +1020,11 @@ def cross_attention_maps(model: Model, batch, generator=None) -> torch.Tensor:
                           .to(batch["state"].device), attn_out=attn)
     N = cfg.act_layers
     a = torch.stack(attn).unflatten(0, (-1, N))                          # (steps, N, B, heads, 1 + K, N_v)
+    if focus is not None:
+        p = a[..., 1:, :].float()
+        ent = -(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(p.shape[-1])   # (steps, N, B, heads, K)
+        focus["entropy"] = ent.mean().item()
+        focus["entropy_per_block"] = ent.mean((0, 2, 3, 4)).tolist()
     a = a[..., 1:, :].mean((0, 3, 4))                                    # (N, B, N_v)
     T, h, w = cfg.token_grid
     if a.shape[-1] < T * h * w:                                          # bridge_tokens=current: no mass on the future

@@ -56,6 +56,8 @@ METRICS = {
     "rollbacks_per_episode": ("rollbacks per episode", 2, None),
     "in_mask_ratio": ("attention in mask (chance)", 3, "mask_fraction"),
     "centroid_error": ("attention centroid error", 2, None),
+    "attention_entropy": ("attention entropy / uniform", 3, None),
+    "current_frame_share": ("attention on the current frame (uniform)", 3, "current_frame_uniform"),
     "msr_mean": ("MSR, mean intervention", 2, None),
     "msr_zero": ("MSR, zero intervention", 2, None),
     "msr_shuffle": ("MSR, shuffle intervention", 2, None),
@@ -161,6 +163,8 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
             n = d.get("n", settings.get("diag_clips"))
             put(ev, "in_mask_ratio", split, d.get("in_mask_ratio"), n, d.get("mask_fraction"))
             put(ev, "centroid_error", split, d.get("centroid_error"), n)
+            put(ev, "attention_entropy", split, d.get("attention_entropy"), n)
+            put(ev, "current_frame_share", split, d.get("current_frame_share"), n, d.get("current_frame_uniform"))
             for kind in ("mean", "zero", "shuffle", "swap"):
                 put(ev, f"msr_{kind}", split, (d.get("msr") or {}).get(kind), n)
         for split, d in res.get("value", {}).items():              # MV-WAM value vs Monte-Carlo return (Eq. 4)
@@ -484,6 +488,8 @@ def compare_runs(runs: list[str], patterns=("samples/metrics.json",), splits=SPL
     if "in_mask_ratio" in present:
         notes.append("(x) after the attention-in-mask ratio: its chance level, the mask's share of tokens "
                      "(attention spread uniformly)")
+    if "current_frame_share" in present:
+        notes.append("(x) after the attention on the current frame: its level under uniform attention (1 / latent frames)")
     if present & {"psnr_kvaf", "psnr_joint", "latent_mse_kvaf"}:
         notes.append("(x) after PSNR / latent MSE: the first frame repeated (a model that predicts no motion), on the same clips")
     if dropped:

@@ -225,10 +225,16 @@ def agra_report(model, cfg, clips: ClipDataset, png: str, n: int, generator) -> 
     import agra
     rows = torch.randperm(len(clips), generator=torch.Generator().manual_seed(0))[:n].numpy()   # same clips for every model
     batch = clips.get(rows)
-    attn = agra.cross_attention_maps(model, batch, generator)                          # (B, N, T, h, w)
+    focus = {}
+    attn = agra.cross_attention_maps(model, batch, generator, focus=focus)          # (B, N, T, h, w)
     mask = agra.token_mask(batch["interaction_mask"], cfg)                           # (B, T, h, w)
     metrics = agra.attention_metrics(attn.mean(1), mask)
     metrics["mask_fraction"] = mask.float().mean().item()                           # chance level of the in-mask ratio
+    metrics["attention_entropy"] = focus["entropy"]                                 # 1 = spread uniformly
+    metrics["attention_entropy_per_block"] = focus["entropy_per_block"]
+    a = attn.mean(1).flatten(2)                                                     # (B, T, h w)
+    metrics["current_frame_share"] = (a[:, 0].sum(-1) / a.sum((1, 2)).clamp_min(1e-12)).mean().item()
+    metrics["current_frame_uniform"] = 1.0 / cfg.token_grid[0]                      # its level under uniform attention
     per_block = [agra.attention_metrics(attn[:, j], mask)["in_mask_ratio"] for j in range(attn.shape[1])]
     metrics["in_mask_ratio_per_block"] = per_block
     metrics["msr"] = {k: agra.sensitivity_ratio(model, batch, k, generator=generator) for k in ("mean", "zero", "shuffle", "swap")}
@@ -533,7 +539,8 @@ def main(argv=None):
         results["diagnostics"] = {}
         print(f"\nAGRA diagnostics on {args.diag_clips} held-out expert clips per split "
               f"(attention averaged over blocks; MSR = Matched Sensitivity Ratio, Table 1)")
-        print(f"{'split':16s} {'in-mask':>8s} {'(chance)':>8s} {'centroid':>8s} {'MSR mean':>9s} {'zero':>6s} {'shuffle':>8s} {'swap':>6s}")
+        print(f"{'split':16s} {'in-mask':>8s} {'(chance)':>8s} {'centroid':>8s} {'MSR mean':>9s} {'zero':>6s} {'shuffle':>8s} {'swap':>6s} "
+              f"{'entropy':>7s} {'current':>7s} {'(unif.)':>7s}")
         for split in args.splits:
             arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res)
             dmeta["stats"] = meta["stats"]
@@ -542,7 +549,10 @@ def main(argv=None):
             results["diagnostics"][split] = d
             m = d["msr"]
             print(f"{split:16s} {d['in_mask_ratio']:8.3f} {d['mask_fraction']:8.3f} {d['centroid_error']:8.2f} {m['mean']:9.2f} {m['zero']:6.2f} "
-                  f"{m['shuffle']:8.2f} {m['swap']:6.2f}")
+                  f"{m['shuffle']:8.2f} {m['swap']:6.2f} {d['attention_entropy']:7.3f} {d['current_frame_share']:7.3f} "
+                  f"{d['current_frame_uniform']:7.3f}")
+        print("entropy: of each action query's attention over the video tokens, / that of uniform attention (1 = no token "
+              "preferred); current: the attention's share on the current frame's tokens (unif.: under uniform attention)")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     extras = {"agra": ", agra_diagnostics_*.png", "mvwam": ", rollback_*.gif" if rb else ""}.get(name, "")

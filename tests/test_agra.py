@@ -212,6 +212,23 @@ def test_diagnostics_run_on_the_tiny_model(batch):
     assert r > 0
 
 
+def test_attention_focus_is_one_for_uniform_attention(batch):
+    """cross_attention_maps(focus=...): the normalized entropy of the head's attention is 1 when no token is
+    preferred (query projections zeroed: equal logits), and below 1 once the queries pick tokens."""
+    torch.manual_seed(0)
+    model = perturbed(agra.Model(tiny_cfg())).eval()
+    focus = {}
+    agra.cross_attention_maps(model, batch, torch.Generator().manual_seed(0), focus=focus)
+    assert 0 < focus["entropy"] < 1 and len(focus["entropy_per_block"]) == 4
+    with torch.no_grad():
+        for block in model.head.transformer_blocks:
+            block.attn2.q.weight.zero_()
+            block.attn2.q.bias.zero_()
+    attn = agra.cross_attention_maps(model, batch, torch.Generator().manual_seed(0), focus=focus)
+    assert abs(focus["entropy"] - 1) < 1e-5
+    assert torch.allclose(attn, torch.full_like(attn, 1 / 192), atol=1e-6)   # uniform: 1/3 on the current frame
+
+
 def test_full_preset_sizes_on_meta_device():
     cfg = agra.CONFIGS["full"]
     with torch.device("meta"):
