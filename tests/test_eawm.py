@@ -140,7 +140,7 @@ def test_fusion_is_the_identity_at_initialization():
 
 def test_lora_stages_train_what_the_paper_says_and_leave_base_weights(clips):
     torch.manual_seed(0)
-    model = eawm.Model(tiny(lora_rank=4, stage="stage1"))
+    model = eawm.Model(tiny(lora_rank=4, stage="stage1", first_frame_concat=False))   # the paper's input
     with torch.no_grad():                                                    # a "pretrained" (non-zero) output head
         for h in (model.video.head.head, model.kvaf_head.head):
             h.weight.normal_(0, 0.02)

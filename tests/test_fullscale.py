@@ -316,7 +316,8 @@ def test_eawm_lora_stages_keep_no_optimizer_state_for_frozen_weights(toy_data):
         with_state = [names[id(p)] for p in opt.state]
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert sorted(with_state) == sorted(trainable)
-        assert all(".lora_" in n or n.startswith(("kvaf_head.", "kvaf_patch_embedding.", "text_encoder.", "fusion.")) for n in with_state)
+        assert all(".lora_" in n or n.startswith(("kvaf_head.", "kvaf_patch_embedding.", "text_encoder.", "fusion.",
+                                                    "video.patch_embedding.")) for n in with_state)   # widened: first_frame_concat
         assert any(n.startswith("fusion.") for n in with_state) == (stage == "stage2")
         frozen = [p for n, p in model.named_parameters() if n.endswith("self_attn.q.weight")]
         assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
