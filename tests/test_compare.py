@@ -39,7 +39,8 @@ def agra_metrics(train, layout, in_mask=0.05, steps=4, episodes=20):
     return {"model": "agra", "episodes": episodes, "settings": {"steps": steps, "episodes": episodes, "seed": 100000},
             "splits": {"train": {"success": train, "episodes": episodes, "reached": 1.0}, "ood_layout": {"success": layout}},
             "diagnostics": {s: {"in_mask_ratio": in_mask, "mask_fraction": 0.04, "centroid_error": 1.5,
-                                "msr": {"mean": 1.0}} for s in ("train", "ood_layout")}}
+                                "msr": {"mean": 1.0}, "attention_entropy": 0.9, "current_frame_share": 0.2,
+                                "current_frame_uniform": 1 / 3} for s in ("train", "ood_layout")}}
 
 
 @pytest.fixture
@@ -78,6 +79,9 @@ def test_standard_error_and_marker_hand_computed(wam_vs_agra, tmp_path):
     # the diagnostics go through the same path, with the chance level carried along
     im = res["rows"][1]["metrics"]["in_mask_ratio"]["train"]
     assert im["mean"] == pytest.approx(0.08) and im["se"] == pytest.approx(0.0) and im["ref"] == pytest.approx(0.04)
+    cur = res["rows"][0]["metrics"]["current_frame_share"]["train"]       # with its uniform-attention level
+    assert cur["mean"] == pytest.approx(0.2) and cur["ref"] == pytest.approx(1 / 3)
+    assert res["rows"][0]["metrics"]["attention_entropy"]["ood_layout"]["mean"] == pytest.approx(0.9)
     assert wam["train"]["values"] == pytest.approx([50, 60, 70])
     reached = res["rows"][0]["metrics"]["reached"]                      # stage flags, in % like success
     assert reached["train"]["mean"] == 100.0 and "ood_layout" not in reached

@@ -57,6 +57,8 @@ def test_checkpoint_contents_and_sampling(run6, tmp_path):
         assert row["episodes"] == 2 and row["success_se"] == pytest.approx((p * (1 - p) / 2) ** 0.5)
     d = res["diagnostics"]["train"]
     assert 0 <= d["in_mask_ratio"] <= 1 and set(d["msr"]) == {"mean", "zero", "shuffle", "swap"}
+    assert 0 < d["attention_entropy"] <= 1 and 0 <= d["current_frame_share"] <= 1
+    assert d["current_frame_uniform"] == pytest.approx(1 / 3)           # 3 latent frames
     for f in ("rollout_train.gif", "agra_diagnostics_train.png", "metrics.json"):
         assert os.path.getsize(os.path.join(out, f)) > 100, f
     res = sample.main(["--ckpt", run6, "--episodes", "2", "--splits", "train", "--diag-clips", "0", "--no-distractors",
