@@ -77,7 +77,7 @@ def mark(frame: np.ndarray, color=(255, 0, 0)) -> np.ndarray:
 
 
 def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: int, max_steps: int, res: int,
-            generator, record: int = 0, predict_video=None, rollback=None, distractors: bool = True):
+            generator, record: int = 0, predict_video=None, rollback=None, distractors: bool = True, mark_target: bool = False):
     """Run `episodes` envs of `split` in lock-step, re-planning every `exec_steps` actions.
 
     rollback: None or a factory of MV-WAM's ValueRollback controllers (Sec. 3.2): before a chunk is
@@ -85,8 +85,9 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     peak's saved state (the episode clock keeps running: a rollback costs the time already spent) and
     the chunk is resampled from there. Returns per-episode success, stage flags, rollback counts and
     (if record) frames [observation | predicted frame] of the first `record` envs (restored frames
-    outlined in red). distractors=False: the same scenes with the named object alone (ToyWorld)."""
-    envs = [ToyWorld(res=res, max_steps=max_steps, distractors=distractors) for _ in range(episodes)]
+    outlined in red). distractors=False: the same scenes with the named object alone; mark_target=True: the
+    named object drawn in a colour no object has (ToyWorld)."""
+    envs = [ToyWorld(res=res, max_steps=max_steps, distractors=distractors, mark_target=mark_target) for _ in range(episodes)]
     obs = [env.reset(seed=seed0 + i, split=split)[0] for i, env in enumerate(envs)]
     done = np.zeros(episodes, bool)
     success = np.zeros(episodes, bool)
@@ -151,22 +152,25 @@ def success_row(success: np.ndarray, stages: list) -> dict:
     return row
 
 
-def quick_eval(name: str, model, cfg, stats, episodes: int, splits=SPLITS, seed: int = 100000) -> dict:
+def quick_eval(name: str, model, cfg, stats, episodes: int, splits=SPLITS, seed: int = 100000, world=None) -> dict:
     """train.py --eval-every: per split, closed-loop success on `episodes` held-out episodes (AGRA,
     MV-WAM; re-planning every horizon // 2 actions) or the PSNR of `episodes` generated held-out clips
-    against copying the first frame (EA-WM). Leaves the model in eval mode."""
+    against copying the first frame (EA-WM), in a world with the scene options `world` (toyworld's
+    world_options of the training data: distractors, mark_target). Leaves the model in eval mode."""
+    world = world or {}
     device = next(model.parameters()).device
     out = {}
     for split in splits:
         gen = torch.Generator().manual_seed(seed)
         if name == "eawm":
-            arrays, dmeta = generate(max(2, episodes // 4), split, seed0=seed + 50000, res=cfg.height)
+            arrays, dmeta = generate(max(2, episodes // 4), split, seed0=seed + 50000, res=cfg.height, **world)
             dmeta["stats"] = stats
             r = eawm_report(model, cfg, dataset_for(cfg, arrays, dmeta), episodes, gen, None, modes=("kvaf",))
             out[split] = {"psnr": r["kvaf"]["psnr"], "psnr_copy_first": r["copy_first"]["psnr"], "clips": episodes}
         else:
             policy = Policy(model, cfg, stats, device)
-            success, stages, _, _ = rollout(policy, split, episodes, seed, max(1, cfg.horizon // 2), 60, cfg.height, gen)
+            success, stages, _, _ = rollout(policy, split, episodes, seed, max(1, cfg.horizon // 2), 60, cfg.height, gen,
+                                            **world)
             row = success_row(success, stages)
             out[split] = {k: row[k] for k in ("success", "episodes") + STAGES}
     return out
@@ -401,6 +405,8 @@ def eval_settings(args, name: str, cfg) -> dict:
            "max_steps": args.max_steps, "seed": args.seed, "diag_clips": args.diag_clips}
     if args.no_distractors:                             # only when set: older metrics.json files compare as before
         out["distractors"] = False
+    if args.mark_target:
+        out["mark_target"] = True
     return out
 
 
@@ -418,6 +424,8 @@ def get_args(argv=None):
     p.add_argument("--no-distractors", action="store_true", help="the same scenes (target, place, colours) with the "
                    "named object alone: tells a policy that cannot find the object from one that cannot tell which "
                    "object is named")
+    p.add_argument("--mark-target", action="store_true", help="the named object drawn in a colour no object has "
+                   "(data/toyworld.py --mark-target): grounding taken out of the task")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's; MV-WAM: joint steps, EA-WM: generation steps)")
     p.add_argument("--gif-episodes", type=int, default=1, help="episodes per split recorded into the GIF")
     p.add_argument("--video-steps", type=int, default=10, help="Euler steps of the predicted-video panel in GIFs")
@@ -499,12 +507,14 @@ def main(argv=None):
     for split in args.splits:
         t0 = time.time()
         success, stages, rec, _ = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res, gen,
-                                          record=args.gif_episodes, predict_video=predict_video, distractors=not args.no_distractors)
+                                          record=args.gif_episodes, predict_video=predict_video, distractors=not args.no_distractors,
+                                          mark_target=args.mark_target)
         row = success_row(success, stages)
         extra = ""
         if rb:                                            # the same episodes again, with rollback
             s_rb, st_rb, rec_rb, fired = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res,
-                                                 gen, record=args.episodes, rollback=rb, distractors=not args.no_distractors)
+                                                 gen, record=args.episodes, rollback=rb, distractors=not args.no_distractors,
+                                                 mark_target=args.mark_target)
             row["success_rollback"] = float(s_rb.mean())
             row["success_rollback_se"] = standard_error(row["success_rollback"], len(s_rb))
             row["rollbacks_per_episode"] = float(fired.mean())

@@ -381,6 +381,7 @@ def main(argv=None):
     # ------------------------------------------------------------------ loop
     from tqdm import tqdm
     if args.eval_every:
+        from data.toyworld import world_options
         from sample import quick_eval
     log = open(os.path.join(out, "metrics.jsonl"), "a") if master else None
     bar = tqdm(range(start, end), disable=not master, dynamic_ncols=True, mininterval=1.0)
@@ -425,7 +426,7 @@ def main(argv=None):
         if args.eval_every and master and ((step + 1) % args.eval_every == 0 or step + 1 == end):
             t_eval = time.time()
             rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
-            ev = quick_eval(args.model, model, cfg, dmeta["stats"], args.eval_episodes)
+            ev = quick_eval(args.model, model, cfg, dmeta["stats"], args.eval_episodes, world=world_options(dmeta))
             torch.set_rng_state(rng[0])                                      # evaluating does not change the run
             if rng[1] is not None:
                 torch.cuda.set_rng_state_all(rng[1])

@@ -64,6 +64,7 @@ TRAIN_WALL = [(90, 90, 100), (110, 100, 95), (75, 80, 85), (100, 110, 115)]
 OOD_TABLE = [(90, 140, 170), (170, 110, 150), (110, 160, 110)]
 OOD_WALL = [(160, 200, 230), (60, 40, 70), (200, 200, 120)]
 BIN_COLOR, ARM_COLOR, GRIPPER_COLOR = (70, 50, 40), (225, 225, 225), (40, 40, 40)
+MARK_COLOR = (0, 255, 255)           # mark_target: the named object's pixels in this colour (no object has it)
 SPLITS = ("train", "ood_background", "ood_object", "ood_layout")
 VOCAB = ["put", "the", "in", "bin", "touch"] + list(COLOR_NAMES) + list(SHAPES)
 
@@ -90,12 +91,17 @@ LINK_RADIUS, FINGER_RADIUS = 0.022, 0.012
 class ToyWorld:
     """Pick-and-place ("pick_place", default) or "reach" (touch the named object) in a toy world."""
 
-    def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60, distractors: bool = True):
+    def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60, distractors: bool = True,
+                 mark_target: bool = False):
         """distractors=False: each seed's scene with the named object alone (same place, colour, table;
-        sample.py --no-distractors): does a policy find the object at all, before it must find the named one?"""
+        sample.py --no-distractors): does a policy find the object at all, before it must find the named one?
+        mark_target=True: the named object is drawn in MARK_COLOR in the frames (seg, teacher and
+        everything else unchanged): grounding the instruction is taken out of the task, so what a
+        policy still fails at is reading where a visible object is and controlling the arm."""
         if task not in ("pick_place", "reach"):
             raise ValueError(f"task={task!r}; expected 'pick_place' or 'reach'")
         self.res, self.task, self.max_steps, self.distractors = res, task, max_steps, distractors
+        self.mark_target = mark_target
         self.chain = URDFChain(URDF_PATH)
         self.K = intrinsics(res, res, CAMERA_FOV)
         self.T_wc = look_at(CAMERA_EYE, CAMERA_TARGET)
@@ -301,6 +307,8 @@ class ToyWorld:
 
     def _observe(self):
         frame, seg = self.render()
+        if self.mark_target:
+            frame[seg == SEG_OBJ0 + self.scene["target"]] = MARK_COLOR
         info = {"seg": seg, "interaction_mask": (seg == SEG_GRIPPER) | (seg == SEG_OBJ0 + self.scene["target"]),
                 "stages": dict(self.stages), "success": self.stages["placed"] if self.task == "pick_place" else self.stages["reached"],
                 "instruction": self.instruction()}
@@ -465,17 +473,18 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
 
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
              task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0,
-             distractors: bool = True):
+             distractors: bool = True, mark_target: bool = False):
     """n expert episodes of `split` -> (arrays dict, meta dict). The expert's own failures are skipped
     (only_success=False keeps them, flagged "success": False like the failing demos below).
     distractors=False: each seed's scene with the named object alone (ToyWorld(distractors=False)).
+    mark_target=True: the named object drawn in MARK_COLOR (ToyWorld(mark_target=True)).
     recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert).
     wrong_frac: the share of failing demos (a distractor goes to the bin; returns 0; meta "wrong_object").
     They are kept, flagged "success": False, and ClipDataset gives their clips action_weight 0: the
     value and the video learn from them, the policy does not imitate them."""
     if wrong_frac > 0 and not distractors:
         raise ValueError("wrong_frac > 0 needs distractors: a failing demo puts a distractor in the bin")
-    env = ToyWorld(res=res, task=task, distractors=distractors)
+    env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
     eps, seed, failures = [], seed0, 0
     while len(eps) < n:
@@ -499,6 +508,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
               "actions": np.stack(cols["actions"]).astype(np.float32),
               "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32)}
     meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma, "distractors": distractors,
+            "mark_target": mark_target,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
             "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
             "dims": {"state": 4, "action": 4, "ee_pose": 7},
@@ -673,6 +683,12 @@ class ClipDataset:
         return batch
 
 
+def world_options(meta: dict) -> dict:
+    """The ToyWorld scene options a dataset was generated with (older datasets: the defaults), so that an
+    evaluation during training (train.py --eval-every) runs in the world the demos came from."""
+    return {"distractors": meta.get("distractors", True), "mark_target": meta.get("mark_target", False)}
+
+
 def dataset_format(folder: str) -> str | None:
     """The world version a dataset folder was generated with (None if it has no meta.json)."""
     path = os.path.join(folder, "meta.json")
@@ -727,12 +743,15 @@ def main():
                    "distractor in the bin (returns 0; trains MV-WAM's value and the video, not the policy)")
     p.add_argument("--no-distractors", action="store_true", help="every scene with the named object alone (the same "
                    "seeds, places and colours; sample.py --no-distractors evaluates the same way)")
+    p.add_argument("--mark-target", action="store_true", help="draw the named object in a colour no object has "
+                   "(grounding taken out of the task; train.py's --eval-every and sample.py --mark-target evaluate so)")
     args = p.parse_args()
     if args.figure:
         return overview(args.out)
     t0 = time.time()
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
-                            recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors)
+                            recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors,
+                            mark_target=args.mark_target)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
     wrong = sum(e["wrong_object"] for e in meta["episodes"])

@@ -297,6 +297,28 @@ def test_a_dataset_without_distractors_holds_one_object_per_frame():
         tw.generate(2, "train", wrong_frac=0.5, distractors=False)
 
 
+def test_a_marked_target_changes_only_the_named_objects_pixels():
+    """ToyWorld(mark_target=True) / generate(mark_target=True) (data/toyworld.py --mark-target): every frame
+    is the default frame except that the named object's visible pixels are MARK_COLOR; segmentation,
+    states and actions are the same demos; meta and world_options record it."""
+    arrays, meta = tw.generate(3, "train", seed0=0, mark_target=True)
+    plain, pmeta = tw.generate(3, "train", seed0=0)
+    assert meta["mark_target"] is True and pmeta["mark_target"] is False
+    assert tw.world_options(meta) == {"distractors": True, "mark_target": True}
+    assert tw.world_options({}) == {"distractors": True, "mark_target": False}      # datasets from before the option
+    for k in ("seg", "state", "actions"):
+        assert np.array_equal(arrays[k], plain[k]), k
+    tgt = np.concatenate([np.full(e["length"], tw.SEG_OBJ0 + e["target"]) for e in meta["episodes"]])
+    mask = arrays["seg"] == tgt[:, None, None]                             # the named object's pixels, per frame
+    assert mask.any((1, 2)).mean() > 0.9
+    assert (arrays["frames"][mask] == tw.MARK_COLOR).all()
+    assert np.array_equal(arrays["frames"][~mask], plain["frames"][~mask])
+    assert not (plain["frames"] == tw.MARK_COLOR).all(-1).any()           # no other pixel has the marker colour
+    env = tw.ToyWorld(mark_target=True)
+    obs, info = env.reset(seed=100003, split="ood_object")
+    assert (obs[info["seg"] == tw.SEG_OBJ0 + env.scene["target"]] == tw.MARK_COLOR).all()
+
+
 def test_one_object_scenes_are_the_same_scenes_without_distractors():
     """ToyWorld(distractors=False) (sample.py --no-distractors): for each seed and split the one object is
     the default scene's target, same place, colour, shape and instruction, on the same table."""

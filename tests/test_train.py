@@ -64,6 +64,10 @@ def test_checkpoint_contents_and_sampling(run6, tmp_path):
     res = sample.main(["--ckpt", run6, "--episodes", "2", "--splits", "train", "--diag-clips", "0", "--no-distractors",
                        "--out", str(tmp_path / "alone"), "--threads", "2"])
     assert res["settings"]["distractors"] is False and res["splits"]["train"]["distractor_grasped"] == 0
+    assert "mark_target" not in res["settings"]                          # only when set: older tables compare as before
+    res = sample.main(["--ckpt", run6, "--episodes", "1", "--splits", "train", "--diag-clips", "0", "--mark-target",
+                       "--gif-episodes", "0", "--out", str(tmp_path / "marked"), "--threads", "2"])
+    assert res["settings"]["mark_target"] is True
 
 
 def test_standard_error_of_a_success_rate():
@@ -89,6 +93,21 @@ def test_eval_every_logs_success_and_leaves_the_run_unchanged(run6, toy_data, tm
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     curves = sample.main(["--curves", out, "--out", str(tmp_path / "cmp")])["curves"]   # the learning curve reads them
     assert [p["step"] for p in curves["rows"][0]["splits"]["train"]] == [4, 6]
+
+
+def test_eval_every_evaluates_in_the_world_of_the_training_data(run6, tmp_path, monkeypatch):
+    """A run on a --mark-target / --no-distractors dataset is evaluated in such scenes (the options are read
+    from the dataset's meta.json), not in the default world."""
+    from data.toyworld import generate, write_dataset
+    folder = str(tmp_path / "marked")
+    arrays, meta = generate(4, "train", seed0=0, mark_target=True, distractors=False)
+    write_dataset(folder, arrays, meta)
+    made = []
+    real = sample.ToyWorld
+    monkeypatch.setattr(sample, "ToyWorld", lambda **kw: made.append(kw) or real(**kw))
+    train.main(["--model", "agra", "--tiny", "--steps", "1", "--data", folder, "--out", str(tmp_path / "run"),
+                "--eval-every", "1", "--eval-episodes", "1"] + FAST)
+    assert len(made) == 4 and all(kw["mark_target"] and not kw["distractors"] for kw in made)   # one env per split
 
 
 def test_a_short_run_lowers_the_loss(toy_data):
