@@ -73,42 +73,58 @@ SEG_WALL, SEG_TABLE, SEG_BIN, SEG_ARM, SEG_GRIPPER, SEG_OBJ0 = 0, 1, 2, 3, 4, 5
 TEACHER_CLASSES = ("wall", "table", "bin", "arm", "gripper") + SHAPES
 
 # geometry (metres)
-OBJ_HALF = 0.04                      # object half-size
 BIN_CENTER = np.array([0.30, -0.26])
 BIN_HALF = 0.075
 NEAR_BAND, FAR_BAND = (0.24, 0.33), (0.38, 0.46)      # x ranges of target / distractor placement
 Y_RANGE = (-0.08, 0.26)
-MIN_SEP = 0.11
 N_OBJECTS = (2, 3)                   # objects per scene (min, max): the target and 1-2 distractors
 MAX_DQ = 0.12                        # rad per step
-GRASP_XY, GRASP_Z = 0.045, 0.06
-MISS_OFFSET = 0.07                   # how far beside the target a recovering demo's first grasp goes
-CAMERA_EYE, CAMERA_TARGET, CAMERA_FOV = (0.80, 0.0, 0.85), (0.22, -0.03, 0.10), 48.0
+GRASP_Z = 0.06
+MISS_MARGIN = 0.025                  # a recovering demo's first grasp goes grasp_xy + this beside the target
 TABLE_EXTENT = (-0.2, 0.75, -0.5, 0.5)                # x0, x1, y0, y1 of the table top
 LINK_RADIUS, FINGER_RADIUS = 0.022, 0.012
+# Two views of the task (ToyWorld(view=...), data/toyworld.py --view, recorded in meta.json). They share the
+# arm, the table, the bin, the placement bands, the splits and the expert; they differ in how large the
+# objects are, how the camera sees them and where the arm starts:
+#   "wide":  the oblique camera sees the whole table and the wall; 8-cm objects are 3-4 px wide at 32x32
+#            and the arm starts over the near band, in front of the objects it must find (toyworld-v2).
+#   "close": a steep camera zoomed on the workspace; 11-cm objects are about 5 px wide (shapes tell
+#            apart) and the arm starts retracted above the table, out of the objects' way.
+VIEWS = {
+    "wide": {"obj_half": 0.04, "grasp_xy": 0.045, "min_sep": 0.11, "eye": (0.80, 0.0, 0.85),
+             "look_at": (0.22, -0.03, 0.10), "fov": 48.0, "home_q": (0.0, -0.35, 1.7)},
+    "close": {"obj_half": 0.055, "grasp_xy": 0.065, "min_sep": 0.15, "eye": (0.62, -0.02, 0.95),
+              "look_at": (0.33, -0.03, 0.0), "fov": 40.0, "home_ee": (0.14, 0.0, 0.25)},
+}
 
 
 class ToyWorld:
     """Pick-and-place ("pick_place", default) or "reach" (touch the named object) in a toy world."""
 
     def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60, distractors: bool = True,
-                 mark_target: bool = False):
+                 mark_target: bool = False, view: str = "wide"):
         """distractors=False: each seed's scene with the named object alone (same place, colour, table;
         sample.py --no-distractors): does a policy find the object at all, before it must find the named one?
         mark_target=True: the named object is drawn in MARK_COLOR in the frames (seg, teacher and
         everything else unchanged): grounding the instruction is taken out of the task, so what a
-        policy still fails at is reading where a visible object is and controlling the arm."""
+        policy still fails at is reading where a visible object is and controlling the arm.
+        view: "wide" or "close" (VIEWS: how large the objects are, the camera, where the arm starts)."""
         if task not in ("pick_place", "reach"):
             raise ValueError(f"task={task!r}; expected 'pick_place' or 'reach'")
+        if view not in VIEWS:
+            raise ValueError(f"view={view!r}; expected one of {sorted(VIEWS)}")
+        sc = VIEWS[view]
+        self.view, self.obj_half, self.grasp_xy, self.min_sep = view, sc["obj_half"], sc["grasp_xy"], sc["min_sep"]
+        self.eye = np.asarray(sc["eye"], float)
         self.res, self.task, self.max_steps, self.distractors = res, task, max_steps, distractors
         self.mark_target = mark_target
         self.chain = URDFChain(URDF_PATH)
-        self.K = intrinsics(res, res, CAMERA_FOV)
-        self.T_wc = look_at(CAMERA_EYE, CAMERA_TARGET)
+        self.K = intrinsics(res, res, sc["fov"])
+        self.T_wc = look_at(sc["eye"], sc["look_at"])
         self._table_mask = self._table_pixels()
-        self.home = np.array([0.0, -0.35, 1.7])
         self.finger_max = 0.035
         self.q_lo, self.q_hi = self.chain.lower[:3], self.chain.upper[:3]   # arm joints (the 4th is the finger)
+        self.home = np.array(sc["home_q"]) if "home_q" in sc else self.ik(np.array(sc["home_ee"]))
 
     # ------------------------------------------------------------ scene sampling
     def _table_pixels(self) -> np.ndarray:
@@ -118,7 +134,7 @@ class ToyWorld:
         d_cam = np.stack([(u - self.K[0, 2]) / self.K[0, 0], (v - self.K[1, 2]) / self.K[1, 1], np.ones_like(u)], -1)
         R = self.T_wc[:3, :3]
         d_w = d_cam @ R                                      # R^T d for row vectors
-        eye = np.asarray(CAMERA_EYE)
+        eye = self.eye
         with np.errstate(divide="ignore", invalid="ignore"):
             s = -eye[2] / d_w[..., 2]
         p = eye + s[..., None] * d_w
@@ -147,7 +163,7 @@ class ToyWorld:
         for i in range(n):
             for _ in range(1000):
                 p = np.array([rng.uniform(*(t_band if i == 0 else d_band)), rng.uniform(*Y_RANGE)])
-                if all(np.linalg.norm(p - q) > MIN_SEP for q in positions):
+                if all(np.linalg.norm(p - q) > self.min_sep for q in positions):
                     positions.append(p)
                     break
             else:
@@ -168,7 +184,7 @@ class ToyWorld:
         self.split = split
         self.scene = self._sample_scene(self.rng, split)
         n = len(self.scene["shapes"])
-        self.obj_pos = np.concatenate([self.scene["obj_xy"], np.full((n, 1), OBJ_HALF)], 1)   # (n, 3)
+        self.obj_pos = np.concatenate([self.scene["obj_xy"], np.full((n, 1), self.obj_half)], 1)   # (n, 3)
         self.in_bin = np.zeros(n, bool)
         self.q = self.home + self.rng.uniform(-0.1, 0.1, 3)
         self.g = 1.0                                          # gripper opening in [0, 1], 1 = open
@@ -195,7 +211,7 @@ class ToyWorld:
             self.obj_pos[self.held] = ee - np.array([0, 0, 0.02])
             if self.g >= 0.5:                                 # fingers opened: drop onto the table / into the bin
                 i, self.held = self.held, -1
-                self.obj_pos[i, 2] = OBJ_HALF
+                self.obj_pos[i, 2] = self.obj_half
                 self.in_bin[i] = bool(np.all(np.abs(self.obj_pos[i, :2] - self.scene["bin"]) < BIN_HALF))
                 if i == tgt and self.in_bin[i] and self.task == "pick_place":
                     self.stages["placed"] = True
@@ -203,7 +219,7 @@ class ToyWorld:
         elif g_prev >= 0.5 > self.g:                          # fingers just closed: attach an object between them
             d = np.linalg.norm(self.obj_pos[:, :2] - ee[:2], axis=1)
             dz = ee[2] - self.obj_pos[:, 2]
-            cand = np.where((d < GRASP_XY) & (dz < GRASP_Z) & (dz > -0.02) & ~self.in_bin)[0]
+            cand = np.where((d < self.grasp_xy) & (dz < GRASP_Z) & (dz > -0.02) & ~self.in_bin)[0]
             if len(cand):
                 self.held = int(cand[np.argmin(d[cand])])
                 self.obj_pos[self.held] = ee - np.array([0, 0, 0.02])
@@ -290,7 +306,7 @@ class ToyWorld:
             prims.append((zm - 0.01, "seg", (uv[a], uv[b], FINGER_RADIUS * f / zm, GRIPPER_COLOR, SEG_GRIPPER)))
         for i, shape in enumerate(self.scene["shapes"]):
             zi = z[8 + i]
-            prims.append((zi, shape, (uv[8 + i], OBJ_HALF * f / zi, COLORS[self.scene["colors"][i]], SEG_OBJ0 + i)))
+            prims.append((zi, shape, (uv[8 + i], self.obj_half * f / zi, COLORS[self.scene["colors"][i]], SEG_OBJ0 + i)))
         for _, kind, args in sorted(prims, key=lambda p: -p[0]):
             if kind == "seg":
                 draw_segment(img, ids, *args)
@@ -337,7 +353,7 @@ class Expert:
 
     Closed-loop (re-plans from the current state each step) with small Gaussian action noise.
 
-    miss_prob: chance that the episode is a *recovering* demo: the first grasp is aimed MISS_OFFSET
+    miss_prob: chance that the episode is a *recovering* demo: the first grasp is aimed grasp_xy + MISS_MARGIN
     beside the target (in a direction clear of the other objects), closes on nothing, and the expert
     opens and retries. Its true Monte-Carlo returns are lower than a clean demo's at the same phase
     (the retry costs steps), which shows MV-WAM's value head what a setback is worth.
@@ -367,14 +383,15 @@ class Expert:
         return self.wrong and self.phase == 5 and self.env.held < 0
 
     def _miss_offset(self) -> np.ndarray:
-        """A horizontal offset of MISS_OFFSET from the target that keeps the gripper more than
-        GRASP_XY + 1 cm from every other object (so the empty close cannot take a distractor)."""
+        """A horizontal offset of grasp_xy + MISS_MARGIN from the target (outside the grasp tolerance) that
+        keeps the gripper more than grasp_xy + 1 cm from every other object (so the empty close cannot take a
+        distractor)."""
         env, tgt = self.env, self.goal_obj
         others = np.delete(env.obj_pos[:, :2], tgt, 0)
         for a in self.rng.permutation(16) * (2 * math.pi / 16):
-            off = MISS_OFFSET * np.array([math.cos(a), math.sin(a)])
+            off = (env.grasp_xy + MISS_MARGIN) * np.array([math.cos(a), math.sin(a)])
             spot = env.obj_pos[tgt, :2] + off
-            if np.all(np.linalg.norm(others - spot, axis=1) > GRASP_XY + 0.01):
+            if np.all(np.linalg.norm(others - spot, axis=1) > env.grasp_xy + 0.01):
                 return np.append(off, 0.0)
         return np.zeros(3)
 
@@ -473,18 +490,19 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
 
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
              task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0,
-             distractors: bool = True, mark_target: bool = False):
+             distractors: bool = True, mark_target: bool = False, view: str = "wide"):
     """n expert episodes of `split` -> (arrays dict, meta dict). The expert's own failures are skipped
     (only_success=False keeps them, flagged "success": False like the failing demos below).
     distractors=False: each seed's scene with the named object alone (ToyWorld(distractors=False)).
     mark_target=True: the named object drawn in MARK_COLOR (ToyWorld(mark_target=True)).
+    view: "wide" or "close" (VIEWS).
     recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert).
     wrong_frac: the share of failing demos (a distractor goes to the bin; returns 0; meta "wrong_object").
     They are kept, flagged "success": False, and ClipDataset gives their clips action_weight 0: the
     value and the video learn from them, the policy does not imitate them."""
     if wrong_frac > 0 and not distractors:
         raise ValueError("wrong_frac > 0 needs distractors: a failing demo puts a distractor in the bin")
-    env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target)
+    env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target, view=view)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
     eps, seed, failures = [], seed0, 0
     while len(eps) < n:
@@ -508,7 +526,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
               "actions": np.stack(cols["actions"]).astype(np.float32),
               "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32)}
     meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma, "distractors": distractors,
-            "mark_target": mark_target,
+            "mark_target": mark_target, "view": view,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
             "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
             "dims": {"state": 4, "action": 4, "ee_pose": 7},
@@ -686,7 +704,8 @@ class ClipDataset:
 def world_options(meta: dict) -> dict:
     """The ToyWorld scene options a dataset was generated with (older datasets: the defaults), so that an
     evaluation during training (train.py --eval-every) runs in the world the demos came from."""
-    return {"distractors": meta.get("distractors", True), "mark_target": meta.get("mark_target", False)}
+    return {"distractors": meta.get("distractors", True), "mark_target": meta.get("mark_target", False),
+            "view": meta.get("view", "wide")}
 
 
 def dataset_format(folder: str) -> str | None:
@@ -711,13 +730,13 @@ def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: floa
     return load_dataset(folder)
 
 
-def overview(path: str, res: int = 96, frames: int = 6, seed: int = 3):
+def overview(path: str, res: int = 96, frames: int = 6, seed: int = 3, view: str = "wide"):
     """The README figure: one expert episode per split (rows train, ood_background, ood_object,
     ood_layout at `res`, then train at 32 x 32 as the models see it), `frames` evenly spaced frames."""
     from common import save_png
     rows = []
     for split, r in [(s, res) for s in SPLITS] + [("train", 32)]:
-        rec, _ = run_expert_episode(ToyWorld(res=r), seed, split)
+        rec, _ = run_expert_episode(ToyWorld(res=r, view=view), seed, split)
         pick = np.linspace(0, len(rec["frames"]) - 1, frames).round().astype(int)
         row = np.concatenate([rec["frames"][i] for i in pick], 1)
         rows.append(row.repeat(res // r, 0).repeat(res // r, 1))
@@ -738,20 +757,22 @@ def main():
                    "horizon_gamma(EXPERT_STEPS), so a demo's returns span [0.1, 1]; MV-WAM's real-robot value is 0.99)")
     p.add_argument("--task", default="pick_place", choices=("pick_place", "reach"))
     p.add_argument("--recover-frac", type=float, default=0.0, help="share of recovering demos: the first grasp "
-                   "misses by MISS_OFFSET and the expert retries (lower true returns for MV-WAM's value head)")
+                   "misses by grasp_xy + MISS_MARGIN and the expert retries (lower true returns for MV-WAM's value head)")
     p.add_argument("--wrong-frac", type=float, default=0.0, help="share of failing demos: the expert puts a "
                    "distractor in the bin (returns 0; trains MV-WAM's value and the video, not the policy)")
     p.add_argument("--no-distractors", action="store_true", help="every scene with the named object alone (the same "
                    "seeds, places and colours; sample.py --no-distractors evaluates the same way)")
     p.add_argument("--mark-target", action="store_true", help="draw the named object in a colour no object has "
                    "(grounding taken out of the task; train.py's --eval-every and sample.py --mark-target evaluate so)")
+    p.add_argument("--view", default="wide", choices=sorted(VIEWS), help="wide: the oblique camera, 3-4-px objects, the "
+                   "arm starting over them; close: a steep zoomed camera, 5-px objects, the arm starting retracted (VIEWS)")
     args = p.parse_args()
     if args.figure:
-        return overview(args.out)
+        return overview(args.out, view=args.view)
     t0 = time.time()
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
                             recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors,
-                            mark_target=args.mark_target)
+                            mark_target=args.mark_target, view=args.view)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
     wrong = sum(e["wrong_object"] for e in meta["episodes"])

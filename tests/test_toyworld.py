@@ -9,15 +9,17 @@ import torch
 from data import toyworld as tw
 
 
-def test_expert_succeeds_on_train_seeds():
-    env = tw.ToyWorld(res=32)
+@pytest.mark.parametrize("view", tw.VIEWS)
+def test_expert_succeeds_on_train_seeds(view):
+    env = tw.ToyWorld(res=32, view=view)
     ok = [tw.run_expert_episode(env, s, "train")[1] for s in range(100)]
     assert np.mean(ok) >= 0.98
 
 
+@pytest.mark.parametrize("view", tw.VIEWS)
 @pytest.mark.parametrize("split", tw.SPLITS[1:])
-def test_expert_succeeds_on_ood_splits(split):
-    env = tw.ToyWorld(res=32)
+def test_expert_succeeds_on_ood_splits(split, view):
+    env = tw.ToyWorld(res=32, view=view)
     assert np.mean([tw.run_expert_episode(env, s, split)[1] for s in range(30)]) >= 0.95
 
 
@@ -62,11 +64,13 @@ def test_splits_hold_out_what_they_say():
         env.reset(seed=0, split="ood_weather")
 
 
-def test_grasp_takes_the_object_within_tolerance_only():
-    """Oracle for the kinematic grasp: closing with the tool centre point GRASP_XY - 1 cm beside an
-    object, low enough, attaches it; GRASP_XY + 1 cm beside it attaches nothing."""
-    env = tw.ToyWorld(res=32)
-    for offset, expect in ((tw.GRASP_XY - 0.01, True), (tw.GRASP_XY + 0.01, False)):
+@pytest.mark.parametrize("view", tw.VIEWS)
+def test_grasp_takes_the_object_within_tolerance_only(view):
+    """Oracle for the kinematic grasp: closing with the tool centre point grasp_xy - 1 cm beside an
+    object, low enough, attaches it; grasp_xy + 1 cm beside it attaches nothing."""
+    env = tw.ToyWorld(res=32, view=view)
+    assert env.grasp_xy == tw.VIEWS[view]["grasp_xy"]
+    for offset, expect in ((env.grasp_xy - 0.01, True), (env.grasp_xy + 0.01, False)):
         env.reset(seed=5)
         t = env.scene["target"]
         goal = env.obj_pos[t] + np.array([offset, 0.0, 0.015])
@@ -304,8 +308,8 @@ def test_a_marked_target_changes_only_the_named_objects_pixels():
     arrays, meta = tw.generate(3, "train", seed0=0, mark_target=True)
     plain, pmeta = tw.generate(3, "train", seed0=0)
     assert meta["mark_target"] is True and pmeta["mark_target"] is False
-    assert tw.world_options(meta) == {"distractors": True, "mark_target": True}
-    assert tw.world_options({}) == {"distractors": True, "mark_target": False}      # datasets from before the option
+    assert tw.world_options(meta) == {"distractors": True, "mark_target": True, "view": "wide"}
+    assert tw.world_options({}) == {"distractors": True, "mark_target": False, "view": "wide"}   # datasets from before
     for k in ("seg", "state", "actions"):
         assert np.array_equal(arrays[k], plain[k]), k
     tgt = np.concatenate([np.full(e["length"], tw.SEG_OBJ0 + e["target"]) for e in meta["episodes"]])
@@ -333,3 +337,31 @@ def test_one_object_scenes_are_the_same_scenes_without_distractors():
             assert (one.scene["colors"][0], one.scene["shapes"][0]) == (full.scene["colors"][t], full.scene["shapes"][t])
             assert one.instruction() == full.instruction() and np.array_equal(one.scene["table"], full.scene["table"])
             assert np.allclose(one.scene["bin"], full.scene["bin"])
+
+
+def test_the_close_view_shows_larger_unoccluded_objects_and_keeps_the_task():
+    """ToyWorld(view="close") (data/toyworld.py --view close): the same objects, tables and instructions as
+    the wide view per seed (placed with the larger objects' spacing), seen closer: every object covers at least 15 pixels at 32x32
+    (the wide view: 3-4 px wide, fewer than 15 on most seeds), and the arm starts retracted, so no object pixel
+    is hidden behind it at the start (the wide view: an object partly hidden in about half the scenes); meta and
+    world_options record it."""
+    close, wide = tw.ToyWorld(view="close"), tw.ToyWorld()
+    areas = {"close": [], "wide": []}
+    for s in range(30):
+        for name, env in (("close", close), ("wide", wide)):
+            _, info = env.reset(seed=s)
+            areas[name] += [int((info["seg"] == tw.SEG_OBJ0 + k).sum()) for k in range(len(env.scene["shapes"]))]
+        assert close.instruction() == wide.instruction()
+        assert sorted(zip(close.scene["colors"], close.scene["shapes"])) == sorted(zip(wide.scene["colors"], wide.scene["shapes"]))
+        _, info = close.reset(seed=s)
+        close.q = np.array([np.pi, -1.5, 0.0])                               # the arm turned away from the table
+        _, seg = close.render()
+        for k in range(len(close.scene["shapes"])):                        # no object pixel hidden by the arm at reset
+            assert (info["seg"] == tw.SEG_OBJ0 + k).sum() == (seg == tw.SEG_OBJ0 + k).sum() > 0
+    assert min(areas["close"]) >= 15 and np.median(areas["wide"]) < 15
+    assert np.mean(areas["close"]) > 2 * np.mean(areas["wide"])
+    arrays, meta = tw.generate(2, "train", seed0=0, view="close")
+    assert meta["view"] == "close" and tw.world_options(meta)["view"] == "close"
+    assert not np.allclose(meta["camera"]["K"], tw.generate(1, "train", seed0=0)[1]["camera"]["K"])
+    with pytest.raises(ValueError, match="expected one of"):
+        tw.ToyWorld(view="fisheye")

@@ -96,18 +96,25 @@ def test_eval_every_logs_success_and_leaves_the_run_unchanged(run6, toy_data, tm
 
 
 def test_eval_every_evaluates_in_the_world_of_the_training_data(run6, tmp_path, monkeypatch):
-    """A run on a --mark-target / --no-distractors dataset is evaluated in such scenes (the options are read
-    from the dataset's meta.json), not in the default world."""
+    """A run on a --mark-target / --no-distractors / --view close dataset is evaluated in such scenes (the
+    options are read from the dataset's meta.json), not in the default world; sample.py evaluates its
+    checkpoint in the view it was trained in unless --view says otherwise."""
     from data.toyworld import generate, write_dataset
     folder = str(tmp_path / "marked")
-    arrays, meta = generate(4, "train", seed0=0, mark_target=True, distractors=False)
+    arrays, meta = generate(4, "train", seed0=0, mark_target=True, distractors=False, view="close")
     write_dataset(folder, arrays, meta)
     made = []
     real = sample.ToyWorld
     monkeypatch.setattr(sample, "ToyWorld", lambda **kw: made.append(kw) or real(**kw))
-    train.main(["--model", "agra", "--tiny", "--steps", "1", "--data", folder, "--out", str(tmp_path / "run"),
+    run = str(tmp_path / "run")
+    train.main(["--model", "agra", "--tiny", "--steps", "1", "--data", folder, "--out", run,
                 "--eval-every", "1", "--eval-episodes", "1"] + FAST)
-    assert len(made) == 4 and all(kw["mark_target"] and not kw["distractors"] for kw in made)   # one env per split
+    assert len(made) == 4 and all(kw["mark_target"] and not kw["distractors"] and kw["view"] == "close" for kw in made)
+    for flags, view in (([], "close"), (["--view", "wide"], "wide")):
+        made.clear()
+        res = sample.main(["--ckpt", run, "--episodes", "1", "--splits", "train", "--diag-clips", "0", "--gif-episodes", "0",
+                           "--out", str(tmp_path / f"s_{view}"), "--threads", "2"] + flags)
+        assert [kw["view"] for kw in made] == [view] and res["settings"].get("view", "wide") == view
 
 
 def test_a_short_run_lowers_the_loss(toy_data):
