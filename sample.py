@@ -78,7 +78,7 @@ def mark(frame: np.ndarray, color=(255, 0, 0)) -> np.ndarray:
 
 def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: int, max_steps: int, res: int,
             generator, record: int = 0, predict_video=None, rollback=None, distractors: bool = True, mark_target: bool = False,
-            view: str = "wide"):
+            view: str = "wide", distractor_band: str = "any"):
     """Run `episodes` envs of `split` in lock-step, re-planning every `exec_steps` actions.
 
     rollback: None or a factory of MV-WAM's ValueRollback controllers (Sec. 3.2): before a chunk is
@@ -87,9 +87,10 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     the chunk is resampled from there. Returns per-episode success, stage flags, rollback counts and
     (if record) frames [observation | predicted frame] of the first `record` envs (restored frames
     outlined in red). distractors=False: the same scenes with the named object alone; mark_target=True: the
-    named object drawn in a colour no object has; view: "wide" or "close" (ToyWorld)."""
-    envs = [ToyWorld(res=res, max_steps=max_steps, distractors=distractors, mark_target=mark_target, view=view)
-            for _ in range(episodes)]
+    named object drawn in a colour no object has; view: "wide" or "close", distractor_band: "any" or "near"
+    (ToyWorld)."""
+    envs = [ToyWorld(res=res, max_steps=max_steps, distractors=distractors, mark_target=mark_target, view=view,
+                     distractor_band=distractor_band) for _ in range(episodes)]
     obs = [env.reset(seed=seed0 + i, split=split)[0] for i, env in enumerate(envs)]
     done = np.zeros(episodes, bool)
     success = np.zeros(episodes, bool)
@@ -158,7 +159,7 @@ def quick_eval(name: str, model, cfg, stats, episodes: int, splits=SPLITS, seed:
     """train.py --eval-every: per split, closed-loop success on `episodes` held-out episodes (AGRA,
     MV-WAM; re-planning every horizon // 2 actions) or the PSNR of `episodes` generated held-out clips
     against copying the first frame (EA-WM), in a world with the scene options `world` (toyworld's
-    world_options of the training data: distractors, mark_target, view). Leaves the model in eval mode."""
+    world_options of the training data: distractors, mark_target, view, distractor_band). Leaves the model in eval mode."""
     world = world or {}
     device = next(model.parameters()).device
     out = {}
@@ -324,14 +325,14 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
 def eawm_main(args, model, cfg, meta, out_dir, gen):
     """sample.py --model eawm: generation quality per split (EA-WM Table 1 / Table 4 style)."""
     results = {"model": "eawm", "checkpoint": args.ckpt, "step": meta.get("step"), "clips": args.clips, "splits": {}}
-    view = eval_view(args, meta)
-    results["settings"] = eval_settings(args, "eawm", cfg, view)
+    world = eval_world(args, meta)
+    results["settings"] = eval_settings(args, "eawm", cfg, world)
     print(f"eawm checkpoint {args.ckpt} (step {meta.get('step')}): {args.clips} held-out clips per split, "
           f"{args.steps or cfg.sample_steps} Euler steps")
     print(f"{'split':16s} {'PSNR kvaf-cond':>14s} {'MSE kvaf-cond':>13s} {'PSNR joint':>10s} {'MSE joint':>9s} "
           f"{'EE track px':>11s} {'detected':>8s} {'PSNR copy-first':>15s}")
     for split in args.splits:
-        arrays, dmeta = generate(max(4, args.clips // 4), split, seed0=args.seed + 50000, res=cfg.height, view=view)
+        arrays, dmeta = generate(max(4, args.clips // 4), split, seed0=args.seed + 50000, res=cfg.height, **world)
         dmeta["stats"] = meta["stats"]
         clips = dataset_for(cfg, arrays, dmeta)
         gen = torch.Generator().manual_seed(args.seed)                           # same noise per split for every model
@@ -400,28 +401,31 @@ def encoded_main(args, name, model, cfg, meta, out_dir, gen, device):
     return res
 
 
-def eval_settings(args, name: str, cfg, view: str = "wide") -> dict:
+def eval_settings(args, name: str, cfg, world: dict | None = None) -> dict:
     """The sample.py settings that change the numbers in metrics.json (stored there as "settings";
-    --compare puts evaluations that differ in one of them into different rows)."""
+    --compare puts evaluations that differ in one of them into different rows). The world's scene
+    options (eval_world) only when not the default, so older metrics.json files compare as before."""
     steps = args.steps or (cfg.action_steps if name == "agra" else cfg.sample_steps)   # denoising steps used
+    scene = {k: v for k, v in (world or {}).items() if v != WORLD_DEFAULTS[k]}
     if name == "eawm":
-        out = {"steps": steps, "clips": args.clips, "seed": args.seed}
-        return out if view == "wide" else {**out, "view": view}
+        return {"steps": steps, "clips": args.clips, "seed": args.seed, **scene}
     out = {"steps": steps, "episodes": args.episodes, "exec_steps": args.exec_steps or max(1, cfg.horizon // 2),
            "max_steps": args.max_steps, "seed": args.seed, "diag_clips": args.diag_clips}
     if args.no_distractors:                             # only when set: older metrics.json files compare as before
         out["distractors"] = False
     if args.mark_target:
         out["mark_target"] = True
-    if view != "wide":
-        out["view"] = view
-    return out
+    return {**out, **scene}
 
 
-def eval_view(args, meta: dict) -> str:
-    """The toy-world view to evaluate in: --view, else the one the checkpoint's training data was made in
-    (checkpoints from before the option: "wide")."""
-    return args.view or meta.get("data", {}).get("view", "wide")
+WORLD_DEFAULTS = {"view": "wide", "distractor_band": "any"}
+
+
+def eval_world(args, meta: dict) -> dict:
+    """The toy-world scene options to evaluate in (view, distractor_band): the flag when given, else the
+    checkpoint's training data's (checkpoints from before an option: its default)."""
+    data = meta.get("data", {})
+    return {k: getattr(args, k) or data.get(k, d) for k, d in WORLD_DEFAULTS.items()}
 
 
 def get_args(argv=None):
@@ -442,6 +446,8 @@ def get_args(argv=None):
                    "(data/toyworld.py --mark-target): grounding taken out of the task")
     p.add_argument("--view", default=None, choices=("wide", "close"), help="toy-world view (data/toyworld.py --view; "
                    "default: the one the checkpoint was trained in)")
+    p.add_argument("--distractor-band", default=None, choices=("any", "near"), help="where the distractors of "
+                   "train-like scenes are (data/toyworld.py --distractor-band; default: as the checkpoint was trained)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's; MV-WAM: joint steps, EA-WM: generation steps)")
     p.add_argument("--gif-episodes", type=int, default=1, help="episodes per split recorded into the GIF")
     p.add_argument("--video-steps", type=int, default=10, help="Euler steps of the predicted-video panel in GIFs")
@@ -503,8 +509,8 @@ def main(argv=None):
 
     results = {"model": name, "checkpoint": args.ckpt, "step": meta.get("step"), "episodes": args.episodes,
                "exec_steps": exec_steps, "splits": {}}
-    view = eval_view(args, meta)
-    results["settings"] = eval_settings(args, name, cfg, view)
+    world = eval_world(args, meta)
+    results["settings"] = eval_settings(args, name, cfg, world)
     print(f"{name} checkpoint {args.ckpt} (step {meta.get('step')}): {args.episodes} episodes per split, "
           f"re-plan every {exec_steps} steps")
     rb = None
@@ -525,13 +531,13 @@ def main(argv=None):
         t0 = time.time()
         success, stages, rec, _ = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res, gen,
                                           record=args.gif_episodes, predict_video=predict_video, distractors=not args.no_distractors,
-                                          mark_target=args.mark_target, view=view)
+                                          mark_target=args.mark_target, **world)
         row = success_row(success, stages)
         extra = ""
         if rb:                                            # the same episodes again, with rollback
             s_rb, st_rb, rec_rb, fired = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res,
                                                  gen, record=args.episodes, rollback=rb, distractors=not args.no_distractors,
-                                                 mark_target=args.mark_target, view=view)
+                                                 mark_target=args.mark_target, **world)
             row["success_rollback"] = float(s_rb.mean())
             row["success_rollback_se"] = standard_error(row["success_rollback"], len(s_rb))
             row["rollbacks_per_episode"] = float(fired.mean())
@@ -555,7 +561,7 @@ def main(argv=None):
             clips = []
             for wrong in (0.0, 1.0):
                 arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res,
-                                         gamma=meta.get("data", {}).get("gamma", 0.99), wrong_frac=wrong, view=view)
+                                         gamma=meta.get("data", {}).get("gamma", 0.99), wrong_frac=wrong, **world)
                 dmeta["stats"] = meta["stats"]
                 clips.append(dataset_for(cfg, arrays, dmeta))
             d = value_report(model, cfg, clips[0], args.diag_clips, gen, failing=clips[1])
@@ -569,7 +575,7 @@ def main(argv=None):
         print(f"{'split':16s} {'in-mask':>8s} {'(chance)':>8s} {'centroid':>8s} {'MSR mean':>9s} {'zero':>6s} {'shuffle':>8s} {'swap':>6s} "
               f"{'entropy':>7s} {'current':>7s} {'(unif.)':>7s}")
         for split in args.splits:
-            arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res, view=view)
+            arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res, **world)
             dmeta["stats"] = meta["stats"]
             clips = dataset_for(cfg, arrays, dmeta)
             d = agra_report(model, cfg, clips, os.path.join(out_dir, f"agra_diagnostics_{split}.png"), args.diag_clips, gen)

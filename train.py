@@ -100,8 +100,8 @@ def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None
     (`write`), the optimizer state keyed by parameter name."""
     meta = {"model": name, "config": config_to_dict(cfg), "stats": stats, "step": step, "format": "wam-v1"}
     if data_meta is not None:
-        meta["data"] = {k: data_meta[k] for k in ("res", "fps", "camera", "task", "gamma", "source", "encoded", "view")
-                        if k in data_meta}
+        keys = ("res", "fps", "camera", "task", "gamma", "source", "encoded", "view", "distractor_band")
+        meta["data"] = {k: data_meta[k] for k in keys if k in data_meta}
         meta["data"].update(demo_counts(data_meta))
     weights, optim = model.state_dict(), optimizer.state_dict() if optimizer is not None else None
     if fsdp_root is not None:

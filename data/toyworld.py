@@ -9,7 +9,8 @@ bin (sparse reward 1, episode ends). A scripted expert (analytic IK + waypoints)
 
 Splits (what changes is held out of `train`):
   train            table/wall colours from TRAIN_TABLE/TRAIN_WALL; object (colour, shape) pairs
-                   outside HELD_OUT_COMBOS; the target in the near band of the workspace
+                   outside HELD_OUT_COMBOS; the target in the near band of the workspace, the
+                   distractors in either band (distractor_band="near": in the near band too)
   ood_background   table/wall colours from the held-out OOD_TABLE/OOD_WALL palettes
   ood_object       the target is a held-out (colour, shape) pair (each colour and each shape
                    alone is seen in training, the pair is not)
@@ -77,6 +78,7 @@ BIN_CENTER = np.array([0.30, -0.26])
 BIN_HALF = 0.075
 NEAR_BAND, FAR_BAND = (0.24, 0.33), (0.38, 0.46)      # x ranges of target / distractor placement
 Y_RANGE = (-0.08, 0.26)
+DISTRACTOR_BANDS = ("any", "near")    # ToyWorld(distractor_band=): where training scenes' distractors go
 N_OBJECTS = (2, 3)                   # objects per scene (min, max): the target and 1-2 distractors
 MAX_DQ = 0.12                        # rad per step
 GRASP_Z = 0.06
@@ -102,22 +104,28 @@ class ToyWorld:
     """Pick-and-place ("pick_place", default) or "reach" (touch the named object) in a toy world."""
 
     def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60, distractors: bool = True,
-                 mark_target: bool = False, view: str = "wide"):
+                 mark_target: bool = False, view: str = "wide", distractor_band: str = "any"):
         """distractors=False: each seed's scene with the named object alone (same place, colour, table;
         sample.py --no-distractors): does a policy find the object at all, before it must find the named one?
         mark_target=True: the named object is drawn in MARK_COLOR in the frames (seg, teacher and
         everything else unchanged): grounding the instruction is taken out of the task, so what a
         policy still fails at is reading where a visible object is and controlling the arm.
-        view: "wide" or "close" (VIEWS: how large the objects are, the camera, where the arm starts)."""
+        view: "wide" or "close" (VIEWS: how large the objects are, the camera, where the arm starts).
+        distractor_band: where the distractors of train / ood_background / ood_object scenes are placed:
+        "any" (near or far band; the named object, always in the near band, is then the one nearest the
+        robot's base in about 3 of 4 scenes, a shortcut a policy can take instead of reading the words) or
+        "near" (the named object's band: only the words tell the objects apart). ood_layout is the same in both."""
         if task not in ("pick_place", "reach"):
             raise ValueError(f"task={task!r}; expected 'pick_place' or 'reach'")
         if view not in VIEWS:
             raise ValueError(f"view={view!r}; expected one of {sorted(VIEWS)}")
+        if distractor_band not in DISTRACTOR_BANDS:
+            raise ValueError(f"distractor_band={distractor_band!r}; expected one of {DISTRACTOR_BANDS}")
         sc = VIEWS[view]
         self.view, self.obj_half, self.grasp_xy, self.min_sep = view, sc["obj_half"], sc["grasp_xy"], sc["min_sep"]
         self.eye = np.asarray(sc["eye"], float)
         self.res, self.task, self.max_steps, self.distractors = res, task, max_steps, distractors
-        self.mark_target = mark_target
+        self.mark_target, self.distractor_band = mark_target, distractor_band
         self.chain = URDFChain(URDF_PATH)
         self.K = intrinsics(res, res, sc["fov"])
         self.T_wc = look_at(sc["eye"], sc["look_at"])
@@ -156,18 +164,11 @@ class ToyWorld:
             c = train_combos[rng.integers(len(train_combos))]
             if c not in objects:
                 objects.append(c)
-        # train: target in the near band, distractors anywhere; ood_layout swaps the regions
+        # train: target in the near band, distractors anywhere (distractor_band="near": in the near band too);
+        # ood_layout swaps the regions
         t_band = FAR_BAND if split == "ood_layout" else NEAR_BAND
-        d_band = NEAR_BAND if split == "ood_layout" else (NEAR_BAND[0], FAR_BAND[1])
-        positions = []
-        for i in range(n):
-            for _ in range(1000):
-                p = np.array([rng.uniform(*(t_band if i == 0 else d_band)), rng.uniform(*Y_RANGE)])
-                if all(np.linalg.norm(p - q) > self.min_sep for q in positions):
-                    positions.append(p)
-                    break
-            else:
-                raise RuntimeError("could not place objects")
+        d_band = NEAR_BAND if split == "ood_layout" or self.distractor_band == "near" else (NEAR_BAND[0], FAR_BAND[1])
+        positions = self._place(rng, n, t_band, d_band)
         order = rng.permutation(n)                           # the target is not always slot 0
         if not self.distractors:
             order = np.array([0])
@@ -177,6 +178,24 @@ class ToyWorld:
         return {"table": np.array(table), "wall": np.array(wall), "colors": [o[0] for o in objs],
                 "shapes": [o[1] for o in objs], "target": int(np.argmax(order == 0)),
                 "obj_xy": pos, "bin": bin_c}
+
+    def _place(self, rng: np.random.Generator, n: int, t_band, d_band, attempts: int = 100) -> list:
+        """Object positions, the target's first, at least min_sep apart: each drawn in its band until it
+        fits; when one cannot fit (the first ones took the room, e.g. 3 objects in one band) the whole
+        layout is drawn again."""
+        for _ in range(attempts):
+            positions = []
+            for i in range(n):
+                for _ in range(1000):
+                    p = np.array([rng.uniform(*(t_band if i == 0 else d_band)), rng.uniform(*Y_RANGE)])
+                    if all(np.linalg.norm(p - q) > self.min_sep for q in positions):
+                        positions.append(p)
+                        break
+                else:
+                    break
+            if len(positions) == n:
+                return positions
+        raise RuntimeError(f"could not place {n} objects {self.min_sep} m apart in {attempts} attempts")
 
     # ------------------------------------------------------------ gym-style API
     def reset(self, seed: int | None = None, split: str = "train"):
@@ -490,19 +509,20 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
 
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
              task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0,
-             distractors: bool = True, mark_target: bool = False, view: str = "wide"):
+             distractors: bool = True, mark_target: bool = False, view: str = "wide", distractor_band: str = "any"):
     """n expert episodes of `split` -> (arrays dict, meta dict). The expert's own failures are skipped
     (only_success=False keeps them, flagged "success": False like the failing demos below).
     distractors=False: each seed's scene with the named object alone (ToyWorld(distractors=False)).
     mark_target=True: the named object drawn in MARK_COLOR (ToyWorld(mark_target=True)).
-    view: "wide" or "close" (VIEWS).
+    view: "wide" or "close" (VIEWS). distractor_band: "any" or "near" (ToyWorld).
     recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert).
     wrong_frac: the share of failing demos (a distractor goes to the bin; returns 0; meta "wrong_object").
     They are kept, flagged "success": False, and ClipDataset gives their clips action_weight 0: the
     value and the video learn from them, the policy does not imitate them."""
     if wrong_frac > 0 and not distractors:
         raise ValueError("wrong_frac > 0 needs distractors: a failing demo puts a distractor in the bin")
-    env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target, view=view)
+    env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target, view=view,
+                   distractor_band=distractor_band)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
     eps, seed, failures = [], seed0, 0
     while len(eps) < n:
@@ -526,7 +546,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
               "actions": np.stack(cols["actions"]).astype(np.float32),
               "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32)}
     meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma, "distractors": distractors,
-            "mark_target": mark_target, "view": view,
+            "mark_target": mark_target, "view": view, "distractor_band": distractor_band,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
             "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
             "dims": {"state": 4, "action": 4, "ee_pose": 7},
@@ -705,7 +725,7 @@ def world_options(meta: dict) -> dict:
     """The ToyWorld scene options a dataset was generated with (older datasets: the defaults), so that an
     evaluation during training (train.py --eval-every) runs in the world the demos came from."""
     return {"distractors": meta.get("distractors", True), "mark_target": meta.get("mark_target", False),
-            "view": meta.get("view", "wide")}
+            "view": meta.get("view", "wide"), "distractor_band": meta.get("distractor_band", "any")}
 
 
 def dataset_format(folder: str) -> str | None:
@@ -766,13 +786,16 @@ def main():
                    "(grounding taken out of the task; train.py's --eval-every and sample.py --mark-target evaluate so)")
     p.add_argument("--view", default="wide", choices=sorted(VIEWS), help="wide: the oblique camera, 3-4-px objects, the "
                    "arm starting over them; close: a steep zoomed camera, 5-px objects, the arm starting retracted (VIEWS)")
+    p.add_argument("--distractor-band", default="any", choices=DISTRACTOR_BANDS, help="any: training scenes' "
+                   "distractors in the near or the far band (the named object is then mostly the nearest one); "
+                   "near: in the named object's band, so only the words tell them apart")
     args = p.parse_args()
     if args.figure:
         return overview(args.out, view=args.view)
     t0 = time.time()
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
                             recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors,
-                            mark_target=args.mark_target, view=args.view)
+                            mark_target=args.mark_target, view=args.view, distractor_band=args.distractor_band)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
     wrong = sum(e["wrong_object"] for e in meta["episodes"])

@@ -204,3 +204,7 @@ def test_sample_records_the_settings_that_group_evaluations():
     assert s["steps"] == agra.CONFIGS["tiny"].action_steps and s["episodes"] == 7 and s["exec_steps"] == 4
     args = sample.get_args(["--ckpt", "runs/x", "--steps", "1"])
     assert sample.eval_settings(args, "mvwam", mvwam.CONFIGS["tiny"])["steps"] == 1
+    world = {"view": "close", "distractor_band": "any"}                       # only what is not the default
+    s = sample.eval_settings(args, "agra", agra.CONFIGS["tiny"], world)
+    assert s["view"] == "close" and "distractor_band" not in s
+    assert sample.eval_settings(args, "eawm", None, {"view": "wide", "distractor_band": "near"})["distractor_band"] == "near"

@@ -23,6 +23,12 @@ def test_expert_succeeds_on_ood_splits(split, view):
     assert np.mean([tw.run_expert_episode(env, s, split)[1] for s in range(30)]) >= 0.95
 
 
+@pytest.mark.parametrize("view", tw.VIEWS)
+def test_expert_succeeds_with_the_distractors_in_the_named_objects_band(view):
+    env = tw.ToyWorld(res=32, view=view, distractor_band="near")
+    assert np.mean([tw.run_expert_episode(env, s, split)[1] for split in tw.SPLITS for s in range(25)]) >= 0.98
+
+
 def test_reset_is_deterministic_and_state_restore_reproduces_frames():
     env = tw.ToyWorld(res=32)
     a, _ = env.reset(seed=5)
@@ -308,8 +314,9 @@ def test_a_marked_target_changes_only_the_named_objects_pixels():
     arrays, meta = tw.generate(3, "train", seed0=0, mark_target=True)
     plain, pmeta = tw.generate(3, "train", seed0=0)
     assert meta["mark_target"] is True and pmeta["mark_target"] is False
-    assert tw.world_options(meta) == {"distractors": True, "mark_target": True, "view": "wide"}
-    assert tw.world_options({}) == {"distractors": True, "mark_target": False, "view": "wide"}   # datasets from before
+    assert tw.world_options(meta) == {"distractors": True, "mark_target": True, "view": "wide", "distractor_band": "any"}
+    assert tw.world_options({}) == {"distractors": True, "mark_target": False, "view": "wide",     # datasets from before
+                                    "distractor_band": "any"}
     for k in ("seg", "state", "actions"):
         assert np.array_equal(arrays[k], plain[k]), k
     tgt = np.concatenate([np.full(e["length"], tw.SEG_OBJ0 + e["target"]) for e in meta["episodes"]])
@@ -366,3 +373,30 @@ def test_the_close_view_shows_larger_unoccluded_objects_and_keeps_the_task():
     assert not np.allclose(meta["camera"]["K"], tw.generate(1, "train", seed0=0)[1]["camera"]["K"])
     with pytest.raises(ValueError, match="expected one of"):
         tw.ToyWorld(view="fisheye")
+
+
+def test_distractors_in_the_named_objects_band_take_away_the_nearest_object_shortcut():
+    """ToyWorld(distractor_band="near") (data/toyworld.py --distractor-band near): in train-like scenes every
+    object lies in the near band, so the named object is the one nearest the robot's base in about half the
+    scenes (by chance with 2-3 objects) instead of about 3 in 4 ("any", the default); the same targets,
+    colours and instructions per seed, ood_layout unchanged; meta and world_options record it."""
+    near_env, any_env = tw.ToyWorld(view="close", distractor_band="near"), tw.ToyWorld(view="close")
+    nearest = {"near": [], "any": []}
+    for s in range(100000, 100200):
+        for name, env in (("near", near_env), ("any", any_env)):
+            env.reset(seed=s)
+            nearest[name].append(np.argmin(np.linalg.norm(env.scene["obj_xy"], axis=1)) == env.scene["target"])
+        x = near_env.scene["obj_xy"][:, 0]
+        assert ((x >= tw.NEAR_BAND[0]) & (x <= tw.NEAR_BAND[1])).all()
+        assert near_env.instruction() == any_env.instruction()
+        assert sorted(zip(near_env.scene["colors"], near_env.scene["shapes"])) == \
+            sorted(zip(any_env.scene["colors"], any_env.scene["shapes"]))
+    assert np.mean(nearest["any"]) > 0.7 and 0.35 < np.mean(nearest["near"]) < 0.6
+    for s in range(100000, 100010):                                          # ood_layout: the same scenes
+        near_env.reset(seed=s, split="ood_layout")
+        any_env.reset(seed=s, split="ood_layout")
+        assert np.array_equal(near_env.scene["obj_xy"], any_env.scene["obj_xy"])
+    _, meta = tw.generate(2, "train", seed0=0, distractor_band="near")
+    assert meta["distractor_band"] == "near" and tw.world_options(meta)["distractor_band"] == "near"
+    with pytest.raises(ValueError, match="expected one of"):
+        tw.ToyWorld(distractor_band="far")

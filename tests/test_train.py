@@ -96,12 +96,12 @@ def test_eval_every_logs_success_and_leaves_the_run_unchanged(run6, toy_data, tm
 
 
 def test_eval_every_evaluates_in_the_world_of_the_training_data(run6, tmp_path, monkeypatch):
-    """A run on a --mark-target / --no-distractors / --view close dataset is evaluated in such scenes (the
-    options are read from the dataset's meta.json), not in the default world; sample.py evaluates its
-    checkpoint in the view it was trained in unless --view says otherwise."""
+    """A run on a --mark-target / --no-distractors / --view close / --distractor-band near dataset is evaluated
+    in such scenes (the options are read from the dataset's meta.json), not in the default world; sample.py
+    evaluates its checkpoint in the view and distractor band it was trained with unless its flags say otherwise."""
     from data.toyworld import generate, write_dataset
     folder = str(tmp_path / "marked")
-    arrays, meta = generate(4, "train", seed0=0, mark_target=True, distractors=False, view="close")
+    arrays, meta = generate(4, "train", seed0=0, mark_target=True, distractors=False, view="close", distractor_band="near")
     write_dataset(folder, arrays, meta)
     made = []
     real = sample.ToyWorld
@@ -109,12 +109,14 @@ def test_eval_every_evaluates_in_the_world_of_the_training_data(run6, tmp_path, 
     run = str(tmp_path / "run")
     train.main(["--model", "agra", "--tiny", "--steps", "1", "--data", folder, "--out", run,
                 "--eval-every", "1", "--eval-episodes", "1"] + FAST)
-    assert len(made) == 4 and all(kw["mark_target"] and not kw["distractors"] and kw["view"] == "close" for kw in made)
-    for flags, view in (([], "close"), (["--view", "wide"], "wide")):
+    assert len(made) == 4 and all(kw["mark_target"] and not kw["distractors"] and kw["view"] == "close"
+                                  and kw["distractor_band"] == "near" for kw in made)
+    for flags, view, band in (([], "close", "near"), (["--view", "wide", "--distractor-band", "any"], "wide", "any")):
         made.clear()
         res = sample.main(["--ckpt", run, "--episodes", "1", "--splits", "train", "--diag-clips", "0", "--gif-episodes", "0",
                            "--out", str(tmp_path / f"s_{view}"), "--threads", "2"] + flags)
-        assert [kw["view"] for kw in made] == [view] and res["settings"].get("view", "wide") == view
+        assert [(kw["view"], kw["distractor_band"]) for kw in made] == [(view, band)]
+        assert res["settings"].get("view", "wide") == view and res["settings"].get("distractor_band", "any") == band
 
 
 def test_a_short_run_lowers_the_loss(toy_data):
