@@ -103,6 +103,9 @@ class Config:
     bridge_pos_embed: bool = True        # learned (t, h, w) position tables on G_j (ours, not in the paper; README)
     bridge_tokens: str = "all"           # all | current: G_j holds only the current frame's tokens (ours, an ablation:
                                          #   at t = 1 the future tokens barely depend on the scene and dilute it)
+    bridge_text: bool = False            # ours, not in the paper (Eq. 15 reads video tokens only): the instruction's
+                                         #   context tokens join every G_j before the project module, as GR00T-N1.5's
+                                         #   head reads its VLM's language tokens (README: the words reach the head)
     bridge_pos_init: str = "normal"      # their start: normal (N(0, 0.02^2), like the head's) | sincos (sin-cos per
                                          #   axis, a third of the channels each: where a token is, readable at step 0)
     max_grid: tuple = (8, 64, 64)        # (T, h, w) sizes of the bridge position tables
@@ -294,7 +297,7 @@ class VideoDiT(nn.Module):
         rope = (rope_3d(tp, hp, wp, self.cfg.video_dim // self.cfg.video_heads, self.cfg.rope_theta,
                         self.cfg.rope_scale), False)                     # rotate-half layout [t,h,w]*2
         per_frame = grid[1] * grid[2]
-        hidden = {}
+        hidden = {"text": ctx} if "text" in layers else {}               # the cross-attention context (bridge_text)
         for i, block in enumerate(self.blocks):
             h = checkpointed(self.grad_checkpoint, block, h, emb, lora, ctx, rope, per_frame)
             if i in layers:
@@ -433,6 +436,9 @@ class Bridge(nn.Module):
       project_norm,   the shared "project module" of App. C.1: LayerNorm + a small self-attention
       project         transformer (GR00T-N1.5's vl-self-attention), with the same weights for every j;
                       it runs on each G_j separately (tokens attend within one layer, never across layers)
+      text_proj       bridge_text (ours, not in the paper): LayerNorm + Linear of the instruction's context
+                      tokens (hidden["text"], the video DiT's cross-attention context), appended after the
+                      video tokens of every G_j before the project module
     """
     grad_checkpoint = False                                  # recompute each project block's activations in backward
 
@@ -442,6 +448,7 @@ class Bridge(nn.Module):
         self.current_only = cfg.bridge_tokens == "current"
         if cfg.bridge == "single":                                   # AGRA-BridgeL8: the aligned layer to every block
             self.layers = [cfg.agra_layers[0]] * cfg.act_layers
+        self.reads = set(self.layers) | ({"text"} if cfg.bridge_text else set())   # what the video DiT returns for it
         if len(self.layers) != cfg.act_layers:
             raise ValueError(f"bridge needs {cfg.act_layers} layers (one per action block), got {self.layers}")
         G = cfg.bridge_dim
@@ -451,19 +458,23 @@ class Bridge(nn.Module):
         if self.pos_embed:
             Tm, hm, wm = cfg.max_grid
             self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, G)) for n in (Tm, hm, wm))   # Model.initialize_weights
+        if cfg.bridge_text:
+            self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, G))
         self.project_norm = nn.LayerNorm(G)
         self.project = nn.ModuleList([SABlock(G, cfg.project_heads) for _ in range(cfg.project_layers)])
 
     def forward(self, hidden: dict, grid) -> list[torch.Tensor]:
         if self.current_only:                                            # bridge_tokens=current: frame 0's tokens
             grid = (1, *grid[1:])
-            hidden = {l: h[:, :grid[1] * grid[2]] for l, h in hidden.items()}
+            hidden = {l: h[:, :grid[1] * grid[2]] if l != "text" else h for l, h in hidden.items()}
         g = torch.stack([proj(hidden[l]) for proj, l in zip(self.layer_proj, self.layers)])   # (N, B, N_v, G) Eq. 15
         N, B = g.shape[:2]
         g = g.flatten(0, 1)                                              # (N B, N_v, G): each G_j on its own
         if self.pos_embed:
             T, h, w = grid
             g = g + (self.pos_t[:T, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]).reshape(T * h * w, -1)
+        if hasattr(self, "text_proj"):                                  # bridge_text: [video tokens, text tokens]
+            g = torch.cat([g, self.text_proj(hidden["text"]).repeat(N, 1, 1)], 1)
         g = self.project_norm(g)                                         # the project module, shared by all j
         for block in self.project:
             g = checkpointed(self.grad_checkpoint, block, g)
@@ -865,7 +876,7 @@ class Model(nn.Module):
         # the video passes, batched along the batch dimension: (a) denoising at tau_v, (b) t = 1
         layers = set()
         if use_action:
-            layers |= set(self.bridge.layers)
+            layers |= self.bridge.reads
         if use_agra:
             layers |= set(cfg.agra_layers)
         xs, ts = [], []
@@ -947,7 +958,7 @@ class Model(nn.Module):
             noise = torch.randn(B, C, cfg.latent_frames - 1, h, w, device=z0.device)
         z1 = torch.cat([z0, noise], 2)
         t = self.frame_times(torch.ones(B, device=z0.device), cfg.latent_frames)
-        v, hidden = self.video(self.video_input(z1), t, self.context(batch), set(self.bridge.layers) | set(layers))
+        v, hidden = self.video(self.video_input(z1), t, self.context(batch), self.bridge.reads | set(layers))
         return hidden, v, z1
 
     @torch.no_grad()
@@ -1025,8 +1036,8 @@ def cross_attention_maps(model: Model, batch, generator=None, focus: dict | None
         ent = -(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(p.shape[-1])   # (steps, N, B, heads, K)
         focus["entropy"] = ent.mean().item()
         focus["entropy_per_block"] = ent.mean((0, 2, 3, 4)).tolist()
-    a = a[..., 1:, :].mean((0, 3, 4))                                    # (N, B, N_v)
     T, h, w = cfg.token_grid
+    a = a[..., 1:, :(h * w if model.bridge.current_only else T * h * w)].mean((0, 3, 4))   # (N, B, N_v): video tokens
     if a.shape[-1] < T * h * w:                                          # bridge_tokens=current: no mass on the future
         a = F.pad(a, (0, T * h * w - a.shape[-1]))
     return a.transpose(0, 1).unflatten(-1, cfg.token_grid)               # (B, N, T, h, w)
@@ -1072,6 +1083,9 @@ def intervene(hidden: dict, tokens: torch.Tensor, kind: str, generator=None) -> 
         picks.append((idx, src.to(idx.device)))
     out = {}
     for l, h in hidden.items():
+        if l == "text":                                                  # bridge_text's instruction tokens: no scene
+            out[l] = h
+            continue
         new = h.clone()
         for b, (idx, src) in enumerate(picks):
             if len(idx) == 0:

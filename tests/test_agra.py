@@ -320,3 +320,36 @@ def test_bridge_tokens_current_reads_only_the_current_frame(batch):
     assert torch.allclose(attn.sum((2, 3, 4)), torch.ones(4, 4), atol=1e-4)
     total, parts = model.loss(batch)
     assert torch.isfinite(total) and parts["action"] > 0
+
+
+def test_bridge_text_gives_the_head_the_instruction(batch):
+    """bridge_text (ours, not in the paper): the instruction's context tokens (the video DiT's cross-attention
+    context) join every G_j after its video tokens, so with the video hidden states held fixed the actions
+    still change with the words (without it they cannot); the text tokens get gradient from the action loss;
+    interventions leave them alone and the attention maps keep only the video tokens' mass."""
+    torch.manual_seed(0)
+    model = perturbed(agra.Model(tiny_cfg(bridge_text=True, bridge_tokens="current"))).eval()
+    assert model.bridge.reads == set(model.bridge.layers) | {"text"}
+    hidden = {l: torch.randn(2, 3 * 64, 96) for l in model.bridge.layers}
+    words = [model.text_encoder(["put the red cube in the bin"] * 2), model.text_encoder(["put the blue ball in the bin"] * 2)]
+    G = [model.bridge({**hidden, "text": w}, (3, 8, 8)) for w in words]
+    assert G[0][0].shape == (2, 64 + 16, 64)                             # 64 current-frame tokens + 16 text tokens
+    state, noise = torch.zeros(2, 4), torch.randn(2, 8, 4)
+    a = [model.denoise_actions({**hidden, "text": w}, state, noise) for w in words]
+    assert (a[0] - a[1]).abs().max() > 1e-4
+    plain = perturbed(agra.Model(tiny_cfg(bridge_tokens="current"))).eval()
+    assert plain.bridge.reads == set(plain.bridge.layers)
+    with torch.no_grad():
+        _, full = model.video(model.video_input(model.encode(batch)), torch.ones(4, 3), model.context(batch), model.bridge.reads)
+        assert torch.allclose(full["text"], model.context(batch), atol=1e-6)
+    tokens = torch.zeros(2, 3 * 64, dtype=torch.bool)
+    tokens[:, :5] = True
+    out = agra.intervene({**hidden, "text": words[0]}, tokens, "zero")
+    assert out["text"] is words[0] and not out[model.bridge.layers[0]][:, :5].any()
+    attn = agra.cross_attention_maps(model, batch, torch.Generator().manual_seed(0))
+    mass = attn.sum((2, 3, 4))
+    assert attn.shape == (4, 4, 3, 8, 8) and not attn[:, :, 1:].any() and (mass < 1).all() and (mass > 0).all()
+    model.train()
+    total, _ = model.loss(batch)
+    total.backward()
+    assert model.bridge.text_proj[1].weight.grad.abs().sum() > 0
