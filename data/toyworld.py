@@ -198,10 +198,17 @@ class ToyWorld:
         raise RuntimeError(f"could not place {n} objects {self.min_sep} m apart in {attempts} attempts")
 
     # ------------------------------------------------------------ gym-style API
-    def reset(self, seed: int | None = None, split: str = "train"):
+    def reset(self, seed: int | None = None, split: str = "train", target: int | None = None):
+        """target: name this object of the seed's scene instead of the drawn one (an index into its objects;
+        same layout, colours and everything else; generate(targets_per_scene=) makes paired demos with it)."""
         self.rng = np.random.default_rng(seed)
         self.split = split
         self.scene = self._sample_scene(self.rng, split)
+        if target is not None:
+            n = len(self.scene["shapes"])
+            if not 0 <= target < n:
+                raise ValueError(f"target={target}: the scene of seed {seed} has {n} objects (0..{n - 1})")
+            self.scene["target"] = int(target)
         n = len(self.scene["shapes"])
         self.obj_pos = np.concatenate([self.scene["obj_xy"], np.full((n, 1), self.obj_half)], 1)   # (n, 3)
         self.in_bin = np.zeros(n, bool)
@@ -484,10 +491,10 @@ def mc_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01, miss_prob: float = 0.0,
-                       wrong_prob: float = 0.0):
+                       wrong_prob: float = 0.0, target: int | None = None):
     """Roll out the expert. Returns per-frame lists (frames, seg, state, ee, actions, rewards, and
-    `missed` / `wrong`: whether it was a recovering / failing demo) + success."""
-    frame, info = env.reset(seed=seed, split=split)
+    `missed` / `wrong`: whether it was a recovering / failing demo) + success. target: ToyWorld.reset's."""
+    frame, info = env.reset(seed=seed, split=split, target=target)
     expert = Expert(env, noise=noise, seed=seed + 7919, miss_prob=miss_prob, wrong_prob=wrong_prob)
     rec = {"frames": [frame], "seg": [info["seg"]], "state": [env.proprio()], "ee": [env.ee_pose()], "actions": [], "rewards": []}
     while True:
@@ -507,14 +514,29 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
     return rec, info["success"]
 
 
+def scene_targets(env: ToyWorld, seed: int, split: str, k: int) -> list:
+    """The objects a paired demo of this seed's scene names (generate(targets_per_scene=k)): the drawn
+    target (None: as drawn) then, up to k in all, the other objects in the same placement band, so that
+    every named object stays where the split puts named objects (distractors in the far band are not named)."""
+    env.reset(seed=seed, split=split)
+    sc = env.scene
+    band = FAR_BAND if split == "ood_layout" else NEAR_BAND
+    others = [i for i in range(len(sc["shapes"])) if i != sc["target"] and band[0] <= sc["obj_xy"][i, 0] <= band[1]]
+    return [None] + others[:k - 1]
+
+
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
              task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0,
-             distractors: bool = True, mark_target: bool = False, view: str = "wide", distractor_band: str = "any"):
+             distractors: bool = True, mark_target: bool = False, view: str = "wide", distractor_band: str = "any",
+             targets_per_scene: int = 1):
     """n expert episodes of `split` -> (arrays dict, meta dict). The expert's own failures are skipped
     (only_success=False keeps them, flagged "success": False like the failing demos below).
     distractors=False: each seed's scene with the named object alone (ToyWorld(distractors=False)).
     mark_target=True: the named object drawn in MARK_COLOR (ToyWorld(mark_target=True)).
     view: "wide" or "close" (VIEWS). distractor_band: "any" or "near" (ToyWorld).
+    targets_per_scene: paired demos (train split): each scene is demonstrated up to this many times, naming a
+    different object each time (the drawn one first, then the others in its band; scene_targets), so the same
+    first frame comes with different words and different actions and no layout prior predicts the target.
     recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert).
     wrong_frac: the share of failing demos (a distractor goes to the bin; returns 0; meta "wrong_object").
     They are kept, flagged "success": False, and ClipDataset gives their clips action_weight 0: the
@@ -524,10 +546,17 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
     env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target, view=view,
                    distractor_band=distractor_band)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
+    if targets_per_scene < 1 or (targets_per_scene > 1 and split != "train"):
+        raise ValueError(f"targets_per_scene={targets_per_scene}: expected 1, or more on the train split only "
+                         f"(the OOD splits define which object is named); split={split!r}")
     eps, seed, failures = [], seed0, 0
+    todo = []                                                # (seed, target) pairs still to roll out
     while len(eps) < n:
-        rec, ok = run_expert_episode(env, seed, split, miss_prob=recover_frac, wrong_prob=wrong_frac)
-        seed += 1
+        if not todo:
+            todo = [(seed, t) for t in scene_targets(env, seed, split, targets_per_scene)]
+            seed += 1
+        s, target = todo.pop(0)
+        rec, ok = run_expert_episode(env, s, split, miss_prob=recover_frac, wrong_prob=wrong_frac, target=target)
         if not ok and not rec["wrong"]:
             failures += 1
             if only_success:
@@ -538,7 +567,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
         for k in cols:
             cols[k].extend(rec[k])
         sc = env.scene
-        eps.append({"start": start, "length": L, "seed": seed - 1, "split": split, "instruction": env.instruction(),
+        eps.append({"start": start, "length": L, "seed": s, "split": split, "instruction": env.instruction(),
                     "target": sc["target"], "shapes": sc["shapes"], "colors": sc["colors"], "success": bool(ok),
                     "recovering": rec["missed"], "wrong_object": rec["wrong"]})
     arrays = {"frames": np.stack(cols["frames"]), "seg": np.stack(cols["seg"]),
@@ -546,7 +575,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
               "actions": np.stack(cols["actions"]).astype(np.float32),
               "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32)}
     meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma, "distractors": distractors,
-            "mark_target": mark_target, "view": view, "distractor_band": distractor_band,
+            "mark_target": mark_target, "view": view, "distractor_band": distractor_band, "targets_per_scene": targets_per_scene,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
             "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
             "dims": {"state": 4, "action": 4, "ee_pose": 7},
@@ -642,7 +671,8 @@ class ClipDataset:
     """Yields model batches from a toy-world dataset: video (B, 3, T, H, W) in [-1, 1] (frame 0 = the
     current observation), state (B, 4) and actions (B, K, 4) normalized, text, value, action_weight
     (B,: 1 for a successful demo, 0 for a failing one, whose actions the policy must not imitate), joints, gripper,
-    ee_pose, K, T_wc, seg, interaction_mask (per latent frame), teacher (AGRA's toy teacher),
+    ee_pose, K, T_wc, seg, interaction_mask (per latent frame), target_mask (the named object's pixels in
+    the current frame: AGRA's stage "ground"), teacher (AGRA's toy teacher),
     kvaf_depth_range (the episode's camera-depth range of the robot links, EA-WM App. A.2).
 
     A clip starts at frame s of an episode: video = frames s, s + stride, ..., s + (frames-1) stride
@@ -713,6 +743,7 @@ class ClipDataset:
             "K": K.expand(len(rows), 3, 3), "T_wc": T_wc.expand(len(rows), 4, 4),
             "seg": torch.from_numpy(seg.astype(np.int64)),
             "interaction_mask": torch.from_numpy(inter),
+            "target_mask": torch.from_numpy(seg[:, 0] == (SEG_OBJ0 + tgt)[:, None, None]),          # (B, H, W), frame 0
             "kvaf_depth_range": torch.from_numpy(self.depth_range[ep]),
         }
         if self.teacher_patch:
@@ -789,13 +820,17 @@ def main():
     p.add_argument("--distractor-band", default="any", choices=DISTRACTOR_BANDS, help="any: training scenes' "
                    "distractors in the near or the far band (the named object is then mostly the nearest one); "
                    "near: in the named object's band, so only the words tell them apart")
+    p.add_argument("--targets-per-scene", type=int, default=1, help="paired demos: each training scene demonstrated "
+                   "up to this many times, naming a different object of its band each time (same first frame, other "
+                   "words, other actions)")
     args = p.parse_args()
     if args.figure:
         return overview(args.out, view=args.view)
     t0 = time.time()
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
                             recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors,
-                            mark_target=args.mark_target, view=args.view, distractor_band=args.distractor_band)
+                            mark_target=args.mark_target, view=args.view, distractor_band=args.distractor_band,
+                            targets_per_scene=args.targets_per_scene)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
     wrong = sum(e["wrong_object"] for e in meta["episodes"])

@@ -400,3 +400,56 @@ def test_distractors_in_the_named_objects_band_take_away_the_nearest_object_shor
     assert meta["distractor_band"] == "near" and tw.world_options(meta)["distractor_band"] == "near"
     with pytest.raises(ValueError, match="expected one of"):
         tw.ToyWorld(distractor_band="far")
+
+
+def test_paired_demos_name_each_object_of_a_scene_in_turn():
+    """generate(targets_per_scene=k) (data/toyworld.py --targets-per-scene k): each training scene is
+    demonstrated up to k times, same first frame, a different object named each time (the drawn one first,
+    then the others of its band), so only the words tell the demos apart; the expert still succeeds, the
+    scene is otherwise unchanged, and k = 1 is the plain dataset."""
+    arrays, meta = tw.generate(9, "train", seed0=0, view="close", distractor_band="near", targets_per_scene=3)
+    eps = meta["episodes"]
+    assert meta["targets_per_scene"] == 3 and all(e["success"] for e in eps)
+    by_seed = {}
+    for e in eps:
+        by_seed.setdefault(e["seed"], []).append(e)
+    env = tw.ToyWorld(view="close", distractor_band="near")
+    for seed, group in by_seed.items():
+        env.reset(seed=seed)
+        assert group[0]["target"] == env.scene["target"]                       # the drawn one first
+        assert len({e["target"] for e in group}) == len(group)                 # each object named once
+        assert len({e["instruction"] for e in group}) == len(group)
+        firsts = [arrays["frames"][e["start"]] for e in group]
+        assert all(np.array_equal(firsts[0], f) for f in firsts[1:])          # the same first frame
+        if group is not by_seed[max(by_seed)]:                                 # the last scene may be cut short
+            assert len(group) == len(env.scene["shapes"])                     # near band: every object named
+    assert len(by_seed) < len(eps)
+    env.reset(seed=3, target=1)
+    plain = tw.ToyWorld(view="close", distractor_band="near")
+    plain.reset(seed=3)
+    assert env.scene["target"] == 1 and np.array_equal(env.scene["obj_xy"], plain.scene["obj_xy"])
+    assert env.instruction() == f"put the {plain.scene['colors'][1]} {plain.scene['shapes'][1]} in the bin"
+    any_env = tw.ToyWorld(view="close")                                        # default band: far objects are not named
+    for s in range(20):
+        any_env.reset(seed=s)
+        for t in tw.scene_targets(any_env, s, "train", 3)[1:]:
+            assert tw.NEAR_BAND[0] <= any_env.scene["obj_xy"][t, 0] <= tw.NEAR_BAND[1]
+    a1, m1 = tw.generate(3, "train", seed0=0, targets_per_scene=1)
+    a0, _ = tw.generate(3, "train", seed0=0)
+    assert np.array_equal(a1["frames"], a0["frames"]) and [e["seed"] for e in m1["episodes"]] == [0, 1, 2]
+    with pytest.raises(ValueError, match="has 2 objects|has 3 objects"):
+        env.reset(seed=3, target=5)
+    with pytest.raises(ValueError, match="train split only"):
+        tw.generate(2, "ood_object", targets_per_scene=2)
+
+
+def test_clip_target_mask_is_the_named_objects_pixels_in_the_current_frame(toy_data):
+    _, arrays, meta = toy_data
+    ds = tw.ClipDataset(arrays, meta, 9, 8)
+    rows = np.arange(0, len(ds), 37)
+    b = ds.get(rows)
+    ep = ds.index[rows, 0]
+    expected = b["seg"][:, 0] == torch.from_numpy(tw.SEG_OBJ0 + ds.targets[ep])[:, None, None]
+    assert b["target_mask"].dtype == torch.bool and torch.equal(b["target_mask"], expected)
+    assert b["target_mask"].flatten(1).any(1).float().mean() > 0.5            # mostly visible
+    assert torch.equal(b["target_mask"] & ~b["interaction_mask"][:, 0], torch.zeros_like(b["target_mask"]))
