@@ -31,6 +31,7 @@ Paper -> code
 | App. B.2.2 variants                      | Config.agra_pass / freeze_video / agra_weight=0    |
 | App. C.1 sizes, layers [0,4,...,27]      | CONFIGS["full"]                                    |
 | App. C.3 stages, LRs, cosine 5 % warm-up | Config.stage, Model.param_groups, Config.lr_*      |
+| (ours, toy) stage ground: grounded start | Model.ground_loss                                  |
 | Sec. 3.2, 4.2.1, Table 1, Fig. 4c        | cross_attention_maps, attention_metrics,           |
 |   attention / interventions / R          |   intervene, intervention_heatmap, sensitivity_ratio|
 
@@ -137,7 +138,9 @@ class Config:
     teacher_weights: str = "facebook/dinov2-base"        # DINOv2-B (App. C.1); or google/siglip2-base-patch16-224
     proj_dim: int = 128                  # REPA projector width (2048)
     # training (App. C.3)
-    stage: str = "joint"                 # video | joint | finetune
+    stage: str = "joint"                 # video | joint | finetune (App. C.3) | ground (ours, the toy's stand-in for
+                                         #   a language-grounded pretrained backbone: Model.ground_loss)
+    ground_layer: int = -1               # stage ground: the video layer whose current-frame tokens name the object
     freeze_video: bool = False           # the "Freeze backbone" variant (finetune implies it)
     lr_video: float = 1e-3               # 1e-5 real robot, 1e-4 simulation
     lr_head: float = 1e-3                # 1e-4
@@ -149,7 +152,7 @@ class Config:
     steps: int = 200                     # the `--tiny` default run (about 2 CPU minutes)
 
     def __post_init__(self):
-        check_choice("stage", self.stage, ("video", "joint", "finetune"))
+        check_choice("stage", self.stage, ("video", "joint", "finetune", "ground"))
         check_choice("agra_pass", self.agra_pass, ("action_cond", "video", "shared"))
         check_choice("agra_distance", self.agra_distance, ("cosine", "mse"))
         check_choice("bridge", self.bridge, ("multi", "single"))
@@ -742,7 +745,14 @@ class Model(nn.Module):
                                          for l in cfg.agra_layers})
         if cfg.teacher != "toy":
             self.teacher = teacher if teacher is not None else make_teacher(cfg)
+        if cfg.stage == "ground":                                        # only in that stage (init_ignore)
+            self.ground_head = nn.Linear(cfg.video_dim, 1)
         self.initialize_weights()
+
+    @property
+    def init_ignore(self) -> tuple:
+        """Checkpoint keys train.py --init drops on purpose: a ground-stage run's readout, in a later stage."""
+        return () if self.cfg.stage == "ground" else (r"^ground_head\.",)
 
     def initialize_weights(self):
         """DiT-style: xavier linears, zero biases; adaLN-Zero (blocks start as the identity);
@@ -862,6 +872,8 @@ class Model(nn.Module):
         noise (Eq. 16, 19). When both run they are one batched forward (the same values as two calls).
         """
         cfg = self.cfg
+        if cfg.stage == "ground":
+            return self.ground_loss(batch)
         z = self.encode(batch)                                           # (B, C, T, h, w)
         B, T = z.shape[0], z.shape[2]
         ctx = self.context(batch)
@@ -928,12 +940,44 @@ class Model(nn.Module):
             total = total + cfg.agra_weight * parts["agra"]              # Eq. 7
         return total, {k: v.detach() for k, v in parts.items()}
 
+    def ground_loss(self, batch):
+        """Stage "ground" (ours, not in the paper): the toy's stand-in for starting from a video model
+        pretrained on text-to-video, which has learned to bind words to the objects they name (Cosmos-
+        Predict2.5, Wan2.1); the tiny video DiT starts from scratch, and the WAM losses alone do not teach
+        it that binding at a CPU budget (README: "Telling which object the words name"). A referring
+        readout: on the inference-time t = 1 pass (Eq. 16), a linear score per current-frame token of layer
+        `ground_layer`, softmax over the tokens, cross-entropy against the named object's share of each
+        token (batch["target_mask"], the toy world's segmentation of the named object in the current frame).
+        Trains the video DiT, the text encoder and the readout; the readout is dropped after this stage."""
+        cfg = self.cfg
+        mask = batch.get("target_mask")
+        if mask is None:
+            raise ValueError("stage 'ground' needs batch['target_mask'] (B, H, W): the named object's pixels in the "
+                             "current frame, which the toy world's ClipDataset gives; real datasets have no such label")
+        check_shape("batch['target_mask']", mask, (None, cfg.height, cfg.width))
+        z = self.encode(batch)
+        B, _, T, h, w = z.shape
+        z1 = torch.cat([z[:, :, :1], torch.randn_like(z[:, :, 1:])], 2)    # the t = 1 pass of inference
+        layer = cfg.ground_layer % cfg.video_layers
+        _, hidden = self.video(self.video_input(z1), self.frame_times(torch.ones(B, device=z.device), T),
+                               self.context(batch), {layer})
+        gh, gw = h // cfg.patch[1], w // cfg.patch[2]
+        logits = self.ground_head(hidden[layer][:, : gh * gw]).squeeze(-1).float()          # (B, tokens of frame 0)
+        share = F.adaptive_avg_pool2d(mask[:, None].float(), (gh, gw)).flatten(1)          # named object's share
+        has = (share.sum(1) > 0).float()                                 # it may be hidden (in the bin, by the arm)
+        target = share / share.sum(1, keepdim=True).clamp_min(1e-8)
+        loss = sample_mean(-(target * F.log_softmax(logits, -1)).sum(1, keepdim=True), has)
+        with torch.no_grad():                                            # top token inside the named object
+            hit = (share.gather(1, logits.argmax(1, keepdim=True))[:, 0] > 0).float()
+        return loss, {"ground": loss.detach(), "ground_hit": (hit * has).sum() / has.sum().clamp_min(1)}
+
     def param_groups(self):
         """Per-module learning rates (App. C.3): the video DiT (+ tiny text encoder) at lr_video,
-        bridge + action head + projectors at lr_head. Frozen parts are left out."""
+        bridge + action head + projectors at lr_head. Frozen parts are left out. Stage ground: the video
+        DiT, text encoder and the readout at lr_video."""
         video_trainable = self.cfg.stage != "finetune" and not self.cfg.freeze_video
-        head_trainable = self.cfg.stage != "video"
-        video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder."))]
+        head_trainable = self.cfg.stage not in ("video", "ground")
+        video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder.", "ground_head."))]
         head = [p for n, p in self.named_parameters() if n.startswith(("bridge.", "head."))]
         proj = [p for n, p in self.named_parameters() if n.startswith("projectors.")]
         groups = []

@@ -220,7 +220,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the main/head group; other groups keep "
                    "their ratio to it from the config")
-    p.add_argument("--stage", default=None, help="training stage (AGRA: video | joint | finetune; MV-WAM: video | joint)")
+    p.add_argument("--stage", default=None, help="training stage (AGRA: video | joint | finetune | ground; MV-WAM: video | joint)")
     p.add_argument("--data", default=None, help="toy-world dataset folder (default: generate and cache data/cache/default)")
     p.add_argument("--episodes", type=int, default=400, help="episodes of the generated default dataset")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
@@ -325,7 +325,7 @@ def main(argv=None):
         start = state["step"]
     elif args.init:
         _, _, init_sd, _ = read_checkpoint(args.init, expect=args.model)
-        load_state_dict_strict(model, init_sd, what=args.init)
+        load_state_dict_strict(model, init_sd, what=args.init, ignore=getattr(model, "init_ignore", ()))
     model.to(device)
     if args.grad_checkpoint and not set_grad_checkpointing(model):
         raise ValueError(f"--grad-checkpoint: {args.model} has no block loop to checkpoint")

@@ -353,3 +353,39 @@ def test_bridge_text_gives_the_head_the_instruction(batch):
     total, _ = model.loss(batch)
     total.backward()
     assert model.bridge.text_proj[1].weight.grad.abs().sum() > 0
+
+
+def test_ground_stage_readout_oracle_gradients_and_init_into_joint(batch):
+    """Stage "ground" (the toy's stand-in for a language-grounded pretrained backbone): with a zero readout
+    every current-frame token scores the same, so the cross-entropy against the named object's token share
+    is log(64) for every sample that shows the object; it trains the video DiT, the text encoder and the
+    readout only; it needs the named object's mask; its readout is dropped when a later stage starts from it."""
+    from common import load_state_dict_strict
+    torch.manual_seed(0)
+    model = agra.Model(tiny_cfg(stage="ground"))
+    groups = model.param_groups()
+    assert [g["name"] for g in groups] == ["video"]
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"video", "text_encoder", "ground_head"}
+    with torch.no_grad():
+        model.ground_head.weight.zero_()
+        model.ground_head.bias.zero_()
+    visible = batch["target_mask"].flatten(1).any(1)
+    assert visible.any()
+    loss, parts = model.loss(batch)
+    assert set(parts) == {"ground", "ground_hit"}
+    assert loss.item() == pytest.approx(math.log(64), rel=1e-5)
+    perturbed(model)
+    loss, _ = model.loss(batch)
+    loss.backward()
+    assert model.text_encoder.embed.weight.grad.abs().sum() > 0                # the words are trained
+    assert all(p.grad is None for p in model.head.parameters())
+    with pytest.raises(ValueError, match="target_mask"):
+        model.loss({k: v for k, v in batch.items() if k != "target_mask"})
+    joint = agra.Model(tiny_cfg())
+    assert not hasattr(joint, "ground_head")
+    with pytest.raises(ValueError, match="unexpected 2 key"):
+        load_state_dict_strict(joint, model.state_dict())
+    load_state_dict_strict(joint, model.state_dict(), ignore=joint.init_ignore)
+    assert torch.equal(joint.video.blocks[0].cross_attn.q.weight, model.video.blocks[0].cross_attn.q.weight)
+    assert model.init_ignore == ()
