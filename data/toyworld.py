@@ -518,6 +518,8 @@ def scene_targets(env: ToyWorld, seed: int, split: str, k: int) -> list:
     """The objects a paired demo of this seed's scene names (generate(targets_per_scene=k)): the drawn
     target (None: as drawn) then, up to k in all, the other objects in the same placement band, so that
     every named object stays where the split puts named objects (distractors in the far band are not named)."""
+    if k == 1:
+        return [None]
     env.reset(seed=seed, split=split)
     sc = env.scene
     band = FAR_BAND if split == "ood_layout" else NEAR_BAND
