@@ -17,7 +17,12 @@ standard deviation (ddof 1) of the n per-seed values (a seed evaluated twice in 
 the mean of its evaluations). A cell is marked `*` when it differs from the baseline row's cell by more
 than 2 sqrt(SE_row^2 + SE_baseline^2), i.e. by more than about two standard errors of the difference of
 two independent means: with 3+ seeds per row, a difference the seed-to-seed spread is unlikely to make.
-Rows with one seed have no SE and are never marked. Success and the stages reached (object reached,
+Rows with one seed have no SE and are never marked. Runs trained by this repository's train.py record their
+`--seed` (and `--init`) in the checkpoint: where a row and the baseline hold runs of the same seeds (two or
+more in common), the table adds for the outcome metrics (success, EA-WM's PSNR) a line "row - first, paired
+by seed": the per-seed differences' mean +- SE (marked `*` beyond 2 SE). Runs of one seed share their
+initialisation and data order (and, from one `--init`, their start), so pairing removes the spread the two
+rows share and resolves smaller differences than the independent test. Success and the stages reached (object reached,
 grasped, lifted; a distractor grasped) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM
 evaluation with --rollback adds a row "sample.rollback=<delta>" with its success and rollbacks per
 episode), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
@@ -44,6 +49,10 @@ SE_NOTE = ("mean ± SE over seeds; SE = sample standard deviation (ddof 1) of th
            "sqrt(seeds); one value per seed: the mean over its evaluations in that row")
 MARK_NOTE = ("* = differs from the first row (the baseline: the first run given) by more than "
              "2 sqrt(SE_row^2 + SE_first^2); needs 2+ seeds in both rows")
+PAIRED_NOTE = ("row - first, paired by seed = mean +- SE of the per-seed differences to the first row over the seeds "
+               "both rows hold (train.py --seed, recorded in the checkpoint); * = beyond 2 SE")
+# the outcome metrics that get a paired line in the table (comparison.json has it for every metric)
+PAIRED = ("success", "psnr_kvaf", "psnr_joint")
 # metric -> (label, decimals, reference shown in brackets); the reference is a property of the evaluated
 # episodes or clips, not of the model: the share of tokens inside the interaction mask (the in-mask
 # ratio of attention spread uniformly) and the first frame repeated (a model that predicts no motion)
@@ -73,8 +82,8 @@ METRICS = {
 
 
 def read_run(run: str) -> dict:
-    """-> {"run", "model", "config" (defaults filled in), "step", "data"} from RUN/model.safetensors' metadata,
-    without reading the weights."""
+    """-> {"run", "model", "config" (defaults filled in), "step", "data", "seed" (None for a checkpoint
+    written before train.py recorded it)} from RUN/model.safetensors' metadata, without reading the weights."""
     import dataclasses
     from safetensors import safe_open
     from train import model_module
@@ -94,7 +103,7 @@ def read_run(run: str) -> dict:
     defaults = {fl.name: (fl.default if fl.default is not dataclasses.MISSING else fl.default_factory())
                 for fl in dataclasses.fields(model_module(meta["model"]).Config)}
     return {"run": run, "model": meta["model"], "config": {**json.loads(json.dumps(defaults)), **meta["config"]},
-            "step": meta.get("step"), "data": meta.get("data", {})}
+            "step": meta.get("step"), "data": meta.get("data", {}), "seed": (meta.get("run") or {}).get("seed")}
 
 
 def _need(d: dict, key: str, where: str, fix: str):
@@ -245,30 +254,53 @@ def compare_rows(rows: list[dict], splits: list[str]) -> list[dict]:
                 if vals:
                     m, se = mean_se(vals)
                     cells[split] = {"mean": m, "se": se, "seeds": len(vals), "values": vals, "n_per_seed": counts,
-                                    "ref": sum(refs) / len(refs) if refs else None}
-            whole = [sum(v.values()) / len(v) for v in per_run_splits.values() if len(v) == len(splits)]
+                                    "ref": sum(refs) / len(refs) if refs else None,
+                                    "runs": [r for r in runs if split in per_run_splits.get(r, {})]}   # as `values`
+            complete = [r for r, v in per_run_splits.items() if len(v) == len(splits)]
+            whole = [sum(per_run_splits[r].values()) / len(splits) for r in complete]
             if whole and len(splits) > 1:
                 m, se = mean_se(whole)
                 refs = [cells[s]["ref"] for s in splits if s in cells]
                 cells["mean"] = {"mean": m, "se": se, "seeds": len(whole), "values": whole, "n_per_seed": [],
-                                 "ref": sum(refs) / len(refs) if refs and None not in refs else None}
+                                 "ref": sum(refs) / len(refs) if refs and None not in refs else None, "runs": complete}
             if cells:
                 metrics[metric] = cells
         files = [ev["file"] + ("" if ev["settings"]["rollback"] == "off" else f" (rollback {ev['settings']['rollback']})")
                  for ev in row["evals"]]
         out.append({"name": row["name"], "fields": row["fields"], "runs": runs, "seeds": len(runs), "evaluations": files,
                     "metrics": metrics})
+    seed_of = {ev["run"]: ev["info"].get("seed") for row in rows for ev in row["evals"]}
     base = out[0]["metrics"]
     for r in out[1:]:                                                        # each row against the first
         for metric, cells in r["metrics"].items():
             for split, c in cells.items():
                 b = base.get(metric, {}).get(split)
-                if b is None or c["se"] is None or b["se"] is None:
+                if b is None:
                     continue
-                c["diff"] = c["mean"] - b["mean"]
-                c["combined_se"] = math.sqrt(c["se"] ** 2 + b["se"] ** 2)
-                c["differs"] = abs(c["diff"]) > 2 * c["combined_se"]
+                if c["se"] is not None and b["se"] is not None:              # two independent means
+                    c["diff"] = c["mean"] - b["mean"]
+                    c["combined_se"] = math.sqrt(c["se"] ** 2 + b["se"] ** 2)
+                    c["differs"] = abs(c["diff"]) > 2 * c["combined_se"]
+                paired = paired_difference(c, b, seed_of)
+                if paired is not None:
+                    c["paired"] = paired
     return out
+
+
+def paired_difference(cell: dict, base: dict, seed_of: dict) -> dict | None:
+    """The per-seed differences cell - base over the seeds both hold -> {"seeds", "diffs", "diff", "se",
+    "differs" (|diff| > 2 SE)}; None unless every run of both cells has a recorded seed, distinct within its
+    row, and two or more seeds are common."""
+    def by_seed(c):
+        seeds = [seed_of.get(r) for r in c["runs"]]
+        return None if None in seeds or len(set(seeds)) != len(seeds) else dict(zip(seeds, c["values"]))
+    a, b = by_seed(cell), by_seed(base)
+    common = sorted(set(a) & set(b)) if a is not None and b is not None else []
+    if len(common) < 2:
+        return None
+    diffs = [a[s] - b[s] for s in common]
+    m, se = mean_se(diffs)
+    return {"seeds": common, "diffs": diffs, "diff": m, "se": se, "differs": abs(m) > 2 * se}
 
 
 def _cell(c: dict, digits: int) -> str:
@@ -276,6 +308,10 @@ def _cell(c: dict, digits: int) -> str:
     if c.get("ref") is not None:
         text += f" ({c['ref']:.{digits}f})"
     return text + (" *" if c.get("differs") else "")
+
+
+def _paired_cell(p: dict, digits: int) -> str:
+    return f"{p['diff']:+.{digits}f} ± {p['se']:.{digits}f}" + (" *" if p["differs"] else "")
 
 
 def format_table(table: list[dict], splits: list[str], markdown: bool = False) -> str:
@@ -292,6 +328,13 @@ def format_table(table: list[dict], splits: list[str], markdown: bool = False) -
             seeds = sorted({c["seeds"] for c in cells.values()})
             lines.append([label, r["name"], "-".join(map(str, seeds)), n]
                          + [_cell(cells[s], digits) if s in cells else "-" for s in cols[4:]])
+        for r in table[1:] if metric in PAIRED else []:                     # row - first, paired by seed
+            cells = r["metrics"].get(metric, {})
+            pairs = {s: cells[s]["paired"] for s in cols[4:] if "paired" in cells.get(s, {})}
+            if pairs:
+                seeds = sorted({len(p["seeds"]) for p in pairs.values()})
+                lines.append([f"{label}: row - first, paired by seed", r["name"], "-".join(map(str, seeds)), ""]
+                             + [_paired_cell(pairs[s], digits) if s in pairs else "-" for s in cols[4:]])
     if markdown:
         return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(l) + " |" for l in lines])
     width = [max(len(x) for x in col) for col in zip(cols, *lines)]
@@ -484,6 +527,8 @@ def compare_runs(runs: list[str], patterns=("samples/metrics.json",), splits=SPL
     head = (f"{model}: {len(infos)} runs, {len(evals)} evaluations, {len(table)} rows"
             + (f" (rows differ in: {', '.join(differ)})" if differ else " (no field differs: one row)"))
     notes = [f"cells: {SE_NOTE}", MARK_NOTE, "n/seed = episodes (success) or clips (diagnostics) per seed"]
+    if any("paired" in c for r in table for m in PAIRED for c in r["metrics"].get(m, {}).values()):
+        notes.append(PAIRED_NOTE)
     present = {m for r in table for m in r["metrics"]}
     if "in_mask_ratio" in present:
         notes.append("(x) after the attention-in-mask ratio: its chance level, the mask's share of tokens "

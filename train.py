@@ -94,11 +94,15 @@ def demo_counts(data_meta: dict) -> dict:
     return out
 
 
-def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None, data_meta=None, fsdp_root=None, write=True):
+def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None, data_meta=None, fsdp_root=None, write=True,
+                    run=None):
     """model.safetensors (+ train_state.pt when an optimizer is given), each atomic. Under FSDP2
     (`fsdp_root` = the sharded root) every rank calls this: the full state is gathered to rank 0
-    (`write`), the optimizer state keyed by parameter name."""
+    (`write`), the optimizer state keyed by parameter name. `run`: how the run was started ({"seed",
+    "init"}), kept in the metadata so that `sample.py --compare` can pair runs by seed."""
     meta = {"model": name, "config": config_to_dict(cfg), "stats": stats, "step": step, "format": "wam-v1"}
+    if run is not None:
+        meta["run"] = run
     if data_meta is not None:
         keys = ("res", "fps", "camera", "task", "gamma", "source", "encoded", "view", "distractor_band")
         meta["data"] = {k: data_meta[k] for k in keys if k in data_meta}
@@ -326,6 +330,8 @@ def main(argv=None):
     elif args.init:
         _, _, init_sd, _ = read_checkpoint(args.init, expect=args.model)
         load_state_dict_strict(model, init_sd, what=args.init, ignore=getattr(model, "init_ignore", ()))
+    # how the run started, in every checkpoint's metadata (a resumed run keeps its first run's)
+    run_meta = (meta.get("run") if resumed else None) or {"seed": args.seed, "init": args.init, "pretrained": bool(args.pretrained)}
     model.to(device)
     if args.grad_checkpoint and not set_grad_checkpointing(model):
         raise ValueError(f"--grad-checkpoint: {args.model} has no block loop to checkpoint")
@@ -423,7 +429,7 @@ def main(argv=None):
                            f"grad {gnorm:.2f} | {time.time() - t0:.0f}s")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 != end and (master or fsdp):
             save_checkpoint(out, args.model, model, cfg, dmeta["stats"], step + 1, optimizer, gen, dmeta,
-                            loss_module if fsdp else None, master)
+                            loss_module if fsdp else None, master, run_meta)
         if args.eval_every and master and ((step + 1) % args.eval_every == 0 or step + 1 == end):
             t_eval = time.time()
             rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
@@ -441,7 +447,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ checkpoint
     if master or fsdp:
-        save_checkpoint(out, args.model, model, cfg, dmeta["stats"], end, optimizer, gen, dmeta, loss_module if fsdp else None, master)
+        save_checkpoint(out, args.model, model, cfg, dmeta["stats"], end, optimizer, gen, dmeta, loss_module if fsdp else None,
+                        master, run_meta)
     if master:
         log.close()
         print(f"saved {out}/model.safetensors at step {end} ({time.time() - t0:.0f}s)")

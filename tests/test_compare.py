@@ -15,8 +15,9 @@ import sample
 from common import config_to_dict, save_weights
 
 
-def fake_run(root, name, model="agra", step=100, metrics=None, jsonl=None, sub="samples", **fields):
-    """A run folder as train.py + sample.py write it; `fields` override the tiny preset's Config."""
+def fake_run(root, name, model="agra", step=100, metrics=None, jsonl=None, sub="samples", seed=None, **fields):
+    """A run folder as train.py + sample.py write it; `fields` override the tiny preset's Config; `seed`:
+    the training seed train.py records (None: a checkpoint from before it did)."""
     import train
     cfg = copy.deepcopy(train.model_module(model).CONFIGS["tiny"])
     for k, v in fields.items():
@@ -24,7 +25,8 @@ def fake_run(root, name, model="agra", step=100, metrics=None, jsonl=None, sub="
     folder = os.path.join(str(root), name)
     os.makedirs(folder, exist_ok=True)
     save_weights(os.path.join(folder, "model.safetensors"), {"w": torch.zeros(1)},
-                 {"model": model, "config": config_to_dict(cfg), "step": step, "data": {"res": 32, "gamma": 0.99}})
+                 {"model": model, "config": config_to_dict(cfg), "step": step, "data": {"res": 32, "gamma": 0.99},
+                  **({"run": {"seed": seed, "init": None}} if seed is not None else {})})
     if metrics is not None:
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
         with open(os.path.join(folder, sub, "metrics.json"), "w") as f:
@@ -85,6 +87,37 @@ def test_standard_error_and_marker_hand_computed(wam_vs_agra, tmp_path):
     assert wam["train"]["values"] == pytest.approx([50, 60, 70])
     reached = res["rows"][0]["metrics"]["reached"]                      # stage flags, in % like success
     assert reached["train"]["mean"] == 100.0 and "ood_layout" not in reached
+
+
+def test_paired_by_seed_hand_computed(wam_vs_agra, tmp_path):
+    """The same runs with their seeds recorded: the differences to the baseline per seed."""
+    paired = []
+    for run in wam_vs_agra:                                             # wam_s0..2, agra_s0..2: seed from the name
+        with open(os.path.join(run, "samples", "metrics.json")) as f:
+            m = json.load(f)
+        name = os.path.basename(run)
+        paired.append(fake_run(tmp_path / "seeded", name, metrics=m, seed=int(name[-1]),
+                               agra_weight=0.0 if name.startswith("wam") else 0.01))
+    res = compare.compare_runs(paired, splits=("train", "ood_layout"), out_dir=str(tmp_path / "cmp"), quiet=True)
+    agra = res["rows"][1]["metrics"]["success"]
+    # train: AGRA - WAM per seed = 80-50, 90-60, 85-70 = 30, 30, 15 -> 25, sample std sqrt(75), SE 5: marked
+    p = agra["train"]["paired"]
+    assert p["seeds"] == [0, 1, 2] and p["diffs"] == pytest.approx([30, 30, 15])
+    assert p["diff"] == pytest.approx(25.0) and p["se"] == pytest.approx(5.0) and p["differs"]
+    # ood_layout: 10 - 0, 20 - 10, 30 - 20 = 10 each, SE 0: resolved by pairing, not by the independent test
+    assert agra["ood_layout"]["paired"]["diff"] == pytest.approx(10.0) and agra["ood_layout"]["paired"]["se"] == 0.0
+    assert agra["ood_layout"]["paired"]["differs"] and not agra["ood_layout"]["differs"]
+    # mean over splits per seed: AGRA 45, 55, 57.5; WAM 25, 35, 45 -> 20, 20, 12.5
+    assert agra["mean"]["paired"]["diffs"] == pytest.approx([20, 20, 12.5])
+    assert "paired" not in res["rows"][0]["metrics"]["success"]["train"]          # not the baseline against itself
+    md = open(tmp_path / "cmp" / "comparison.md").read()
+    assert "| success %: row - first, paired by seed | agra_weight=0.01 | 3 |  | +25.0 ± 5.0 * | +10.0 ± 0.0 * |" in md
+    assert "paired by seed = mean" in md
+    # no pairing without recorded seeds (the unseeded fixture), nor with fewer than two seeds in common
+    plain = compare.compare_runs(wam_vs_agra, splits=("train",), out_dir=str(tmp_path / "c2"), quiet=True)
+    assert "paired" not in plain["rows"][1]["metrics"]["success"]["train"]
+    two = compare.compare_runs(paired[:2] + paired[5:], splits=("train",), out_dir=str(tmp_path / "c3"), quiet=True)
+    assert "paired" not in two["rows"][1]["metrics"]["success"]["train"]            # seeds {0, 1} vs {2}
 
 
 def test_table_json_md_and_svg_are_written(wam_vs_agra, tmp_path, capsys):

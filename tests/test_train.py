@@ -38,6 +38,7 @@ def test_resume_is_bit_exact(run6, toy_data, tmp_path):
     sd_a = train.load_model(run6)[1].state_dict()
     sd_b = train.load_model(out)[1].state_dict()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert train.read_checkpoint(out)[3]["run"] == {"seed": 0, "init": None, "pretrained": False}   # kept on resume
 
 
 def test_checkpoint_contents_and_sampling(run6, tmp_path):
@@ -46,6 +47,7 @@ def test_checkpoint_contents_and_sampling(run6, tmp_path):
         meta = f.metadata()
     assert json.loads(meta["model"]) == "agra" and json.loads(meta["step"]) == 6
     assert json.loads(meta["config"])["agra_weight"] == 0.01 and "actions" in json.loads(meta["stats"])
+    assert json.loads(meta["run"]) == {"seed": 0, "init": None, "pretrained": False}    # sample.py --compare pairs by seed
     state = torch.load(os.path.join(run6, "train_state.pt"), weights_only=True)
     assert state["step"] == 6 and "optimizer" in state
     out = str(tmp_path / "samples")
