@@ -17,15 +17,18 @@ standard deviation (ddof 1) of the n per-seed values (a seed evaluated twice in 
 the mean of its evaluations). A cell is marked `*` when it differs from the baseline row's cell by more
 than 2 sqrt(SE_row^2 + SE_baseline^2), i.e. by more than about two standard errors of the difference of
 two independent means: with 3+ seeds per row, a difference the seed-to-seed spread is unlikely to make.
-Rows with one seed have no SE and are never marked. Runs trained by this repository's train.py record their
-`--seed` (and `--init`) in the checkpoint: where a row and the baseline hold runs of the same seeds (two or
-more in common), the table adds for the outcome metrics (success, EA-WM's PSNR) a line "row - first, paired
-by seed": the per-seed differences' mean +- SE (marked `*` beyond 2 SE). Runs of one seed share their
-initialisation and data order (and, from one `--init`, their start), so pairing removes the spread the two
-rows share and resolves smaller differences than the independent test. Success and the stages reached (object reached,
-grasped, lifted; a distractor grasped) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM
-evaluation with --rollback adds a row "sample.rollback=<delta>" with its success and rollbacks per
-episode), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
+Rows with one seed have no SE and are never marked.
+
+Runs trained by this repository's train.py record their `--seed` (and `--init`) in the checkpoint: where a
+row and the baseline hold runs of the same seeds (two or more in common), the table adds for the outcome
+metrics (success, EA-WM's PSNR) a line "row - first, paired by seed": the per-seed differences' mean +- SE
+(marked `*` beyond 2 SE). Runs of one seed share their initialisation and data order (and, from one
+`--init`, their start), so pairing removes the spread the two rows share and resolves smaller differences
+than the independent test.
+
+Success and the stages reached (object reached, grasped, lifted; a distractor grasped) come from the
+closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback adds a row
+"sample.rollback=<delta>" with its success and rollbacks per episode), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
 brackets), centroid error and Matched Sensitivity Ratio (AGRA Sec. 3.2, 4.2.1, Table 1), MV-WAM's value
 against the Monte-Carlo return (Eq. 4) and its AUC between the named object and a distractor in hand,
 EA-WM's PSNR / latent MSE against the true rendering (copy-first-frame level in brackets) and
