@@ -22,7 +22,7 @@ Rows with one seed have no SE and are never marked.
 Runs trained by this repository's train.py record their `--seed` (and `--init`) in the checkpoint: where a
 row and the baseline hold runs of the same seeds (two or more in common), the table adds for the outcome
 metrics (success, EA-WM's PSNR) a line "row - first, paired by seed": the per-seed differences' mean +- SE
-(marked `*` beyond 2 SE). Runs of one seed share their initialisation and data order (and, from one
+(marked `*` beyond 2 SE when 3+ seeds are paired). Runs of one seed share their initialisation and data order (and, from one
 `--init`, their start), so pairing removes the spread the two rows share and resolves smaller differences
 than the independent test.
 
@@ -53,7 +53,7 @@ SE_NOTE = ("mean ± SE over seeds; SE = sample standard deviation (ddof 1) of th
 MARK_NOTE = ("* = differs from the first row (the baseline: the first run given) by more than "
              "2 sqrt(SE_row^2 + SE_first^2); needs 2+ seeds in both rows")
 PAIRED_NOTE = ("row - first, paired by seed = mean +- SE of the per-seed differences to the first row over the seeds "
-               "both rows hold (train.py --seed, recorded in the checkpoint); * = beyond 2 SE")
+               "both rows hold (train.py --seed, recorded in the checkpoint); * = beyond 2 SE, with 3+ seeds paired")
 # the outcome metrics that get a paired line in the table (comparison.json has it for every metric)
 PAIRED = ("success", "psnr_kvaf", "psnr_joint")
 # metric -> (label, decimals, reference shown in brackets); the reference is a property of the evaluated
@@ -292,8 +292,9 @@ def compare_rows(rows: list[dict], splits: list[str]) -> list[dict]:
 
 def paired_difference(cell: dict, base: dict, seed_of: dict) -> dict | None:
     """The per-seed differences cell - base over the seeds both hold -> {"seeds", "diffs", "diff", "se",
-    "differs" (|diff| > 2 SE)}; None unless every run of both cells has a recorded seed, distinct within its
-    row, and two or more seeds are common."""
+    "differs" (|diff| > 2 SE, with 3+ seeds: the SE of two differences is half their gap, 0 when they happen
+    to be equal)}; None unless every run of both cells has a recorded seed, distinct within its row, and two
+    or more seeds are common."""
     def by_seed(c):
         seeds = [seed_of.get(r) for r in c["runs"]]
         return None if None in seeds or len(set(seeds)) != len(seeds) else dict(zip(seeds, c["values"]))
@@ -303,7 +304,7 @@ def paired_difference(cell: dict, base: dict, seed_of: dict) -> dict | None:
         return None
     diffs = [a[s] - b[s] for s in common]
     m, se = mean_se(diffs)
-    return {"seeds": common, "diffs": diffs, "diff": m, "se": se, "differs": abs(m) > 2 * se}
+    return {"seeds": common, "diffs": diffs, "diff": m, "se": se, "differs": len(common) >= 3 and abs(m) > 2 * se}
 
 
 def _cell(c: dict, digits: int) -> str:

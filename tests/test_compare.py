@@ -116,8 +116,12 @@ def test_paired_by_seed_hand_computed(wam_vs_agra, tmp_path):
     # no pairing without recorded seeds (the unseeded fixture), nor with fewer than two seeds in common
     plain = compare.compare_runs(wam_vs_agra, splits=("train",), out_dir=str(tmp_path / "c2"), quiet=True)
     assert "paired" not in plain["rows"][1]["metrics"]["success"]["train"]
-    two = compare.compare_runs(paired[:2] + paired[5:], splits=("train",), out_dir=str(tmp_path / "c3"), quiet=True)
-    assert "paired" not in two["rows"][1]["metrics"]["success"]["train"]            # seeds {0, 1} vs {2}
+    one = compare.compare_runs(paired[:2] + paired[5:], splits=("train",), out_dir=str(tmp_path / "c3"), quiet=True)
+    assert "paired" not in one["rows"][1]["metrics"]["success"]["train"]            # seeds {0, 1} vs {2}
+    # two seeds paired: ood_layout's differences 10, 10 have SE 0, but two seeds are never marked
+    two = compare.compare_runs(paired[:2] + paired[3:5], splits=("ood_layout",), out_dir=str(tmp_path / "c4"), quiet=True)
+    p2 = two["rows"][1]["metrics"]["success"]["ood_layout"]["paired"]
+    assert p2["seeds"] == [0, 1] and p2["se"] == 0.0 and not p2["differs"]
 
 
 def test_table_json_md_and_svg_are_written(wam_vs_agra, tmp_path, capsys):
