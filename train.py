@@ -99,7 +99,7 @@ def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None
     """model.safetensors (+ train_state.pt when an optimizer is given), each atomic. Under FSDP2
     (`fsdp_root` = the sharded root) every rank calls this: the full state is gathered to rank 0
     (`write`), the optimizer state keyed by parameter name. `run`: how the run was started ({"seed",
-    "init"}), kept in the metadata so that `sample.py --compare` can pair runs by seed."""
+    "init", "pretrained"}), kept in the metadata so that `sample.py --compare` can pair runs by seed."""
     meta = {"model": name, "config": config_to_dict(cfg), "stats": stats, "step": step, "format": "wam-v1"}
     if run is not None:
         meta["run"] = run
