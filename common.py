@@ -336,6 +336,16 @@ def bell_weight(t: torch.Tensor, shift: float = 5.0, n: int = 1000) -> torch.Ten
     return ((torch.exp(-2 * (t.double() - 0.5) ** 2) - m) / Z).to(t.dtype if t.is_floating_point() else torch.float32)
 
 
+def x0_space_weight(t: torch.Tensor, shift: float = 1.0, t_min: float = 0.0, n: int = 1000) -> torch.Tensor:
+    """Timestep weight that turns a flow-matching velocity loss into the error of the implied clean
+    sample: x0_hat = x_t - t v_hat, so t^2 |v_hat - v|^2 = |x0_hat - x0|^2 (any parametrization). t is
+    clipped at t_min (the clip of an x0 / delta prediction's division), normalized to mean 1 over the
+    training grid like bell_weight: w(t) = max(t, t_min)^2 / Z."""
+    grid = shift_t(torch.linspace(1.0, 0.0, n + 1)[:-1].double(), shift)
+    Z = grid.clamp_min(t_min).pow(2).mean()
+    return (t.double().clamp_min(t_min).pow(2) / Z).to(t.dtype if t.is_floating_point() else torch.float32)
+
+
 # -------------------------------------------------------------------------------------------------
 # Normalization, modulation, timestep embedding
 # -------------------------------------------------------------------------------------------------

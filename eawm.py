@@ -25,7 +25,8 @@ Our copy of the paper lost its equations; the ones implemented, written from Sec
   (6)  h_k <- h_k + g * CrossAttn(h_k <- h_v)          (both from the pre-fusion tokens)
   (7)  d_t = o_t - o_{t-1} (d_0 = 0);  z_d = VAE(d / 2), patchified to the token grid
   (8)  L = w(t) (||v_hat_x - v_x||^2 + ||v_hat_k - v_k||^2) + lambda_e mean_{l in S} ||e_hat_l - z_d||^2 / s
-       first latent frame excluded; w(t) = common.bell_weight (Wan / DiffSynth trainer weight);
+       first latent frame excluded; w(t) = common.bell_weight (Wan / DiffSynth trainer weight), or
+       (tiny preset, ours) w(t) = t^2 / Z (common.x0_space_weight: the error of the implied clean clip);
        s = mean z_d^2 of the batch (edls_normalize, ours) or 1
 
 Paper -> code
@@ -42,6 +43,7 @@ Paper -> code
 | Table 1 / 4 joint / KVAF-conditioned  | Model.sample(mode=...), Config.kvaf_cond_prob     |
 | Sec. 4.3 w/o KVAF, w/o EAF            | Config.kvaf=False, Config.fusion="plain"          |
 | (ours) x0 / change prediction, I2V concat | Config.prediction, Model.to_velocity, first_frame_concat |
+| (ours) x0-space loss weight, aligned fusion start | Config.time_weight="x0", Config.fusion_init="aligned" |
 
 Shape letters: B batch, C latent channels, T latent frames, h x w token grid, L = T h w tokens,
 D width, F raw frames.
@@ -60,7 +62,8 @@ import torch.nn.functional as F
 
 from common import depth_range as common_depth_range
 from common import (frame_times, Attention, FP32LayerNorm, PixelCodec, TinyTextEncoder, URDFChain, WanDiT, WanHead, add_noise,
-                    bell_weight, check_choice, check_clip_frames, checkpointed, check_layers, colormap, inject_lora, project, rope_3d, sample_t, set_trainable, shift_t, velocity_target)
+                    bell_weight, check_choice, check_clip_frames, checkpointed, check_layers, colormap, inject_lora, project,
+                    rope_3d, sample_t, set_trainable, shift_t, velocity_target, x0_space_weight)
 
 # -------------------------------------------------------------------------------------------------
 # KVAF renderer (Sec. 3.1, App. A.2)
@@ -200,7 +203,10 @@ class Config:
     fusion: str = "event"                # event (Eq. 4-6 + EDLS) | plain (bidirectional cross-attention, Sec. 4.3)
     fusion_layers: tuple = (1, 3)        # S: sparse fusion layers (the paper does not list them)
     event_dim: int = 64                  # width of the event representation e
-    time_weight: str = "bell"            # w(t) of Eq. 8: bell (Wan / DiffSynth trainer) | uniform (w = 1, a variant)
+    fusion_init: str = "zero"            # zero: output projections at 0, so fusion starts as the identity | aligned
+                                         #   (ours): also q, k start as a lookup of the pixel-aligned partner token
+    time_weight: str = "bell"            # w(t) of Eq. 8: bell (Wan / DiffSynth trainer) | uniform (w = 1, a variant) |
+                                         #   x0 (ours: w = t^2, so Eq. 8 becomes the error of the implied clean clip)
     edls_weight: float = 1.0             # lambda_e (the paper gives no value)
     edls_normalize: bool = True          # divide the EDLS MSE by the target's mean square, so predicting "no change"
                                          #   scores 1 like a flow loss at init (ours; the raw target is tiny: README)
@@ -235,8 +241,9 @@ class Config:
 
     def __post_init__(self):
         check_choice("fusion", self.fusion, ("event", "plain"))
+        check_choice("fusion_init", self.fusion_init, ("zero", "aligned"))
         check_choice("prediction", self.prediction, ("v", "x0", "delta"))
-        check_choice("time_weight", self.time_weight, ("bell", "uniform"))
+        check_choice("time_weight", self.time_weight, ("bell", "uniform", "x0"))
         check_choice("stage", self.stage, ("stage1", "stage2"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
@@ -256,16 +263,19 @@ class Config:
 CONFIGS = {
     # Tiny: there is no pretrained Wan2.2 to adapt, so the base is trained in full (lora_rank 0),
     # in one run with fusion on (stage2), half the samples KVAF-conditioned so one checkpoint demos
-    # both generation modes; uniform t (no shift) and LR 1e-3 suit 192-token clips. Width 192: a token
-    # carries 48 codec channels x (1, 2, 2) = 192 values, and the velocity target contains the input
-    # noise, so a narrower stream cannot pass it through (at width 64 the one-step x0 estimate at
-    # t = 1 was 8x worse than predicting zeros and the generations were noise). The network predicts the
-    # change from the given first frame (prediction="delta"), which it also sees concatenated along
-    # channels (first_frame_concat): from scratch, the in-sequence v-prediction of Wan2.2 generated
-    # futures 5 dB worse than copying the first frame after the 200-step default run (README).
+    # both generation modes; Wan's shifted t (shift 5) and LR 1e-3. Width 192: a token carries 48
+    # codec channels x (1, 2, 2) = 192 values, and the velocity target contains the input noise, so a
+    # narrower stream cannot pass it through (at width 64 the generations were noise). The network
+    # predicts the change from the given first frame (prediction="delta"), which it also sees
+    # concatenated along channels (first_frame_concat): from scratch, the in-sequence v-prediction of
+    # Wan2.2 generated futures 5 dB worse than copying the first frame (README). Eq. 8 is weighted by
+    # t^2 (time_weight="x0"): the bell w(t) is zero at t = 1, where generation starts and where only
+    # the KVAF tells where the arm goes, so the model never learned to read it; the fusion starts as
+    # a lookup of the aligned KVAF token (fusion_init="aligned"). 1,000 steps: the KVAF-conditioned
+    # futures pass copying the first frame by 2 dB after about 750 (README, "EA-WM on the toy world").
     "tiny": Config(dim=192, heads=3, ffn_dim=768, lora_rank=0, stage="stage2", kvaf_cond_prob=0.5,
-                   t_sampler="uniform", t_shift=1.0, lr_video=1e-3, lr_head=1e-3, sample_steps=10,
-                   first_frame_concat=True, prediction="delta"),
+                   time_weight="x0", fusion_init="aligned", lr_video=1e-3, lr_head=1e-3, sample_steps=10,
+                   first_frame_concat=True, prediction="delta", steps=1000),
     "full": Config(height=704, width=1280, frames=121, codec_p=16, text_encoder="precomputed", text_dim=4096,
                    dim=3072, ffn_dim=14336, heads=24, layers=30, fusion_layers=(2, 8, 14, 20, 26), event_dim=512,
                    batch_size=32, steps=10000, sample_steps=50, horizon=120),
@@ -288,7 +298,8 @@ class EventFusion(nn.Module):
     the event MLP reads the pair; with numeric action tokens (kvaf=False) the streams have different
     lengths and each token's partner is the other stream's mean token."""
 
-    def __init__(self, dim: int, heads: int, event_dim: int, event_out: int, plain: bool, aligned: bool = True):
+    def __init__(self, dim: int, heads: int, event_dim: int, event_out: int, plain: bool, aligned: bool = True,
+                 init: str = "zero"):
         super().__init__()
         self.plain, self.aligned = plain, aligned
         self.norm_v = FP32LayerNorm(dim, 1e-6, elementwise_affine=False)
@@ -298,6 +309,8 @@ class EventFusion(nn.Module):
         for a in (self.video_from_kvaf, self.kvaf_from_video):
             nn.init.zeros_(a.o.weight)
             nn.init.zeros_(a.o.bias)
+            if init == "aligned" and aligned:
+                aligned_lookup_init(a)
         if not plain:
             self.event_mlp = nn.Sequential(nn.Linear(2 * dim, event_dim), nn.GELU(approximate="tanh"),
                                            nn.Linear(event_dim, event_dim))
@@ -322,6 +335,18 @@ class EventFusion(nn.Module):
         out_v = h_v + g_v * self.video_from_kvaf(nv, nk, rope=rope_v, rope_k=rope_k)     # Eq. 5
         out_k = h_k + g_k * self.kvaf_from_video(nk, nv, rope=rope_k, rope_k=rope_v)     # Eq. 6
         return out_v, out_k, e_hat
+
+
+def aligned_lookup_init(attn: Attention, bias: float = 10.0, sharpness: float = 4.0) -> None:
+    """Config.fusion_init="aligned" (ours): start a fusion cross-attention as a lookup of the partner
+    token at the same (t, h, w). The q and k biases dominate the projections (constant vectors), so after
+    RMSNorm (weight `sharpness`) and the shared 3D RoPE the logit is sharpness^2 / sqrt(d) * sum of cos(angle
+    difference) over the rotary pairs: largest at zero offset, lower by about 2 for a one-token offset at
+    sharpness 4 (about half of the attention on the aligned token). Training then moves q, k freely."""
+    for lin, norm in ((attn.q, attn.norm_q), (attn.k, attn.norm_k)):
+        nn.init.constant_(lin.bias, bias)
+        nn.init.normal_(lin.weight, std=0.02)
+        nn.init.constant_(norm.weight, sharpness)
 
 
 def widen_input(conv: nn.Conv3d, extra: int) -> nn.Conv3d:
@@ -391,7 +416,8 @@ class Model(nn.Module):
             self.video.patch_embedding = widen_input(self.video.patch_embedding, C)
         out = C * int(np.prod(cfg.patch))
         self.fusion = nn.ModuleDict({str(l): EventFusion(cfg.dim, cfg.heads, cfg.event_dim, out, cfg.fusion == "plain",
-                                                         aligned=cfg.kvaf) for l in cfg.fusion_layers})
+                                                         aligned=cfg.kvaf, init=cfg.fusion_init)
+                                     for l in cfg.fusion_layers})
         if cfg.lora_rank:
             inject_lora(self, cfg.lora_pattern, cfg.lora_rank)                   # base frozen, LoRA B = 0
         self._chain = None
@@ -557,6 +583,8 @@ class Model(nn.Module):
         w = bell_weight(t, cfg.t_shift if cfg.t_sampler == "shifted" else 1.0).to(dev)       # w(t), Eq. 8
         if cfg.time_weight == "uniform":                                         # variant: every t weighs 1
             w = torch.ones_like(w)
+        elif cfg.time_weight == "x0":                                            # ours: t^2 |v_hat - v|^2 = |x0_hat - x0|^2
+            w = x0_space_weight(t, cfg.t_shift if cfg.t_sampler == "shifted" else 1.0, cfg.x0_t_min).to(dev)
         per_sample = lambda x: x.float().flatten(1).mean(1)                      # noqa: E731
         l_video = per_sample((v_hat - velocity_target(z, n_z))[:, :, 1:] ** 2)   # first frame excluded
         err_k = (vk_hat - velocity_target(k, n_k)) ** 2

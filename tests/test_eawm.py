@@ -133,6 +133,33 @@ def test_fusion_is_the_identity_at_initialization():
     assert torch.allclose(out_a, out_b, atol=1e-6)
 
 
+@pytest.mark.parametrize("init", ["zero", "aligned"])
+def test_aligned_fusion_init_looks_up_the_partner_token(init):
+    """fusion_init="aligned": at initialization each video token's cross-attention puts most of its
+    weight on the KVAF token at its own (t, h, w) (the streams are pixel-aligned), in both directions,
+    and the fusion is still the identity (output projections at zero); "zero" attends about uniformly."""
+    from common import rope_3d, grid_positions
+    torch.manual_seed(0)
+    f = eawm.EventFusion(192, 3, 16, 8, plain=False, init=init)
+    grid = (3, 8, 8)
+    L = int(np.prod(grid))
+    rope = (rope_3d(*grid_positions(*grid), 64), True)
+    hv, hk = torch.randn(2, L, 192), torch.randn(2, L, 192)
+    for a, x, c in ((f.video_from_kvaf, hv, hk), (f.kvaf_from_video, hk, hv)):
+        q, k, _ = a.qkv(f.norm_v(x), f.norm_k(c), rope=rope, rope_k=rope)
+        p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        on_partner = p.diagonal(dim1=-2, dim2=-1).mean().item()
+        if init == "aligned":
+            assert on_partner > 0.5                                            # 0.61 at the defaults
+            assert (p.argmax(-1) == torch.arange(L)).float().mean() == 1.0     # every query's top key is its partner
+        else:
+            assert on_partner < 3.0 / L
+    ov, ok, _ = f(hv, hk, rope, rope)
+    assert torch.equal(ov, hv) and torch.equal(ok, hk)
+    with pytest.raises(ValueError, match="fusion_init"):
+        eawm.Config(fusion_init="local")
+
+
 def video_outputs(*models):
     """Each model's video output on one fixed input, its video head made non-zero (it starts at zero)."""
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 import agra
 import eawm
 import mvwam
-from common import bell_weight, sample_mean
+from common import bell_weight, sample_mean, x0_space_weight
 from conftest import tiny_config
 
 
@@ -111,6 +111,37 @@ def test_time_weight_uniform_removes_the_bell(toy_data, monkeypatch):
     assert parts["bell"]["edls"] == parts["uniform"]["edls"]        # EDLS is not weighted by w(t)
     with pytest.raises(ValueError, match="time_weight"):
         tiny(eawm, time_weight="snr")
+
+
+def test_x0_space_weight_oracle():
+    """w(t) = max(t, t_min)^2 / Z, Z = the mean over the 1,000-point grid t = k / 1000, k = 1..1000 (shift 1):
+    sum k^2 = 1000 * 1001 * 2001 / 6 = 333,833,500; with t_min = 0.05 the 49 points below it count as
+    0.05^2: Z = (333,833,500 - 40,425) / 1e9 + 49 * 0.0025 = 0.333915575."""
+    Z = 0.333915575
+    w = x0_space_weight(torch.tensor([1.0, 0.5, 0.05, 0.01]), shift=1.0, t_min=0.05)
+    assert w.tolist() == pytest.approx([1 / Z, 0.25 / Z, 0.0025 / Z, 0.0025 / Z], rel=1e-6)
+    assert x0_space_weight(torch.tensor([1.0]), 1.0)[0].item() == pytest.approx(1 / 0.3338335, rel=1e-6)
+    # why: with x_t = (1 - t) x0 + t n, v = n - x0 and x0_hat = x_t - t v_hat, t^2 |v_hat - v|^2 = |x0_hat - x0|^2
+    g = torch.Generator().manual_seed(0)
+    x0, n, v_hat = (torch.randn(5, generator=g) for _ in range(3))
+    t = 0.3
+    x_t = (1 - t) * x0 + t * n
+    assert (t ** 2 * (v_hat - (n - x0)) ** 2).sum().item() == pytest.approx(((x_t - t * v_hat - x0) ** 2).sum().item())
+
+
+def test_time_weight_x0_reaches_the_loss(toy_data, monkeypatch):
+    import train
+    cfg = tiny(eawm, dim=64, heads=2, ffn_dim=256, kvaf_cond_prob=0.0)
+    batch = train.dataset_for(cfg, toy_data[1], toy_data[2]).sample(2, torch.Generator().manual_seed(1))
+    t = torch.tensor([0.7, 0.7])
+    monkeypatch.setattr(eawm, "sample_t", lambda kind, n, device=None, **kw: t.to(device))
+    torch.manual_seed(0)
+    model = eawm.Model(cfg)
+    parts = parts_for(model, "time_weight", ("x0", "uniform"), batch)
+    shift = cfg.t_shift if cfg.t_sampler == "shifted" else 1.0
+    w07 = x0_space_weight(t, shift, cfg.x0_t_min)[0].item()
+    for k in ("video", "kvaf"):
+        assert parts["x0"][k].item() == pytest.approx(w07 * parts["uniform"][k].item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------ a per-sample action mask (failing toy demos)
