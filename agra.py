@@ -54,8 +54,8 @@ import torch.nn.functional as F
 
 from common import (frame_times, Attention, PixelCodec, RMSNorm, SiglipVisionTower, TinyTextEncoder, add_noise,
                     build_pretrained, check_choice, check_clip_frames, check_layers, check_shape, checkpointed, grid_positions,
-                    modulate, read_config, read_weights, rename_keys, resolve_source, rope_3d, sample_mean, sample_t,
-                    set_trainable, shift_t, timestep_embedding, velocity_target)
+                    modulate, read_config, read_weights, referring_loss, rename_keys, resolve_source, rope_3d, sample_mean,
+                    sample_t, set_trainable, shift_t, target_mask, timestep_embedding, velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -102,7 +102,7 @@ class Config:
     project_layers: int = 1              # shared project module depth: 4 self-attention layers
     project_heads: int = 2               # 32
     bridge_pos_embed: bool = True        # learned (t, h, w) position tables on G_j (ours, not in the paper; README)
-    bridge_tokens: str = "all"           # all | current: G_j holds only the current frame's tokens (ours, an ablation:
+    bridge_tokens: str = "all"           # all | current (the tiny preset's): G_j holds only the current frame's tokens (ours:
                                          #   at t = 1 the future tokens barely depend on the scene and dilute it)
     bridge_text: bool = False            # ours, not in the paper (Eq. 15 reads video tokens only): the instruction's
                                          #   context tokens join every G_j before the project module, as GR00T-N1.5's
@@ -141,6 +141,10 @@ class Config:
     stage: str = "joint"                 # video | joint | finetune (App. C.3) | ground (ours, the toy's stand-in for
                                          #   a language-grounded pretrained backbone: Model.ground_loss)
     ground_layer: int = -1               # stage ground: the video layer whose current-frame tokens name the object
+    ground_steps: int = 0                # ours, toy only: train.py runs stage ground for this many steps (into
+                                         #   <out>/ground, at lr_head) before a fresh joint run on toy-world data
+    toy_view: str = "wide"               # the toy world train.py generates when no --data is given: wide | close
+    toy_distractor_band: str = "any"     #   and where its distractors lie: any | near (data/toyworld.py --view, --distractor-band)
     freeze_video: bool = False           # the "Freeze backbone" variant (finetune implies it)
     lr_video: float = 1e-3               # 1e-5 real robot, 1e-4 simulation
     lr_head: float = 1e-3                # 1e-4
@@ -149,7 +153,7 @@ class Config:
     warmup_frac: float = 0.05            # cosine with 5 % warm-up
     grad_clip: float = 1.0
     batch_size: int = 16
-    steps: int = 200                     # the `--tiny` default run (about 2 CPU minutes)
+    steps: int = 200                     # the `--preset scratch` run (about 2 CPU minutes; --tiny: 1,000)
 
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint", "finetune", "ground"))
@@ -158,6 +162,8 @@ class Config:
         check_choice("bridge", self.bridge, ("multi", "single"))
         check_choice("bridge_pos_init", self.bridge_pos_init, ("normal", "sincos"))
         check_choice("bridge_tokens", self.bridge_tokens, ("all", "current"))
+        check_choice("toy_view", self.toy_view, ("wide", "close"))
+        check_choice("toy_distractor_band", self.toy_distractor_band, ("any", "near"))
         check_choice("teacher", self.teacher, ("toy", "dinov2", "siglip"))
         check_choice("video_t_sampler", self.video_t_sampler, ("uniform", "logit_normal"))
         check_layers("agra_layers", self.agra_layers, self.video_layers)
@@ -950,11 +956,7 @@ class Model(nn.Module):
         token (batch["target_mask"], the toy world's segmentation of the named object in the current frame).
         Trains the video DiT, the text encoder and the readout; the readout is dropped after this stage."""
         cfg = self.cfg
-        mask = batch.get("target_mask")
-        if mask is None:
-            raise ValueError("stage 'ground' needs batch['target_mask'] (B, H, W): the named object's pixels in the "
-                             "current frame, which the toy world's ClipDataset gives; real datasets have no such label")
-        check_shape("batch['target_mask']", mask, (None, cfg.height, cfg.width))
+        mask = target_mask(batch, cfg.height, cfg.width)
         z = self.encode(batch)
         B, _, T, h, w = z.shape
         z1 = torch.cat([z[:, :, :1], torch.randn_like(z[:, :, 1:])], 2)    # the t = 1 pass of inference
@@ -963,18 +965,12 @@ class Model(nn.Module):
                                self.context(batch), {layer})
         gh, gw = h // cfg.patch[1], w // cfg.patch[2]
         logits = self.ground_head(hidden[layer][:, : gh * gw]).squeeze(-1).float()          # (B, tokens of frame 0)
-        share = F.adaptive_avg_pool2d(mask[:, None].float(), (gh, gw)).flatten(1)          # named object's share
-        has = (share.sum(1) > 0).float()                                 # it may be hidden (in the bin, by the arm)
-        target = share / share.sum(1, keepdim=True).clamp_min(1e-8)
-        loss = sample_mean(-(target * F.log_softmax(logits, -1)).sum(1, keepdim=True), has)
-        with torch.no_grad():                                            # top token inside the named object
-            hit = (share.gather(1, logits.argmax(1, keepdim=True))[:, 0] > 0).float()
-        return loss, {"ground": loss.detach(), "ground_hit": (hit * has).sum() / has.sum().clamp_min(1)}
+        return referring_loss(logits, mask, (gh, gw))
 
     def param_groups(self):
         """Per-module learning rates (App. C.3): the video DiT (+ tiny text encoder) at lr_video,
-        bridge + action head + projectors at lr_head. Frozen parts are left out. Stage ground: the video
-        DiT, text encoder and the readout at lr_video."""
+        bridge + action head + projectors at lr_head. Frozen parts are left out. Stage ground (the stand-in
+        for pretraining, from scratch): the video DiT, text encoder and the readout at lr_head."""
         video_trainable = self.cfg.stage != "finetune" and not self.cfg.freeze_video
         head_trainable = self.cfg.stage not in ("video", "ground")
         video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder.", "ground_head."))]
@@ -982,7 +978,8 @@ class Model(nn.Module):
         proj = [p for n, p in self.named_parameters() if n.startswith("projectors.")]
         groups = []
         if video_trainable:
-            groups.append({"name": "video", "params": video, "lr": self.cfg.lr_video})
+            lr = self.cfg.lr_head if self.cfg.stage == "ground" else self.cfg.lr_video
+            groups.append({"name": "video", "params": video, "lr": lr})
         if head_trainable:
             groups.append({"name": "head", "params": head, "lr": self.cfg.lr_head})
         if video_trainable and self.cfg.stage == "joint" and self.cfg.agra_weight > 0:
@@ -1206,9 +1203,16 @@ def sensitivity_ratio(model: Model, batch, kind: str = "mean", draws: int = 4, g
 # -------------------------------------------------------------------------------------------------
 
 CONFIGS = {
-    # trains in about 2 minutes on a 2-core CPU on the toy world
+    # the toy world's default run (README "Quickstart"; about 14 minutes on a 2-core CPU): the close view with
+    # distractors in the named object's band, 300 steps of stage ground (the stand-in for a language-grounded
+    # pretrained backbone), then 1,000 joint steps with App. C.3's real-robot ratio of learning rates
+    # (lr_video = lr_head / 10) and the bridge reading the current frame's tokens at sin-cos positions
     # (shift 1: Cosmos' shift 5 compensates for the 720p token count, the toy clips have 192 tokens)
-    "tiny": Config(action_repeats=4, video_t_shift=1.0),
+    "tiny": Config(action_repeats=4, video_t_shift=1.0, toy_view="close", toy_distractor_band="near", ground_steps=300,
+                   lr_video=1e-4, bridge_tokens="current", bridge_pos_init="sincos", steps=1000),
+    # the earlier tiny preset: from scratch in the wide view, both parts at 1e-3, 200 steps (about 2.5 minutes;
+    # 2-3 % success on train, README "The earlier default run")
+    "scratch": Config(action_repeats=4, video_t_shift=1.0),
     # App. C.1: Cosmos-Predict2.5-2B (28 x 2048, 16 heads, AdaLN-LoRA 256, Cosmos-Reason text 100352 -> 1024)
     # + 8-block action DiT (32 heads, hidden 1024, cross-attention 2048), project module of 4 layers,
     # AGRA on layer 8 against DINOv2-B, 17 frames at 192 x 336 -> 5 latent frames, K = 48 (real robot),

@@ -216,6 +216,32 @@ def sample_mean(err: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Te
     return (err.flatten(1).mean(1) * keep).sum() / keep.sum().clamp(min=1.0)
 
 
+def target_mask(batch, height: int, width: int) -> torch.Tensor:
+    """batch["target_mask"] (B, H, W), the named object's pixels in the current frame, which stage "ground"
+    (ours, toy only: AGRA's and MV-WAM's Model.ground_loss) trains against; checked."""
+    mask = batch.get("target_mask")
+    if mask is None:
+        raise ValueError("stage 'ground' needs batch['target_mask'] (B, H, W): the named object's pixels in the "
+                         "current frame, which the toy world's ClipDataset gives; real datasets have no such label")
+    check_shape("batch['target_mask']", mask, (None, height, width))
+    return mask
+
+
+def referring_loss(logits: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]):
+    """Stage "ground"'s objective (ours, toy only): logits (B, gh gw), one score per current-frame token
+    (row-major), mask (B, H, W) the named object's pixels -> (loss, parts). Softmax over the tokens,
+    cross-entropy against the named object's share of each token; samples where the object is hidden
+    (in the bin, behind the arm) carry no loss. parts["ground_hit"]: the share of samples whose top token
+    lies inside the object."""
+    share = F.adaptive_avg_pool2d(mask[:, None].float(), grid).flatten(1)          # named object's share per token
+    has = (share.sum(1) > 0).float()
+    target = share / share.sum(1, keepdim=True).clamp_min(1e-8)
+    loss = sample_mean(-(target * F.log_softmax(logits, -1)).sum(1, keepdim=True), has)
+    with torch.no_grad():
+        hit = (share.gather(1, logits.argmax(1, keepdim=True))[:, 0] > 0).float()
+    return loss, {"ground": loss.detach(), "ground_hit": (hit * has).sum() / has.sum().clamp_min(1)}
+
+
 def to_velocity(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, param: str,
                 eps: float = 1e-3) -> torch.Tensor:
     """Convert a network output in parameterization `param` to the sampling velocity (MV-WAM Table 6).

@@ -34,6 +34,7 @@ Paper -> code
 | Sec. 4.1   768 in a 1536 attention, stages  | CONFIGS["full_video"] / ["full"], Model.param_groups |
 | Sec. 4.1   constant 20 % then linear to 0   | Config.lr_schedule / const_frac                      |
 | Fig. 3(a) targets, 3(b) steps, 3(c) value   | Config.action_target, sample(steps=), use_value      |
+| (ours, toy) stage ground: grounded start    | Model.ground_loss, common.referring_loss             |
 
 Two readings this file makes explicit (README, "Choices and deviations"):
 - Frame grounding. The mask row of action k allows only latent frames <= 1 + k // 4, but after two
@@ -64,8 +65,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (frame_times, PixelCodec, SiglipVisionTower, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise,
-                    check_choice, check_clip_frames, check_shape, checkpointed, grid_positions, rope_3d, sample_t,
-                    sample_mean, set_trainable, shift_t, timestep_embedding, to_velocity, velocity_target)
+                    check_choice, check_clip_frames, check_shape, checkpointed, grid_positions, referring_loss, rope_3d,
+                    sample_t, sample_mean, set_trainable, shift_t, target_mask, timestep_embedding, to_velocity,
+                    velocity_target)
 
 # -------------------------------------------------------------------------------------------------
 # Config
@@ -142,7 +144,13 @@ class Config:
     max_rollbacks: int = 3               # cap per episode (the paper names none; ours)
     rollback_buffer: int = 8             # length of the rolling (state, action, value) buffer (the paper names none)
     # training (Sec. 4.1)
-    stage: str = "joint"                 # video (Video Expert pre-training) | joint
+    stage: str = "joint"                 # video (Video Expert pre-training) | joint | ground (ours, toy only: the
+                                         #   stand-in for a language-grounded pretrained Video Expert, Model.ground_loss)
+    ground_layer: int = -1               # stage ground: the video block whose current-frame tokens name the object
+    ground_steps: int = 0                # ours, toy only: train.py runs stage ground for this many steps (into
+                                         #   <out>/ground, at lr_head) before a fresh joint run on toy-world data
+    toy_view: str = "wide"               # the toy world train.py generates when no --data is given: wide | close
+    toy_distractor_band: str = "any"     #   and where its distractors lie: any | near (data/toyworld.py)
     lr_video: float = 1e-3               # 1e-4
     lr_head: float = 1e-3                # action-value expert + encoders: 1e-4
     weight_decay: float = 1e-2           # AdamW 1e-2
@@ -151,10 +159,12 @@ class Config:
     warmup_frac: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 16                 # 1024 (video stage) / 512 (joint stage)
-    steps: int = 200                     # the `--tiny` default run; paper: 20k (video stage) / 15k (joint stage)
+    steps: int = 200                     # the `--preset scratch` run (--tiny: 1,000); paper: 20k (video) / 15k (joint stage)
 
     def __post_init__(self):
-        check_choice("stage", self.stage, ("video", "joint"))
+        check_choice("stage", self.stage, ("video", "joint", "ground"))
+        check_choice("toy_view", self.toy_view, ("wide", "close"))
+        check_choice("toy_distractor_band", self.toy_distractor_band, ("any", "near"))
         check_choice("action_target", self.action_target, ("x0", "v", "eps"))
         check_choice("x0_weight", self.x0_weight, ("none", "inv_t2"))
         if self.x0_weight == "inv_t2" and self.action_target != "x0":
@@ -187,7 +197,13 @@ class Config:
 
 
 CONFIGS = {
-    "tiny": Config(),
+    # the toy world's default run (README "The MV-WAM default run"; about 10 minutes on a 2-core CPU): AGRA's
+    # grounded recipe, i.e. the close view with distractors in the named object's band, 300 steps of stage ground
+    # (the stand-in for WoW's text-to-video pretraining), then 1,000 joint steps with the Video Expert at a tenth
+    # of the head's learning rate (Sec. 4.1 trains both at 1e-4 from a pretrained Video Expert)
+    "tiny": Config(toy_view="close", toy_distractor_band="near", ground_steps=300, lr_video=1e-4, steps=1000),
+    # the earlier tiny preset: from scratch in the wide view, both experts at 1e-3, 200 steps
+    "scratch": Config(),
     # Sec. 4.1, joint vision-action fine-tuning: Wan2.1-T2V-1.3B video expert with the WoW I2V input
     # (16 noisy + 4 mask + 16 condition-latent channels = 36), 768-wide action-value expert, 240 x 320
     # frames, chunk 32, batch 512, 15k steps, LR 1e-4, AdamW weight decay 1e-2
@@ -385,7 +401,14 @@ class Model(nn.Module):
             2 * C + cfg.mask_channels, C, cfg.video_dim, cfg.video_ffn, cfg.video_heads, cfg.layers, cfg.text_dim, cfg.patch,
             cfg.freq_dim, rope_theta=cfg.rope_theta, image_dim=cfg.video_image_dim or None)
         self.action = ActionValueExpert(cfg)
+        if cfg.stage == "ground":                                                  # only in that stage (init_ignore)
+            self.ground_head = nn.Linear(cfg.video_dim, 1)
         self.initialize_weights()
+
+    @property
+    def init_ignore(self) -> tuple:
+        """Checkpoint keys train.py --init drops on purpose: a ground-stage run's readout, in a later stage."""
+        return () if self.cfg.stage == "ground" else (r"^ground_head\.",)
 
     def initialize_weights(self):
         """Wan-style: xavier linears with zero biases, N(0, 0.02) time embeddings; zero output heads so
@@ -505,7 +528,8 @@ class Model(nn.Module):
         return kind, frame, (t, y, x)
 
     # ---------------------------------------------------------------- forward (one MoT pass)
-    def forward(self, z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action: bool = True, clip=None):
+    def forward(self, z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action: bool = True, clip=None,
+                upto: int | None = None):
         """One pass of both experts.
 
         z_t (B, C, T, h, w) noisy latents (frame 0 = the clean condition), t_video (B, T) per-frame t,
@@ -514,7 +538,8 @@ class Model(nn.Module):
         of a video expert with WoW's image cross-attention (batch["clip_emb"]), else None.
         -> video output (B, C, T, h, w) (a velocity), actions (B, K, d_a) and value (B,) in
         `action_target` parameterization (None when with_action=False: the video expert alone,
-        which the mask makes identical to its rows of the joint pass).
+        which the mask makes identical to its rows of the joint pass). upto (with with_action=False): stop
+        after video block `upto` and return its tokens (B, N_v, D) in place of the video output.
         """
         cfg, V = self.cfg, self.video
         xv, grid = V.embed(self.video_input(z_t, z_cond))                    # (B, N_v, D)
@@ -528,9 +553,11 @@ class Model(nn.Module):
                         cfg.video_attention == "frame_causal")              # (L, L)
         if not with_action:
             video_mask = mask[:Nv, :Nv] if cfg.video_attention == "frame_causal" else None
-            for block in V.blocks:
+            for block in V.blocks[: len(V.blocks) if upto is None else upto + 1]:
                 xv = checkpointed(self.grad_checkpoint, block, xv, e0_v, ctx_v, rope=(angles[:Nv], True), mask=video_mask,
                                   ctx_img=img_v)
+            if upto is not None:                                             # ground_loss: the tokens after block `upto`
+                return xv, None, None
             return V.unpatchify(V.head(xv, e_v), grid), None, None
 
         AV, B, K = self.action, z_t.shape[0], cfg.horizon
@@ -561,6 +588,8 @@ class Model(nn.Module):
         """Eq. 2-3 (+ the value token). Stage "video" (Sec. 4.1's Video Expert pre-training) reads only
         the video (or `latents`) and the text: action-free clips such as egocentric video train it."""
         cfg = self.cfg
+        if cfg.stage == "ground":
+            return self.ground_loss(batch)
         z = self.encode(batch)                                               # (B, C, T, h, w)
         B, T, dev = z.shape[0], z.shape[2], z.device
         text = self.text_context(batch)
@@ -595,13 +624,35 @@ class Model(nn.Module):
                 total = total + cfg.value_weight * parts["value"]
         return total, {k: v.detach() for k, v in parts.items()}
 
+    def ground_loss(self, batch):
+        """Stage "ground" (ours, not in the paper, toy only): AGRA's grounded start (agra.Model.ground_loss)
+        for the Video Expert, the toy's stand-in for WoW / Wan2.1 pretrained on text-to-video, which binds
+        words to the objects they name. On the inference-time start (the current frame given, the future
+        frames pure noise at t = 1), a linear score per current-frame token of video block `ground_layer`,
+        softmax over the tokens, cross-entropy against the named object's share of each token
+        (common.referring_loss). Trains the Video Expert, the text encoder and the readout; the readout is
+        dropped after this stage."""
+        cfg = self.cfg
+        mask = target_mask(batch, cfg.height, cfg.width)
+        z = self.encode(batch)
+        B, T = z.shape[0], z.shape[2]
+        z1 = torch.cat([z[:, :, :1], torch.randn_like(z[:, :, 1:])], 2)    # the start of Model.sample
+        layer = cfg.ground_layer % cfg.layers
+        tokens, _, _ = self(z1, self.frame_times(torch.ones(B, device=z.device), T), z[:, :, :1], None, None, None, None,
+                            self.text_context(batch), None, with_action=False, clip=batch.get("clip_emb"), upto=layer)
+        _, gh, gw = cfg.token_grid
+        logits = self.ground_head(tokens[:, : gh * gw]).squeeze(-1).float()                # (B, tokens of frame 0)
+        return referring_loss(logits, mask, (gh, gw))
+
     def param_groups(self):
         """Stage video: the Video Expert (+ tiny text encoder) alone. Stage joint: the full model,
-        video expert at lr_video, action-value expert + image encoder at lr_head (Sec. 4.1)."""
-        video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder."))]
+        video expert at lr_video, action-value expert + image encoder at lr_head (Sec. 4.1). Stage ground
+        (the stand-in for pretraining, from scratch): the Video Expert, text encoder and readout at lr_head."""
+        video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder.", "ground_head."))]
         head = [p for n, p in self.named_parameters() if n.startswith("action.")
                 or (n.startswith("image_encoder.") and self.cfg.image_encoder == "tiny")]       # SigLIP2 stays frozen
-        groups = [{"name": "video", "params": video, "lr": self.cfg.lr_video}]
+        lr = self.cfg.lr_head if self.cfg.stage == "ground" else self.cfg.lr_video
+        groups = [{"name": "video", "params": video, "lr": lr}]
         if self.cfg.stage == "joint":
             groups.append({"name": "action_value", "params": head, "lr": self.cfg.lr_head})
         return set_trainable(self, groups)

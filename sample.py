@@ -246,13 +246,15 @@ def agra_report(model, cfg, clips: ClipDataset, png: str, n: int, generator) -> 
     metrics["in_mask_ratio_per_block"] = per_block
     metrics["msr"] = {k: agra.sensitivity_ratio(model, batch, k, generator=generator) for k in ("mean", "zero", "shuffle", "swap")}
     k = min(4, n)
-    # pictures on the last latent frame (Sec. 3.2 shows the intervention map there), drawn over its first raw frame
+    # pictures on the last latent frame the head reads (Sec. 3.2 shows the intervention map on the last one; with
+    # bridge_tokens=current the head reads the current frame only), drawn over its first raw frame
+    f = 0 if cfg.bridge_tokens == "current" else cfg.latent_frames - 1
     heat = agra.intervention_heatmap(model, {kk: (v[:k] if torch.is_tensor(v) else v[:k]) for kk, v in batch.items()}, "mean",
-                                     frame=-1, generator=generator)
-    last = 1 + (cfg.latent_frames - 2) * cfg.latent_q                                   # raw index of that frame
-    frames = ((batch["video"][:k, :, last].permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
-    pix_mask = batch["interaction_mask"][:k, -1].numpy()
-    a0 = attn[:k].mean(1)[:, -1]                                                       # last latent frame
+                                     frame=f, generator=generator)
+    raw = 0 if f == 0 else 1 + (f - 1) * cfg.latent_q                                   # raw index of that frame
+    frames = ((batch["video"][:k, :, raw].permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    pix_mask = batch["interaction_mask"][:k, f].numpy()
+    a0 = attn[:k].mean(1)[:, f]                                                        # that latent frame
     a0 = (a0 - a0.amin((1, 2), keepdim=True)) / (a0.amax((1, 2), keepdim=True) - a0.amin((1, 2), keepdim=True)).clamp_min(1e-12)
     rows_img = [np.concatenate([frames[i].repeat(4, 0).repeat(4, 1), overlay(frames[i], a0[i].numpy(), pix_mask[i]),
                                 overlay(frames[i], heat[i].numpy(), pix_mask[i])], 1) for i in range(k)]

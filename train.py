@@ -1,6 +1,7 @@
 """One plain training loop for the three world action models (AGRA, MV-WAM, EA-WM).
 
-    python train.py --model agra --tiny                      # toy world, about 2 CPU minutes
+    python train.py --model agra --tiny                      # toy world: stage ground, then joint; ~14 CPU minutes
+    python train.py --model agra --preset scratch            # the earlier from-scratch run (~2.5 CPU minutes)
     python train.py --model agra --tiny --set agra_weight=0  # the WAM baseline
     python train.py --model agra --tiny --resume runs/agra   # continue a run bit-exactly
     python train.py --model mvwam --preset full --pretrained --data ...   # WoW / Wan2.1 + SigLIP2 from the Hub
@@ -8,7 +9,7 @@
 
 Real data and full presets (see README, "Training on real data"):
 
-    python train.py --model mvwam --tiny --data lerobot/pusht --camera observation.image  # a LeRobot dataset, decoded
+    python train.py --model mvwam --preset scratch --data lerobot/pusht --camera observation.image  # a LeRobot dataset, decoded
     python train.py --model agra --preset full --data data/encoded/aloha_agra             # data/encode.py output
     torchrun --nproc_per_node=8 train.py --model eawm --preset full --data ENC --strategy fsdp --grad-checkpoint
     python train.py --model eawm --preset full --dry-run --strategy fsdp --gpus 32 --batch-size 1   # memory plan
@@ -40,6 +41,15 @@ from common import (atomic_write, config_from_dict, config_to_dict, dist_info, f
 
 MODELS = {"agra": "agra", "mvwam": "mvwam", "eawm": "eawm"}        # --model -> module file
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache", "default")
+
+
+def default_data_folder(cfg) -> tuple[str, dict]:
+    """-> (folder, world options) of the toy-world dataset train.py generates and caches when no --data is
+    given: the config's toy_view / toy_distractor_band (AGRA's tiny preset: close, near), else the wide view."""
+    world = {"view": getattr(cfg, "toy_view", "wide"), "distractor_band": getattr(cfg, "toy_distractor_band", "any")}
+    if world == {"view": "wide", "distractor_band": "any"}:
+        return DEFAULT_DATA, world
+    return os.path.join(os.path.dirname(DEFAULT_DATA), f"{world['view']}_{world['distractor_band']}"), world
 
 
 def model_module(name: str):
@@ -187,12 +197,13 @@ def open_data(args, cfg, master, ddp, feature_dtype=torch.float32):
     if args.data:
         arrays, dmeta = load_dataset(args.data)
     else:
+        folder, world = default_data_folder(cfg)
         if master:
-            default_dataset(DEFAULT_DATA, episodes=args.episodes, res=cfg.height)
+            default_dataset(folder, episodes=args.episodes, res=cfg.height, **world)
         if ddp:
             import torch.distributed as dist
             dist.barrier()
-        arrays, dmeta = load_dataset(DEFAULT_DATA)
+        arrays, dmeta = load_dataset(folder)
     return dataset_for(cfg, arrays, dmeta), dmeta
 
 
@@ -219,13 +230,15 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train a world action model (AGRA / MV-WAM / EA-WM) on the toy world.")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which model file to train")
     p.add_argument("--tiny", action="store_true", help="use the tiny preset (same as --preset tiny)")
-    p.add_argument("--preset", default=None, help="config preset: tiny (default) or full")
+    p.add_argument("--preset", default=None, help="config preset: tiny (default), full, or (AGRA) scratch: the "
+                   "earlier tiny preset, from scratch in the wide view")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the main/head group; other groups keep "
                    "their ratio to it from the config")
-    p.add_argument("--stage", default=None, help="training stage (AGRA: video | joint | finetune | ground; MV-WAM: video | joint)")
-    p.add_argument("--data", default=None, help="toy-world dataset folder (default: generate and cache data/cache/default)")
+    p.add_argument("--stage", default=None, help="training stage (AGRA: video | joint | finetune | ground; MV-WAM: video | joint | ground)")
+    p.add_argument("--data", default=None, help="toy-world dataset folder (default: generate and cache one in data/cache/, in the "
+                   "world of the config's toy_view / toy_distractor_band)")
     p.add_argument("--episodes", type=int, default=400, help="episodes of the generated default dataset")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
     p.add_argument("--resume", default=None, help="checkpoint folder to continue from (optimizer, step, RNG restored)")
@@ -260,9 +273,18 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def ground_first(args, cfg, data) -> bool:
+    """A config with ground_steps > 0 (AGRA's tiny preset): a fresh joint run on toy-world data first trains stage ground
+    (the toy's stand-in for a language-grounded pretrained backbone, README "A grounded start") for
+    ground_steps steps into <out>/ground, then starts from it as `--init <out>/ground` would."""
+    from data.toyworld import ClipDataset
+    return (getattr(cfg, "ground_steps", 0) > 0 and cfg.stage == "joint" and isinstance(data, ClipDataset)
+            and not (args.resume or args.init or args.pretrained))
+
+
 def main(argv=None):
     # ------------------------------------------------------------------ settings
-    args = get_args(argv)
+    args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = "tiny" if args.tiny else (args.preset or "tiny")
@@ -300,9 +322,12 @@ def main(argv=None):
     # ------------------------------------------------------------------ device, distributed
     ddp, rank, local_rank, world = dist_info()
     device = pick_device(args.device)
+    own_group = False                                                   # this call started the process group
     if ddp:
         import torch.distributed as dist
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if not dist.is_initialized():                                   # (a ground_first call runs inside an open one)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            own_group = True
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
@@ -313,6 +338,20 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ data
     data, dmeta = open_data(args, cfg, master, ddp, dtype)
+    if ground_first(args, cfg, data):                                   # stage ground, then this run from it
+        sub = argparse.Namespace(**{**vars(args), "stage": "ground", "steps": cfg.ground_steps, "eval_every": 0,
+                                    "out": os.path.join(out, "ground"), "stop_after": None, "save_every": 0})
+        if master:
+            print(f"stage ground first ({cfg.ground_steps} steps into {sub.out}; --set ground_steps=0 skips it"
+                  + (", --preset scratch is the earlier from-scratch run)" if "scratch" in model_module(args.model).CONFIGS else ")"))
+        main(sub)
+        if ddp:
+            dist.barrier()                                              # its checkpoint is on disk for every rank
+        args.init = sub.out
+        torch.manual_seed(args.seed + rank)                             # as if this run had started now
+    elif getattr(cfg, "ground_steps", 0) > 0 and cfg.stage == "joint" and not (args.resume or args.init or args.pretrained) and master:
+        print(f"ground_steps={cfg.ground_steps} ignored: stage ground reads the toy world's object masks, which this "
+              f"data lacks (the run starts from scratch)")
     gen = torch.Generator().manual_seed(1000 + args.seed + rank)
 
     # ------------------------------------------------------------------ model
@@ -452,7 +491,7 @@ def main(argv=None):
     if master:
         log.close()
         print(f"saved {out}/model.safetensors at step {end} ({time.time() - t0:.0f}s)")
-    if ddp:
+    if own_group:
         dist.destroy_process_group()
     return out
 

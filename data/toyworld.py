@@ -767,19 +767,21 @@ def dataset_format(folder: str) -> str | None:
     return json.load(open(path)).get("format") if os.path.isfile(path) else None
 
 
-def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: float = TOY_GAMMA, seed: int = 0, quiet: bool = False):
+def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: float = TOY_GAMMA, seed: int = 0, quiet: bool = False,
+                    view: str = "wide", distractor_band: str = "any"):
     """Load `folder`, generating it first if absent or made by another world version (train.py's
-    cached default dataset: a checkout that changed the world must not train on the old one)."""
+    cached default dataset: a checkout that changed the world must not train on the old one). The
+    same episodes as `data/toyworld.py --episodes N --view V --distractor-band B` (seeds 0, 1, ...)."""
     found = dataset_format(folder)
     if found is not None and found != FORMAT and not quiet:
         print(f"{folder} holds a {found} dataset; this world is {FORMAT}: regenerating it")
     if found != FORMAT:
         t0 = time.time()
-        arrays, meta = generate(episodes, "train", seed0=seed, res=res, gamma=gamma)
+        arrays, meta = generate(episodes, "train", seed0=seed, res=res, gamma=gamma, view=view, distractor_band=distractor_band)
         write_dataset(folder, arrays, meta)
         if not quiet:
-            print(f"wrote default toy-world dataset ({episodes} episodes, {len(arrays['frames'])} frames) "
-                  f"to {folder} in {time.time() - t0:.1f}s")
+            print(f"wrote default toy-world dataset ({episodes} episodes, {view} view, distractors {distractor_band}, "
+                  f"{len(arrays['frames'])} frames) to {folder} in {time.time() - t0:.1f}s")
     return load_dataset(folder)
 
 

@@ -206,8 +206,11 @@ def test_diagnostics_run_on_the_tiny_model(batch):
     g = torch.Generator().manual_seed(0)
     attn = agra.cross_attention_maps(model, batch, g)
     assert attn.shape == (4, 4, 3, 8, 8) and torch.allclose(attn.sum((2, 3, 4)), torch.ones(4, 4), atol=1e-4)
-    heat = agra.intervention_heatmap(model, {k: v[:2] for k, v in batch.items()}, "zero", generator=g)
+    two = {k: v[:2] for k, v in batch.items()}
+    heat = agra.intervention_heatmap(model, two, "zero", frame=0, generator=g)
     assert heat.shape == (2, 8, 8) and heat.min() == 0 and heat.max() == 1
+    # the tiny preset's head reads the current frame only (bridge_tokens=current): the last frame moves nothing
+    assert agra.intervention_heatmap(model, two, "zero", frame=-1, generator=g).abs().max() == 0
     r = agra.sensitivity_ratio(model, batch, "mean", draws=2, generator=g)
     assert r > 0
 
@@ -216,7 +219,7 @@ def test_attention_focus_is_one_for_uniform_attention(batch):
     """cross_attention_maps(focus=...): the normalized entropy of the head's attention is 1 when no token is
     preferred (query projections zeroed: equal logits), and below 1 once the queries pick tokens."""
     torch.manual_seed(0)
-    model = perturbed(agra.Model(tiny_cfg())).eval()
+    model = perturbed(agra.Model(tiny_cfg(bridge_tokens="all"))).eval()     # the head reads all 192 tokens
     focus = {}
     agra.cross_attention_maps(model, batch, torch.Generator().manual_seed(0), focus=focus)
     assert 0 < focus["entropy"] < 1 and len(focus["entropy_per_block"]) == 4
@@ -296,7 +299,7 @@ def test_bridge_position_tables_sincos_start():
     torch.manual_seed(0)
     m_sin = agra.Model(tiny_cfg(bridge_pos_init="sincos"))
     torch.manual_seed(0)
-    m_def = agra.Model(tiny_cfg())
+    m_def = agra.Model(tiny_cfg(bridge_pos_init="normal"))                       # the Config default
     assert torch.equal(m_sin.bridge.pos_h.data, agra.axis_tables(tiny_cfg().max_grid, tiny_cfg().bridge_dim)[1])
     assert m_def.bridge.pos_h.std().item() == pytest.approx(0.02, rel=0.1)        # the default: N(0, 0.02^2)
     sd_sin, sd_def = m_sin.state_dict(), m_def.state_dict()                      # everything else starts the same
@@ -362,9 +365,9 @@ def test_ground_stage_readout_oracle_gradients_and_init_into_joint(batch):
     readout only; it needs the named object's mask; its readout is dropped when a later stage starts from it."""
     from common import load_state_dict_strict
     torch.manual_seed(0)
-    model = agra.Model(tiny_cfg(stage="ground"))
+    model = agra.Model(tiny_cfg(stage="ground", lr_video=1e-4, lr_head=1e-3))
     groups = model.param_groups()
-    assert [g["name"] for g in groups] == ["video"]
+    assert [g["name"] for g in groups] == ["video"] and groups[0]["lr"] == 1e-3     # the stand-in for pretraining: lr_head
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"video", "text_encoder", "ground_head"}
     with torch.no_grad():

@@ -14,7 +14,7 @@ import train
 from common import to_velocity
 from data.toyworld import VOCAB, mc_returns
 
-FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2"]
+FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2", "--set", "ground_steps=0"]   # the loop alone
 
 
 def tiny(**kw):
@@ -402,3 +402,55 @@ def test_auc_oracle():
     assert sample.auc([0.1], [0.9]) == 0.0
     assert sample.auc([0.5, 0.5], [0.5]) == 0.5                          # ties count 1/2
     assert sample.auc([0.3, 0.7], [0.5]) == 0.5                          # one of two pairs ordered
+
+
+def test_ground_stage_readout_oracle_gradients_and_init_into_joint(toy_data):
+    """Stage "ground" for the Video Expert (ours, toy only; AGRA's grounded start): with a zero readout
+    every current-frame token scores the same, so the cross-entropy against the named object's token share
+    is log(64) (8 x 8 tokens) for every sample that shows the object; it trains the Video Expert, the text
+    encoder and the readout at lr_head only; it needs the named object's mask; its readout is dropped when
+    the joint stage starts from it."""
+    from common import load_state_dict_strict
+    cfg = tiny(stage="ground", lr_video=1e-4, lr_head=1e-3)
+    batch = train.dataset_for(cfg, toy_data[1], toy_data[2]).sample(4, torch.Generator().manual_seed(0))
+    assert batch["target_mask"].flatten(1).any(1).all()
+    torch.manual_seed(0)
+    model = mvwam.Model(cfg)
+    groups = model.param_groups()
+    assert [(g["name"], g["lr"]) for g in groups] == [("video", 1e-3)]              # the stand-in for pretraining
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"video", "text_encoder", "ground_head"}
+    with torch.no_grad():
+        model.ground_head.weight.zero_()
+        model.ground_head.bias.zero_()
+    loss, parts = model.loss(batch)
+    assert set(parts) == {"ground", "ground_hit"} and loss.item() == pytest.approx(np.log(64), rel=1e-5)
+    with torch.no_grad():
+        model.ground_head.weight.normal_()
+    model.loss(batch)[0].backward()
+    assert model.text_encoder.embed.weight.grad.abs().sum() > 0                     # the words are trained
+    assert model.video.blocks[0].self_attn.q.weight.grad.abs().sum() > 0             # the Video Expert too
+    assert all(p.grad is None for p in model.video.head.parameters())               # the readout replaces its head
+    assert all(p.grad is None for p in model.action.parameters())
+    with pytest.raises(ValueError, match="target_mask"):
+        model.loss({k: v for k, v in batch.items() if k != "target_mask"})
+    joint = mvwam.Model(tiny())
+    assert not hasattr(joint, "ground_head") and model.init_ignore == ()
+    with pytest.raises(ValueError, match="unexpected 2 key"):
+        load_state_dict_strict(joint, model.state_dict())
+    load_state_dict_strict(joint, model.state_dict(), ignore=joint.init_ignore)
+    assert torch.equal(joint.video.blocks[0].self_attn.q.weight, model.video.blocks[0].self_attn.q.weight)
+
+
+def test_ground_readout_stops_at_its_block():
+    """ground_layer picks the block: the tokens after block 2 do not depend on blocks 3-5 (Model.forward upto)."""
+    torch.manual_seed(0)
+    model = mvwam.Model(tiny(stage="ground", ground_layer=2))
+    b = batch_of(2)
+    z = model.encode(b)
+    args = (z, model.frame_times(torch.ones(2), z.shape[2]), z[:, :, :1], None, None, None, None, model.text_context(b), None)
+    a = model(*args, with_action=False, upto=2)[0]
+    with torch.no_grad():
+        for blk in model.video.blocks[3:]:
+            for p in blk.parameters():
+                p.add_(1.0)
+    assert torch.equal(a, model(*args, with_action=False, upto=2)[0]) and a.shape == (2, 3 * 64, 96)

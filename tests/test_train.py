@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ import sample
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2"]
+FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2", "--set", "ground_steps=0"]   # the loop alone
 
 
 def losses(folder):
@@ -130,6 +131,7 @@ def test_a_short_run_lowers_the_loss(toy_data):
     from data.toyworld import VOCAB
     cfg = copy.deepcopy(agra.CONFIGS["tiny"])
     cfg.vocab = tuple(VOCAB)
+    cfg.lr_video = cfg.lr_head                  # from scratch here: the preset's 1/10 is for after its ground stage
     torch.manual_seed(0)
     model = agra.Model(cfg)
     data = train.dataset_for(cfg, toy_data[1], toy_data[2])
@@ -168,14 +170,50 @@ def test_bad_input_is_named(run6, toy_data, tmp_path):
         train.main(["--model", "agra", "--tiny", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
 
 
+def test_tiny_preset_grounds_first_like_the_two_commands(toy_data, tmp_path):
+    """AGRA's tiny preset (ground_steps > 0) trains stage ground into <out>/ground, then the joint run from
+    it: the same losses and weights as the two commands `--stage ground --steps 2` and `--init` that run."""
+    one, two_g, two = (str(tmp_path / n) for n in ("one", "two_g", "two"))
+    train.main(["--model", "agra", "--tiny", "--steps", "3", "--data", toy_data[0], "--out", one] + FAST
+               + ["--set", "ground_steps=2"])
+    train.main(["--model", "agra", "--tiny", "--stage", "ground", "--steps", "2", "--data", toy_data[0], "--out", two_g] + FAST)
+    train.main(["--model", "agra", "--tiny", "--steps", "3", "--init", two_g, "--data", toy_data[0], "--out", two] + FAST)
+    g1, g2, j1, j2 = (losses(f) for f in (os.path.join(one, "ground"), two_g, one, two))
+    assert [r["step"] for r in g1] == [1, 2] and "ground" in g1[0] and [r["step"] for r in j1] == [1, 2, 3]
+    assert [r["loss"] for r in g1] == [r["loss"] for r in g2] and [r["loss"] for r in j1] == [r["loss"] for r in j2]
+    sd_a, sd_b = train.load_model(one)[1].state_dict(), train.load_model(two)[1].state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    meta = train.read_checkpoint(one)[3]
+    assert meta["run"]["init"] == os.path.join(one, "ground") and meta["step"] == 3
+    cfg = train.read_checkpoint(one)[1]
+    assert (cfg.stage, cfg.lr_video, cfg.lr_head) == ("joint", 1e-4, 1e-3)        # App. C.3's ratio after grounding
+    assert train.read_checkpoint(os.path.join(one, "ground"))[1].stage == "ground"
+
+
+def test_default_dataset_follows_the_preset(tmp_path):
+    """Without --data, AGRA's and MV-WAM's tiny presets train on the close view with distractors in the named
+    object's band (cached apart from the wide view's default, which `--preset scratch` and EA-WM use), the
+    same episodes as data/toyworld.py --view close --distractor-band near."""
+    from data.toyworld import default_dataset, generate
+    for name in ("agra", "mvwam"):
+        folder, world = train.default_data_folder(train.make_config(name, "tiny"))
+        assert world == {"view": "close", "distractor_band": "near"} and os.path.basename(folder) == "close_near"
+    for name, preset in (("agra", "scratch"), ("mvwam", "scratch"), ("eawm", "tiny")):
+        assert train.default_data_folder(train.make_config(name, preset)) == (train.DEFAULT_DATA, {"view": "wide", "distractor_band": "any"})
+    arrays, meta = default_dataset(str(tmp_path / "c"), episodes=2, quiet=True, **world)
+    ref, _ = generate(2, "train", view="close", distractor_band="near")
+    assert (meta["view"], meta["distractor_band"]) == ("close", "near")
+    assert all(np.array_equal(arrays[k], ref[k]) for k in ref)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux CI")
 def test_ddp_two_cpu_processes(toy_data, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), "--model", "agra", "--tiny", "--steps", "2", "--batch-size", "2",
-           "--data", toy_data[0], "--out", out, "--threads", "1"]
+           "--data", toy_data[0], "--out", out, "--threads", "1", "--set", "ground_steps=1"]   # + the ground stage first
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "batch 2x1x2" in r.stdout and len(losses(out)) == 2
+    assert "batch 2x1x2" in r.stdout and len(losses(out)) == 2 and len(losses(os.path.join(out, "ground"))) == 1
     train.load_model(out)
