@@ -282,6 +282,14 @@ def ground_first(args, cfg, data) -> bool:
             and not (args.resume or args.init or args.pretrained))
 
 
+def finetune_after(args, cfg) -> bool:
+    """A config with finetune_steps > 0 (AGRA's tiny and long presets): a fresh joint run (not --resume) trains into
+    <out>/joint, then stage finetune (App. C.3: the video model frozen, the head alone) continues from it into <out>, as
+    `--stage finetune --init <out>/joint --steps finetune_steps` would. With steps = 0 there is no joint stage: the
+    head is fine-tuned on the model it starts from (the tiny preset: the ground stage's; the "Freeze backbone" variant)."""
+    return getattr(cfg, "finetune_steps", 0) > 0 and cfg.stage == "joint" and not args.resume
+
+
 def main(argv=None):
     # ------------------------------------------------------------------ settings
     args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
@@ -352,6 +360,26 @@ def main(argv=None):
     elif getattr(cfg, "ground_steps", 0) > 0 and cfg.stage == "joint" and not (args.resume or args.init or args.pretrained) and master:
         print(f"ground_steps={cfg.ground_steps} ignored: stage ground reads the toy world's object masks, which this "
               f"data lacks (the run starts from scratch)")
+    if finetune_after(args, cfg):                                       # stage joint, then stage finetune from it
+        if cfg.steps > 0:
+            sub = argparse.Namespace(**{**vars(args), "stage": "joint", "steps": cfg.steps, "out": os.path.join(out, "joint"),
+                                        "stop_after": None, "save_every": 0, "set": args.set + ["finetune_steps=0"]})
+            if master:
+                print(f"stage joint ({cfg.steps} steps into {sub.out}), then stage finetune ({cfg.finetune_steps} steps, "
+                      f"the video model frozen, into {out}; --set finetune_steps=0 skips it)")
+            main(sub)
+            if ddp:
+                dist.barrier()
+            args.init, args.pretrained = sub.out, False
+        elif not (args.init or args.pretrained):
+            raise SystemExit("--steps 0 with finetune_steps > 0 fine-tunes a head on a frozen video model: start it from "
+                             "one (--init, --pretrained, or ground_steps > 0 on toy-world data)")
+        elif master:
+            print(f"no joint stage (steps 0: the joint losses and their settings, agra_* among them, do not train; "
+                  f"--steps N or --preset long trains one): stage finetune ({cfg.finetune_steps} steps, the video model "
+                  f"frozen, the head alone) into {out}")
+        cfg.stage, cfg.steps = "finetune", cfg.finetune_steps
+        torch.manual_seed(args.seed + rank)
     gen = torch.Generator().manual_seed(1000 + args.seed + rank)
 
     # ------------------------------------------------------------------ model

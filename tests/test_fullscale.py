@@ -32,7 +32,7 @@ CAM = "observation.images.front"
 FAST = ["--log-every", "100", "--threads", "2"]
 # tiny configs with the full presets' data layout: VAE latents, cached text (and teacher / image) features
 SETS = {"agra": ["latent_channels=16", "codec_p=8", "crossattn_proj_in=32", "teacher=dinov2", "teacher_dim=32", "teacher_res=28",
-                 "teacher_patch=14", "teacher_layers=1", "teacher_heads=2", "horizon=4", "frames=5"],
+                 "teacher_patch=14", "teacher_layers=1", "teacher_heads=2", "horizon=4", "frames=5", "finetune_steps=0"],
         "mvwam": ["latent_channels=16", "codec_p=8", "text_encoder=precomputed", "text_dim=16", "image_encoder=precomputed",
                   "image_dim=32", "horizon=4", "frames=5"],
         "eawm": ["latent_channels=8", "codec_p=16", "height=64", "width=64", "text_encoder=precomputed", "text_dim=16",

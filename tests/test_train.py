@@ -13,7 +13,8 @@ import sample
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2", "--set", "ground_steps=0"]   # the loop alone
+FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2", "--set", "ground_steps=0",   # the loop alone
+        "--set", "finetune_steps=0"]
 
 
 def losses(folder):
@@ -190,6 +191,38 @@ def test_tiny_preset_grounds_first_like_the_two_commands(toy_data, tmp_path):
     assert train.read_checkpoint(os.path.join(one, "ground"))[1].stage == "ground"
 
 
+def test_tiny_preset_fine_tunes_after_joint_like_the_three_commands(toy_data, tmp_path):
+    """AGRA's tiny preset (finetune_steps > 0): stage ground into <out>/ground, stage joint from it into <out>/joint,
+    then stage finetune (App. C.3: the video model frozen, the head alone) into <out>: the same losses and weights as
+    the three commands. With --steps 0 the joint stage is skipped (the head fine-tuned on the grounded video model)."""
+    one, g, j, f = (str(tmp_path / n) for n in ("one", "g", "j", "f"))
+    sets = ["--set", "ground_steps=2", "--set", "finetune_steps=2"]
+    train.main(["--model", "agra", "--tiny", "--steps", "3", "--data", toy_data[0], "--out", one] + FAST + sets)
+    train.main(["--model", "agra", "--tiny", "--stage", "ground", "--steps", "2", "--data", toy_data[0], "--out", g] + FAST)
+    train.main(["--model", "agra", "--tiny", "--steps", "3", "--init", g, "--data", toy_data[0], "--out", j] + FAST)
+    train.main(["--model", "agra", "--tiny", "--stage", "finetune", "--steps", "2", "--init", j, "--data", toy_data[0],
+                "--out", f] + FAST)
+    for a, b in ((os.path.join(one, "ground"), g), (os.path.join(one, "joint"), j), (one, f)):
+        assert [r["loss"] for r in losses(a)] == [r["loss"] for r in losses(b)]
+    assert [r["step"] for r in losses(one)] == [1, 2] and set(losses(one)[0]) >= {"action"}
+    assert "video" not in losses(one)[0] and "video" in losses(j)[0]                      # finetune: no L_vid
+    sd_a, sd_b = train.load_model(one)[1].state_dict(), train.load_model(f)[1].state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    sd_j = train.load_model(j)[1].state_dict()                                           # the video model is frozen
+    assert all(torch.equal(sd_a[k], sd_j[k]) for k in sd_a if k.startswith(("video.", "text_encoder.")))
+    assert not all(torch.equal(sd_a[k], sd_j[k]) for k in sd_a if k.startswith("head."))
+    cfg, meta = train.read_checkpoint(one)[1], train.read_checkpoint(one)[3]
+    assert (cfg.stage, cfg.steps, meta["step"], meta["run"]["init"]) == ("finetune", 2, 2, os.path.join(one, "joint"))
+    assert train.read_checkpoint(os.path.join(one, "joint"))[1].stage == "joint"
+    skip = str(tmp_path / "skip")                                                         # --steps 0: ground, then finetune
+    train.main(["--model", "agra", "--tiny", "--steps", "0", "--data", toy_data[0], "--out", skip] + FAST + sets)
+    assert not os.path.exists(os.path.join(skip, "joint")) and len(losses(skip)) == 2
+    assert train.read_checkpoint(skip)[3]["run"]["init"] == os.path.join(skip, "ground")
+    with pytest.raises(SystemExit, match="frozen video model"):
+        train.main(["--model", "agra", "--tiny", "--steps", "0", "--data", toy_data[0], "--out", str(tmp_path / "x")]
+                   + FAST + ["--set", "finetune_steps=2"])
+
+
 def test_default_dataset_follows_the_preset(tmp_path):
     """Without --data, AGRA's and MV-WAM's tiny presets train on the close view with distractors in the named
     object's band (cached apart from the wide view's default, which `--preset scratch` and EA-WM use), the
@@ -211,9 +244,11 @@ def test_ddp_two_cpu_processes(toy_data, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), "--model", "agra", "--tiny", "--steps", "2", "--batch-size", "2",
-           "--data", toy_data[0], "--out", out, "--threads", "1", "--set", "ground_steps=1"]   # + the ground stage first
+           "--data", toy_data[0], "--out", out, "--threads", "1", "--set", "ground_steps=1",   # + the ground stage first
+           "--set", "finetune_steps=1"]                                                          # and finetune after
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "batch 2x1x2" in r.stdout and len(losses(out)) == 2 and len(losses(os.path.join(out, "ground"))) == 1
+    assert "batch 2x1x2" in r.stdout and len(losses(out)) == 1 and len(losses(os.path.join(out, "joint"))) == 2
+    assert len(losses(os.path.join(out, "ground"))) == 1
     train.load_model(out)
