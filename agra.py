@@ -155,7 +155,7 @@ class Config:
     warmup_frac: float = 0.05            # cosine with 5 % warm-up
     grad_clip: float = 1.0
     batch_size: int = 16
-    steps: int = 200                     # the `--preset scratch` run (about 2 CPU minutes; --tiny: 1,000)
+    steps: int = 200                     # joint steps: `--preset scratch` (about 2 CPU minutes); --tiny: 0, --preset long: 1,000
 
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint", "finetune", "ground"))
