@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (frame_times, Attention, PixelCodec, RMSNorm, SiglipVisionTower, TinyTextEncoder, add_noise,
+from common import (axis_tables, frame_times, Attention, PixelCodec, RMSNorm, SiglipVisionTower, TinyTextEncoder, add_noise,
                     build_pretrained, check_choice, check_clip_frames, check_layers, check_shape, checkpointed, grid_positions,
                     modulate, read_config, read_weights, referring_loss, rename_keys, resolve_source, rope_3d, sample_mean,
                     sample_t, set_trainable, shift_t, target_mask, timestep_embedding, velocity_target)
@@ -420,21 +420,6 @@ class SABlock(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.ff(self.norm2(x))
-
-
-def axis_tables(sizes: tuple, dim: int, max_period: float = 100.0) -> list[torch.Tensor]:
-    """Sin-cos position tables for the (t, h, w) axes, (size_i, dim) each: axis i fills its own third of
-    the channels (an even number, the last third takes the rest) and leaves the others 0, so their sum
-    is the concatenation of three 1D sin-cos codes (MAE's 2D sin-cos embedding, with a time axis)."""
-    third = (dim // 3) // 2 * 2
-    widths = [third, third, dim - 2 * third]
-    out, start = [], 0
-    for n, wd in zip(sizes, widths):
-        table = torch.zeros(n, dim)
-        table[:, start:start + wd] = timestep_embedding(torch.arange(n), wd, max_period)
-        out.append(table)
-        start += wd
-    return out
 
 
 class Bridge(nn.Module):

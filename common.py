@@ -416,6 +416,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, c
     return emb.float()
 
 
+def axis_tables(sizes: tuple, dim: int, max_period: float = 100.0) -> list[torch.Tensor]:
+    """Sin-cos position tables for the (t, h, w) axes, (size_i, dim) each: axis i fills its own third of
+    the channels (an even number, the last third takes the rest) and leaves the others 0, so their sum
+    is the concatenation of three 1D sin-cos codes (MAE's 2D sin-cos embedding, with a time axis)."""
+    third = (dim // 3) // 2 * 2
+    widths = [third, third, dim - 2 * third]
+    out, start = [], 0
+    for n, wd in zip(sizes, widths):
+        table = torch.zeros(n, dim)
+        table[:, start:start + wd] = timestep_embedding(torch.arange(n), wd, max_period)
+        out.append(table)
+        start += wd
+    return out
+
+
 # -------------------------------------------------------------------------------------------------
 # Rotary position embedding (1D and 3D)
 # -------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (frame_times, PixelCodec, SiglipVisionTower, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise,
+from common import (axis_tables, frame_times, PixelCodec, SiglipVisionTower, TinyTextEncoder, WanBlock, WanDiT, WanHead, add_noise,
                     check_choice, check_clip_frames, check_shape, checkpointed, grid_positions, referring_loss, rope_3d,
                     sample_t, sample_mean, set_trainable, shift_t, target_mask, timestep_embedding, to_velocity,
                     velocity_target)
@@ -126,6 +126,10 @@ class Config:
                                          #   1, 3, 5, ... = 0-indexed 0, 2, 4; 0 counts from 0 (language in 1, 3, ...)
     rope_action_scale: float = 0.25      # temporal RoPE scale of action tokens, 1/4 (Sec. 3.1)
     use_value: bool = True               # value token + value loss (False: Fig. 3(c)'s no-value baseline)
+    action_reads_position: bool = False  # ours (toy): the action rows read each video token's value plus a learned
+                                         #   map of its sin-cos (t, h, w) position (ActionValueExpert.video_position):
+                                         #   the Wan video expert has RoPE only, which puts position in q.k and none in
+                                         #   the values, so attention alone can find the named object but not say where
     # objectives (Eq. 2-3, Table 6, App. F)
     action_target: str = "x0"            # x0 | v | eps for action and value tokens (Fig. 3(a))
     video_weight: float = 1.0            # lambda_v
@@ -151,6 +155,9 @@ class Config:
                                          #   <out>/ground, at lr_head) before a fresh joint run on toy-world data
     toy_view: str = "wide"               # the toy world train.py generates when no --data is given: wide | close
     toy_distractor_band: str = "any"     #   and where its distractors lie: any | near (data/toyworld.py)
+    freeze_video: bool = False           # ours (toy): stage joint trains the action-value expert (+ image encoder) alone
+                                         #   on a frozen Video Expert and text encoder, without L_v (Eq. 2); AGRA's
+                                         #   "Freeze backbone" (App. B.2.2) for MV-WAM. Stages video / ground ignore it
     lr_video: float = 1e-3               # 1e-4
     lr_head: float = 1e-3                # action-value expert + encoders: 1e-4
     weight_decay: float = 1e-2           # AdamW 1e-2
@@ -187,6 +194,10 @@ class Config:
         return 1 + (self.frames - 1) // self.latent_q
 
     @property
+    def video_frozen(self) -> bool:
+        return self.freeze_video and self.stage == "joint"
+
+    @property
     def d_u(self) -> int:
         return self.unified_dim or max(self.action_dim, self.state_dim)
 
@@ -197,11 +208,16 @@ class Config:
 
 
 CONFIGS = {
-    # the toy world's default run (README "The MV-WAM default run"; about 10 minutes on a 2-core CPU): AGRA's
-    # grounded recipe, i.e. the close view with distractors in the named object's band, 300 steps of stage ground
-    # (the stand-in for WoW's text-to-video pretraining), then 1,000 joint steps with the Video Expert at a tenth
-    # of the head's learning rate (Sec. 4.1 trains both at 1e-4 from a pretrained Video Expert)
-    "tiny": Config(toy_view="close", toy_distractor_band="near", ground_steps=300, lr_video=1e-4, steps=1000),
+    # the toy world's default run (README "The MV-WAM default run"; about 4 minutes on a 2-core CPU): AGRA's
+    # tiny recipe, i.e. the close view with distractors in the named object's band, 200 steps of stage ground
+    # (the stand-in for WoW's text-to-video pretraining), then 1,000 joint steps of the action-value expert alone
+    # on the frozen grounded Video Expert, reading where each video token is; one joint denoising step at
+    # inference (Fig. 3(b)'s 1-step variant: the frozen Video Expert was never trained to generate the future)
+    "tiny": Config(toy_view="close", toy_distractor_band="near", ground_steps=200, freeze_video=True,
+                   action_reads_position=True, sample_steps=1, steps=1000),
+    # the previous default run: ground 300 steps, then 1,000 joint steps with the Video Expert trained at a tenth
+    # of the head's learning rate (Sec. 4.1 trains both at 1e-4 from a pretrained Video Expert), 5 steps
+    "joint": Config(toy_view="close", toy_distractor_band="near", ground_steps=300, lr_video=1e-4, steps=1000),
     # the earlier tiny preset: from scratch in the wide view, both experts at 1e-3, 200 steps
     "scratch": Config(),
     # Sec. 4.1, joint vision-action fine-tuning: Wan2.1-T2V-1.3B video expert with the WoW I2V input
@@ -221,6 +237,7 @@ CONFIGS["full_video"] = replace(CONFIGS["full"], stage="video", batch_size=1024,
 # -------------------------------------------------------------------------------------------------
 
 VIDEO, STATE, ACTION, VALUE = 0, 1, 2, 3
+POSITION_CODE = 48                                       # width of the sin-cos (t, h, w) code of action_reads_position
 
 
 def mot_mask(kind: torch.Tensor, frame: torch.Tensor, ground: bool = True, causal_actions: bool = False,
@@ -283,14 +300,31 @@ class ExpertBlock(WanBlock):
     """A block of the Action-Value Expert: a WanBlock (same parameters) whose `mot` runs one
     mixture-of-transformers layer together with the Video Expert's block of the same depth."""
 
-    def mot(self, video_block: WanBlock, xv, xa, e0_v, e0_a, ctx_v, ctx_a, rope_v, rope_a, mask, img_v=None):
+    def mot(self, video_block: WanBlock, xv, xa, e0_v, e0_a, ctx_v, ctx_a, rope_v, rope_a, mask, img_v=None,
+            video_frozen: bool = False, video_position=None):
         """Per-expert QKV -> one shared attention under the cross-modality mask -> per-expert output,
         cross-attention and FFN (Sec. 3.1). xv (B, N_v, D), xa (B, N_o, A) -> both updated. img_v: the
-        video expert's image context when it has WoW's image cross-attention, else None."""
+        video expert's image context when it has WoW's image cross-attention, else None.
+
+        The video rows attend to video columns only (mot_mask), so the shared attention is also two: the video
+        rows over the video tokens, the other rows over all. That split runs when
+          video_frozen (training with freeze_video): the video rows outside autograd, the backward pass
+                        covers the action rows alone (the same values as the shared attention);
+          video_position (1, heads, N_v, d), action_reads_position: added to the video values the other rows
+                        read (the video rows read theirs unchanged)."""
         bv, ba, Nv = video_block, self, xv.shape[1]
-        mv, ma = bv.modulation_terms(e0_v), ba.modulation_terms(e0_a)
-        qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)        # per-expert QKV, (B, heads, N_v, d)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not video_frozen):
+            mv = bv.modulation_terms(e0_v)
+            qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)    # per-expert QKV, (B, heads, N_v, d)
+        ma = ba.modulation_terms(e0_a)
         qa, ka, va = ba.self_attn.qkv(ba.attn_input(xa, ma), rope=rope_a)        # A -> video attention width, (B, heads, N_o, d)
+        if video_frozen or video_position is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not video_frozen):
+                out_v = F.scaled_dot_product_attention(qv, kv, vv, attn_mask=mask[:Nv, :Nv]).transpose(1, 2).flatten(2)
+                xv = bv.finish(xv, bv.self_attn.o(out_v), mv, ctx_v, img_v)
+            vv_a = vv if video_position is None else vv + video_position
+            out_a = F.scaled_dot_product_attention(qa, torch.cat([kv, ka], 2), torch.cat([vv_a, va], 2), attn_mask=mask[Nv:])
+            return xv, ba.finish(xa, ba.self_attn.o(out_a.transpose(1, 2).flatten(2)), ma, ctx_a)
         out = F.scaled_dot_product_attention(torch.cat([qv, qa], 2), torch.cat([kv, ka], 2),
                                              torch.cat([vv, va], 2), attn_mask=mask)   # one shared attention, (B, heads, L, d)
         out = out.transpose(1, 2).flatten(2)                                     # (B, L, heads d)
@@ -322,6 +356,9 @@ class ActionValueExpert(nn.Module):
         self.image_embedding = nn.Sequential(nn.Linear(cfg.image_dim, A), nn.GELU(approximate="tanh"), nn.Linear(A, A))
         self.blocks = nn.ModuleList([ExpertBlock(A, cfg.act_ffn, cfg.video_heads, attn_dim=cfg.video_dim,
                                                  cross_heads=cfg.act_cross_heads) for _ in range(cfg.layers)])
+        if cfg.action_reads_position:                    # ours: per layer, sin-cos (t, h, w) code -> a value offset
+            self.video_position = nn.ModuleList([nn.Linear(POSITION_CODE, cfg.video_dim, bias=False)
+                                                 for _ in range(cfg.layers)])
 
     def time(self, t):
         """t (B, L) -> e (B, L, A), e0 (B, L, 6, A)."""
@@ -527,6 +564,13 @@ class Model(nn.Module):
         x = torch.cat([x_v.double(), torch.full((n_o,), (w - 1) / 2, dtype=torch.float64, device=device)])
         return kind, frame, (t, y, x)
 
+    def position_code(self, device) -> torch.Tensor:
+        """(N_v, POSITION_CODE): the sum of sin-cos codes of each video token's (t, h, w) grid position, in the
+        video tokens' order (action_reads_position)."""
+        T, h, w = self.cfg.token_grid
+        ct, ch, cw = axis_tables((T, h, w), POSITION_CODE, max_period=100.0)
+        return (ct[:, None, None] + ch[None, :, None] + cw[None, None, :]).flatten(0, 2).to(device)
+
     # ---------------------------------------------------------------- forward (one MoT pass)
     def forward(self, z_t, t_video, z_cond, state, a_t, c_t, t_act, text, image, with_action: bool = True, clip=None,
                 upto: int | None = None):
@@ -571,10 +615,14 @@ class Model(nn.Module):
         e_a, e0_a = AV.time(torch.cat(ta, 1))                                # (B, N_o, A), (B, N_o, 6, A)
         ctx_a = AV.context(text, image)                                      # per block: (B, L_text or N_img, A)
         rope_v, rope_a = (angles[:Nv], True), (angles[Nv:], True)
+        frozen = cfg.video_frozen and torch.is_grad_enabled()               # the video rows outside autograd
+        code = self.position_code(z_t.device) if cfg.action_reads_position else None      # (N_v, POSITION_CODE)
         for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):              # one MoT layer each (ExpertBlock.mot)
+            pos = None if code is None else AV.video_position[i](code).unflatten(-1, (cfg.video_heads, -1)).transpose(0, 1)[None]
             xv, xa = checkpointed(self.grad_checkpoint, ba.mot, bv, xv, xa, e0_v, e0_a, ctx_v, ctx_a[i], rope_v, rope_a, mask,
-                                  img_v)
-        video_out = V.unpatchify(V.head(xv, e_v), grid)
+                                  img_v, frozen, pos)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            video_out = V.unpatchify(V.head(xv, e_v), grid)
         act = AV.state_action_head(xa[:, 1:1 + K], e_a[:, 1:1 + K])[..., :cfg.action_dim]
         value = AV.value_head(xa[:, -1:], e_a[:, -1:])[:, 0, 0] if cfg.use_value else None
         return video_out, act, value
@@ -612,8 +660,10 @@ class Model(nn.Module):
                 c_t = add_noise(c0, eps_c, t_a)
         v_hat, a_hat, c_hat = self(z_t, self.frame_times(t, T), z[:, :, :1], state, a_t, c_t, t_a, text, image, with_action,
                                    batch.get("clip_emb"))
-        parts = {"video": F.mse_loss(v_hat[:, :, 1:].float(), velocity_target(z, noise)[:, :, 1:].float())}   # Eq. 2
-        total = cfg.video_weight * parts["video"]
+        parts, total = {}, torch.zeros((), device=dev)
+        if not cfg.video_frozen:
+            parts["video"] = F.mse_loss(v_hat[:, :, 1:].float(), velocity_target(z, noise)[:, :, 1:].float())   # Eq. 2
+            total = cfg.video_weight * parts["video"]
         if with_action:
             w = t_a.clamp(min=1e-3) ** -2 if cfg.x0_weight == "inv_t2" else None      # Eq. 7 variant (clamped like to_velocity)
             keep = batch.get("action_weight")                                          # failing demos: value only
@@ -646,13 +696,14 @@ class Model(nn.Module):
 
     def param_groups(self):
         """Stage video: the Video Expert (+ tiny text encoder) alone. Stage joint: the full model,
-        video expert at lr_video, action-value expert + image encoder at lr_head (Sec. 4.1). Stage ground
+        video expert at lr_video, action-value expert + image encoder at lr_head (Sec. 4.1); with freeze_video
+        the action-value expert + image encoder alone. Stage ground
         (the stand-in for pretraining, from scratch): the Video Expert, text encoder and readout at lr_head."""
         video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder.", "ground_head."))]
         head = [p for n, p in self.named_parameters() if n.startswith("action.")
                 or (n.startswith("image_encoder.") and self.cfg.image_encoder == "tiny")]       # SigLIP2 stays frozen
         lr = self.cfg.lr_head if self.cfg.stage == "ground" else self.cfg.lr_video
-        groups = [{"name": "video", "params": video, "lr": lr}]
+        groups = [] if self.cfg.video_frozen else [{"name": "video", "params": video, "lr": lr}]
         if self.cfg.stage == "joint":
             groups.append({"name": "action_value", "params": head, "lr": self.cfg.lr_head})
         return set_trainable(self, groups)

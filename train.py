@@ -380,6 +380,10 @@ def main(argv=None):
                   f"frozen, the head alone) into {out}")
         cfg.stage, cfg.steps = "finetune", cfg.finetune_steps
         torch.manual_seed(args.seed + rank)
+    if getattr(cfg, "video_frozen", False) and not (args.init or args.pretrained or args.resume):
+        raise SystemExit("freeze_video=true (MV-WAM's tiny preset) trains the action-value expert on a frozen Video Expert: "
+                         "start from one (--init, --pretrained, or ground_steps > 0 on toy-world data), or pass "
+                         "--set freeze_video=false to train both experts from scratch")
     gen = torch.Generator().manual_seed(1000 + args.seed + rank)
 
     # ------------------------------------------------------------------ model

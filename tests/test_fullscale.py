@@ -34,7 +34,7 @@ FAST = ["--log-every", "100", "--threads", "2"]
 SETS = {"agra": ["latent_channels=16", "codec_p=8", "crossattn_proj_in=32", "teacher=dinov2", "teacher_dim=32", "teacher_res=28",
                  "teacher_patch=14", "teacher_layers=1", "teacher_heads=2", "horizon=4", "frames=5", "finetune_steps=0"],
         "mvwam": ["latent_channels=16", "codec_p=8", "text_encoder=precomputed", "text_dim=16", "image_encoder=precomputed",
-                  "image_dim=32", "horizon=4", "frames=5"],
+                  "image_dim=32", "horizon=4", "frames=5", "freeze_video=false"],
         "eawm": ["latent_channels=8", "codec_p=16", "height=64", "width=64", "text_encoder=precomputed", "text_dim=16",
                  "horizon=4", "frames=5", "dim=64", "heads=2", "ffn_dim=128", "event_dim=32"]}
 
@@ -148,7 +148,7 @@ def test_train_on_a_lerobot_folder_directly(toy_lerobot, tmp_path):
     """The pixel-codec tiny preset decodes a LeRobot dataset itself (no encoder)."""
     out = str(tmp_path / "raw")
     train.main(["--model", "mvwam", "--tiny", "--steps", "2", "--batch-size", "2", "--data", toy_lerobot["v2.1"],
-                "--camera", CAM, "--out", out] + FAST)
+                "--camera", CAM, "--out", out, "--set", "freeze_video=false"] + FAST)
     _, _, _, meta = train.load_model(out)
     assert meta["data"]["camera"] == CAM and meta["data"]["source"] == toy_lerobot["v2.1"]
 
@@ -271,7 +271,8 @@ def test_train_py_fsdp_checkpoint_resumes_in_one_process(toy_data, tmp_path):
     out = str(tmp_path / "fsdp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
            "--model", "mvwam", "--tiny", "--steps", "3", "--stop-after", "2", "--batch-size", "2", "--data", toy_data[0],
-           "--out", out, "--threads", "1", "--strategy", "fsdp", "--grad-checkpoint", "--set", "ground_steps=0"]
+           "--out", out, "--threads", "1", "--strategy", "fsdp", "--grad-checkpoint", "--set", "ground_steps=0",
+           "--set", "freeze_video=false"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batch 2x1x2" in r.stdout and "fsdp" in r.stdout
@@ -374,7 +375,7 @@ WHOLE = {"agra": ["latent_channels=16", "codec_p=8", "crossattn_proj_in=64", "te
                   "video_heads=4", "act_dim=128", "bridge_dim=256", "act_heads=4", "project_heads=4", "proj_dim=128"],
          "mvwam": ["latent_channels=16", "codec_p=8", "text_encoder=precomputed", "text_dim=64", "image_encoder=precomputed",
                    "image_dim=64", "height=128", "width=128", "video_heads=4", "video_dim=256", "video_ffn=1024",
-                   "act_width=128", "act_ffn=512"],
+                   "act_width=128", "act_ffn=512", "freeze_video=false"],
          "eawm": ["latent_channels=8", "codec_p=16", "height=256", "width=256", "text_encoder=precomputed", "text_dim=64",
                   "dim=256", "heads=4", "ffn_dim=1024", "event_dim=64", "lora_rank=8", "stage=stage2"]}
 

@@ -14,12 +14,16 @@ import train
 from common import to_velocity
 from data.toyworld import VOCAB, mc_returns
 
-FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2", "--set", "ground_steps=0"]   # the loop alone
+FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2", "--set", "ground_steps=0",   # the loop alone,
+        "--set", "freeze_video=false"]                                                          # the paper's joint stage
 
 
 def tiny(**kw):
+    """The paper's model at the tiny preset's sizes: the preset's toy-only settings (frozen Video Expert, the position
+    read, one joint step) off unless kw sets them."""
     cfg = copy.deepcopy(mvwam.CONFIGS["tiny"])
     cfg.vocab = tuple(VOCAB)
+    kw = {"freeze_video": False, "action_reads_position": False, "sample_steps": mvwam.Config.sample_steps, **kw}
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -242,6 +246,31 @@ def test_video_stage_trains_the_video_expert_alone():
     assert all(p.grad is None for p in model.action.parameters())
 
 
+def test_freeze_video_trains_the_action_value_expert_alone_with_the_same_gradients():
+    """freeze_video: no video loss, only action-value expert + image encoder trainable, and their gradients
+    equal those of the full joint loss (the video rows run outside autograd; the mask makes that exact)."""
+    grads, parts = {}, {}
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        model = mvwam.Model(tiny(freeze_video=frozen))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        names = [g["name"] for g in model.param_groups()]
+        torch.manual_seed(1)
+        loss, parts[frozen] = model.loss(batch_of())
+        loss.backward()
+        grads[frozen] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert names == (["action_value"] if frozen else ["video", "action_value"])
+    assert set(parts[True]) == {"action", "value"}
+    for k in ("action", "value"):
+        assert torch.equal(parts[True][k], parts[False][k])
+    assert grads[True] and all(n.startswith(("action.", "image_encoder.")) for n in grads[True])
+    for n, g in grads[True].items():
+        assert torch.allclose(g, grads[False][n], rtol=1e-5, atol=1e-7), n
+    assert not tiny(freeze_video=True, stage="ground").video_frozen      # stage ground trains the video expert
+
+
 def test_full_presets_carry_both_stage_recipes():
     """Sec. 4.1: Video Expert pre-training with batch 1024 for 20k steps, then joint fine-tuning with
     batch 512 for 15k steps, LR 1e-4, weight decay 1e-2 in both."""
@@ -250,6 +279,7 @@ def test_full_presets_carry_both_stage_recipes():
     assert (joint.stage, joint.batch_size, joint.steps) == ("joint", 512, 15000)
     for c in (video, joint):
         assert (c.lr_video, c.weight_decay, c.layers, c.video_dim) == (1e-4, 1e-2, 30, 1536)
+        assert (c.freeze_video, c.action_reads_position, c.sample_steps) == (False, False, 5)   # the toy's settings off
 
 
 def test_no_value_variant_and_independent_t():
@@ -454,3 +484,26 @@ def test_ground_readout_stops_at_its_block():
             for p in blk.parameters():
                 p.add_(1.0)
     assert torch.equal(a, model(*args, with_action=False, upto=2)[0]) and a.shape == (2, 3 * 64, 96)
+
+
+
+def test_tiny_preset_grounds_then_trains_the_action_value_expert_on_the_frozen_video_expert(toy_data, tmp_path):
+    """--tiny: stage ground into <out>/ground, then the joint stage with freeze_video: the Video Expert and text
+    encoder keep the ground stage's weights, the action-value expert trains, no video loss is logged; sample.py's
+    default is one joint step. Without a start, freeze_video refuses to run."""
+    out = str(tmp_path / "mv")
+    quick = ["--batch-size", "2", "--log-every", "100", "--threads", "2", "--data", toy_data[0]]
+    train.main(["--model", "mvwam", "--tiny", "--steps", "2", "--set", "ground_steps=2", "--out", out] + quick)
+    _, ground, _, _ = train.load_model(os.path.join(out, "ground"))
+    _, model, cfg, meta = train.load_model(out)
+    assert cfg.video_frozen and cfg.sample_steps == 1 and meta["step"] == 2
+    g = ground.state_dict()
+    for n, p in model.state_dict().items():
+        if n.startswith(("video.", "text_encoder.")):
+            assert torch.equal(p, g[n]), n
+    assert any(not torch.equal(p, g[n]) for n, p in model.state_dict().items() if n.startswith("action."))
+    logged = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert all("video" not in r and "action" in r for r in logged)
+    with pytest.raises(SystemExit, match="freeze_video"):
+        train.main(["--model", "mvwam", "--tiny", "--steps", "1", "--set", "ground_steps=0", "--out", str(tmp_path / "x")]
+                   + quick)
