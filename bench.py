@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import resource
@@ -114,11 +115,29 @@ def full_batch(name, cfg, B, device):
     return batch
 
 
+FROZEN = {      # the step of a run whose video model is frozen (the tiny default runs), against the joint step
+    "agra": ("stage finetune", {"stage": "finetune"}),
+    "mvwam": ("freeze_video", {"freeze_video": True}),
+}
+
 INFERENCE = {   # what one `sample` call is, per model
     "agra": lambda cfg: f"t=1 video pass + {cfg.action_steps} action steps",
     "mvwam": lambda cfg: f"{cfg.sample_steps} joint video+action Euler steps",
     "eawm": lambda cfg: f"{cfg.sample_steps} Euler steps, KVAF-conditioned",
 }
+
+
+def train_step(model, batch, autocast):
+    """One AdamW training step of `model` on `batch`, as a function to time (its trainable parameters only)."""
+    opt = torch.optim.AdamW(model.param_groups(), lr=1e-5)
+
+    def step():
+        with autocast:
+            loss, _ = model.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compile_=False, threads_sweep=False):
@@ -132,6 +151,8 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compil
     mod = importlib.import_module(name)
     cfg = copy.deepcopy(mod.CONFIGS[preset])
     cfg.vocab = tuple(VOCAB)
+    if hasattr(cfg, "freeze_video"):
+        cfg.freeze_video = False                           # the joint step; FROZEN's row times the frozen one
     B = batch_size or (cfg.batch_size if preset == "tiny" else 2)
     torch.manual_seed(0)
     model = mod.Model(cfg).to(device)
@@ -144,19 +165,12 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compil
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in ds.sample(B, torch.Generator().manual_seed(0)).items()}
     else:
         batch = full_batch(name, cfg, B, device)
-    opt = torch.optim.AdamW(model.param_groups(), lr=1e-5)
-
-    def step():
-        with autocast:
-            loss, _ = model.loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = train_step(model, batch, autocast)
     with FlopCounterMode(display=False) as fc:
         with autocast:
             loss, _ = model.loss(batch)
         loss.backward()
-    opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     flops = fc.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -165,6 +179,12 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compil
     rows.append((name, f"{preset} train samples/s", B / t, "samples/s"))
     rows.append((name, f"{preset} train FLOP per step (G)", flops / 1e9, "GFLOP"))
     rows.append((name, f"{preset} achieved FLOP/s / matmul peak", flops / t / peak, "ratio"))
+    if name in FROZEN:                                     # the video model frozen: its forward only, no L_vid
+        label, changes = FROZEN[name]
+        frozen_step = train_step(mod.Model(dataclasses.replace(cfg, **changes)).to(device), batch, autocast)
+        tf = timeit(frozen_step, repeat=5 if preset == "tiny" else 3, sync=sync)
+        rows.append((name, f"{preset} train step, video model frozen ({label}) / joint step", tf / t, "ratio"))
+        del frozen_step
     if threads_sweep and device.type == "cpu":                 # each thread count against the default (all cores)
         n = torch.get_num_threads()
         for k in range(1, n):
