@@ -35,6 +35,8 @@ Paper -> code
 | Sec. 4.1   constant 20 % then linear to 0   | Config.lr_schedule / const_frac                      |
 | Fig. 3(a) targets, 3(b) steps, 3(c) value   | Config.action_target, sample(steps=), use_value      |
 | (ours, toy) stage ground: grounded start    | Model.ground_loss, common.referring_loss             |
+| (ours, toy) frozen Video Expert             | Config.freeze_video, ExpertBlock.mot (split)         |
+| (ours, toy) action rows read positions      | Config.action_reads_position, Model.position_code    |
 
 Two readings this file makes explicit (README, "Choices and deviations"):
 - Frame grounding. The mask row of action k allows only latent frames <= 1 + k // 4, but after two
