@@ -210,7 +210,7 @@ class Config:
 
 
 CONFIGS = {
-    # the toy world's default run (README "The MV-WAM default run"; about 4 minutes on a 2-core CPU): AGRA's
+    # the toy world's default run (README "The MV-WAM default run"; about 5 minutes on a 2-core CPU): AGRA's
     # tiny recipe, i.e. the close view with distractors in the named object's band, 200 steps of stage ground
     # (the stand-in for WoW's text-to-video pretraining), then 1,000 joint steps of the action-value expert alone
     # on the frozen grounded Video Expert, reading where each video token is; one joint denoising step at
