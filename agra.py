@@ -1206,6 +1206,9 @@ CONFIGS.update({
     # steps with the real-robot ratio of learning rates (lr_video = lr_head / 10: where AGRA and the WAM
     # baseline differ), then 2,000 steps of stage finetune (the paper's 2,000 fine-tuning steps)
     "long": dataclasses.replace(CONFIGS["tiny"], ground_steps=300, steps=1000, finetune_steps=2000),
+    # the longer default run (9-14 minutes on a 2-core CPU): the tiny preset with 300 ground steps and 4,000 finetune steps
+    # (the video DiT frozen after the ground stage throughout: Table 2's "Freeze backbone"; no AGRA loss trains)
+    "frozen": dataclasses.replace(CONFIGS["tiny"], ground_steps=300, finetune_steps=4000),
     # App. C.1: Cosmos-Predict2.5-2B (28 x 2048, 16 heads, AdaLN-LoRA 256, Cosmos-Reason text 100352 -> 1024)
     # + 8-block action DiT (32 heads, hidden 1024, cross-attention 2048), project module of 4 layers,
     # AGRA on layer 8 against DINOv2-B, 17 frames at 192 x 336 -> 5 latent frames, K = 48 (real robot),
