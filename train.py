@@ -1,8 +1,10 @@
 """One plain training loop for the three world action models (AGRA, MV-WAM, EA-WM).
 
-    python train.py --model agra --tiny                      # toy world: stage ground, then joint; ~14 CPU minutes
+    python train.py --model agra --tiny                      # toy world: stage ground, then finetune; ~4 CPU minutes
+    python train.py --model agra --preset frozen             # the longer default run (ground 300, finetune 4,000)
+    python train.py --model agra --preset long               # ground, joint with AGRA, finetune (~20 CPU minutes)
     python train.py --model agra --preset scratch            # the earlier from-scratch run (~2.5 CPU minutes)
-    python train.py --model agra --tiny --set agra_weight=0  # the WAM baseline
+    python train.py --model agra --preset long --set agra_weight=0   # the WAM baseline
     python train.py --model agra --tiny --resume runs/agra   # continue a run bit-exactly
     python train.py --model mvwam --preset full --pretrained --data ...   # WoW / Wan2.1 + SigLIP2 from the Hub
     torchrun --nproc_per_node=2 train.py --model agra --tiny # DDP (gloo on CPU, nccl on GPU)
@@ -230,8 +232,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train a world action model (AGRA / MV-WAM / EA-WM) on the toy world.")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which model file to train")
     p.add_argument("--tiny", action="store_true", help="use the tiny preset (same as --preset tiny)")
-    p.add_argument("--preset", default=None, help="config preset: tiny (default), full, or (AGRA) scratch: the "
-                   "earlier tiny preset, from scratch in the wide view")
+    p.add_argument("--preset", default=None, help="config preset (a key of the model file's CONFIGS): tiny "
+                   "(default), full; AGRA also frozen, long, scratch; MV-WAM also joint, scratch, full_video")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the main/head group; other groups keep "
