@@ -392,3 +392,13 @@ def test_ground_stage_readout_oracle_gradients_and_init_into_joint(batch):
     load_state_dict_strict(joint, model.state_dict(), ignore=joint.init_ignore)
     assert torch.equal(joint.video.blocks[0].cross_attn.q.weight, model.video.blocks[0].cross_attn.q.weight)
     assert model.init_ignore == ()
+
+
+def test_frozen_preset_is_the_tiny_run_with_longer_ground_and_finetune_stages():
+    """README's longer default run: only the two stage lengths differ from --tiny, and no joint stage runs
+    (so, like --tiny, it trains neither L_vid nor L_AGRA)."""
+    import dataclasses
+    tiny, frozen = agra.CONFIGS["tiny"], agra.CONFIGS["frozen"]
+    differ = {f.name for f in dataclasses.fields(tiny) if getattr(tiny, f.name) != getattr(frozen, f.name)}
+    assert differ == {"ground_steps", "finetune_steps"}
+    assert (frozen.ground_steps, frozen.steps, frozen.finetune_steps) == (300, 0, 4000)
