@@ -45,13 +45,14 @@ MODELS = {"agra": "agra", "mvwam": "mvwam", "eawm": "eawm"}        # --model -> 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache", "default")
 
 
-def default_data_folder(cfg) -> tuple[str, dict]:
+def default_data_folder(cfg, episodes: int = 400) -> tuple[str, dict]:
     """-> (folder, world options) of the toy-world dataset train.py generates and caches when no --data is
-    given: the config's toy_view / toy_distractor_band (AGRA's tiny preset: close, near), else the wide view."""
+    given: the config's toy_view / toy_distractor_band (AGRA's tiny preset: close, near), else the wide view;
+    another --episodes than the default 400 is cached apart (folder name + _<episodes>)."""
     world = {"view": getattr(cfg, "toy_view", "wide"), "distractor_band": getattr(cfg, "toy_distractor_band", "any")}
-    if world == {"view": "wide", "distractor_band": "any"}:
-        return DEFAULT_DATA, world
-    return os.path.join(os.path.dirname(DEFAULT_DATA), f"{world['view']}_{world['distractor_band']}"), world
+    folder = DEFAULT_DATA if world == {"view": "wide", "distractor_band": "any"} else \
+        os.path.join(os.path.dirname(DEFAULT_DATA), f"{world['view']}_{world['distractor_band']}")
+    return (folder if episodes == 400 else f"{folder}_{episodes}"), world
 
 
 def model_module(name: str):
@@ -199,7 +200,7 @@ def open_data(args, cfg, master, ddp, feature_dtype=torch.float32):
     if args.data:
         arrays, dmeta = load_dataset(args.data)
     else:
-        folder, world = default_data_folder(cfg)
+        folder, world = default_data_folder(cfg, args.episodes)
         if master:
             default_dataset(folder, episodes=args.episodes, res=cfg.height, **world)
         if ddp:

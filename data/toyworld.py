@@ -769,12 +769,19 @@ def dataset_format(folder: str) -> str | None:
 
 def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: float = TOY_GAMMA, seed: int = 0, quiet: bool = False,
                     view: str = "wide", distractor_band: str = "any"):
-    """Load `folder`, generating it first if absent or made by another world version (train.py's
-    cached default dataset: a checkout that changed the world must not train on the old one). The
-    same episodes as `data/toyworld.py --episodes N --view V --distractor-band B` (seeds 0, 1, ...)."""
+    """Load `folder`, generating it first if absent, made by another world version (train.py's
+    cached default dataset: a checkout that changed the world must not train on the old one) or holding
+    another number of episodes. The same episodes as `data/toyworld.py --episodes N --view V
+    --distractor-band B` (seeds 0, 1, ...)."""
     found = dataset_format(folder)
     if found is not None and found != FORMAT and not quiet:
         print(f"{folder} holds a {found} dataset; this world is {FORMAT}: regenerating it")
+    if found == FORMAT:
+        held = len(json.load(open(os.path.join(folder, "meta.json")))["episodes"])
+        if held != episodes:
+            if not quiet:
+                print(f"{folder} holds {held} episodes, {episodes} were asked for: regenerating it")
+            found = None
     if found != FORMAT:
         t0 = time.time()
         arrays, meta = generate(episodes, "train", seed0=seed, res=res, gamma=gamma, view=view, distractor_band=distractor_band)

@@ -100,6 +100,14 @@ def test_cached_default_dataset_is_regenerated_for_another_world_version(tmp_pat
     assert "regenerating" in capsys.readouterr().out and tw.dataset_format(folder) == tw.FORMAT
 
 
+def test_cached_default_dataset_is_regenerated_for_another_episode_count(tmp_path, capsys):
+    folder = str(tmp_path / "default")
+    _, meta = tw.default_dataset(folder, episodes=2, quiet=True)
+    assert len(meta["episodes"]) == 2
+    _, meta = tw.default_dataset(folder, episodes=3)
+    assert len(meta["episodes"]) == 3 and "holds 2 episodes, 3 were asked for" in capsys.readouterr().out
+
+
 def test_segmentation_interaction_mask_and_stage_flags():
     env = tw.ToyWorld(res=64)
     obs, info = env.reset(seed=3)

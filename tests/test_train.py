@@ -231,6 +231,7 @@ def test_default_dataset_follows_the_preset(tmp_path):
     for name in ("agra", "mvwam"):
         folder, world = train.default_data_folder(train.make_config(name, "tiny"))
         assert world == {"view": "close", "distractor_band": "near"} and os.path.basename(folder) == "close_near"
+        assert train.default_data_folder(train.make_config(name, "tiny"), 1000)[0] == folder + "_1000"   # --episodes 1000
     for name, preset in (("agra", "scratch"), ("mvwam", "scratch"), ("eawm", "tiny")):
         assert train.default_data_folder(train.make_config(name, preset)) == (train.DEFAULT_DATA, {"view": "wide", "distractor_band": "any"})
     arrays, meta = default_dataset(str(tmp_path / "c"), episodes=2, quiet=True, **world)
