@@ -271,6 +271,34 @@ def test_freeze_video_trains_the_action_value_expert_alone_with_the_same_gradien
     assert not tiny(freeze_video=True, stage="ground").video_frozen      # stage ground trains the video expert
 
 
+def test_action_reads_position_changes_only_what_the_action_rows_read():
+    """action_reads_position (ours, toy): a learned map of each video token's sin-cos (t, h, w) code is added to the
+    video values the action rows read. The video output is the plain model's; the actions equal the plain
+    model's while the per-layer maps are zero and differ once they are not."""
+    torch.manual_seed(0)
+    plain = mvwam.Model(tiny())
+    with torch.no_grad():                                                 # off the zero-initialized output heads
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = mvwam.Model(tiny(action_reads_position=True))
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("action.video_position.") for k in missing)
+    b = batch_of()
+    z = model.encode(b)
+    args = (z, model.frame_times(torch.full((3,), 0.6), z.shape[2]), z[:, :, :1], b["state"], b["actions"], b["value"],
+            torch.full((3,), 0.6), model.text_context(b), model.image_context(b))
+    with torch.no_grad():
+        for m in model.action.video_position:
+            m.weight.zero_()
+        ref, ours = plain(*args), model(*args)
+        assert torch.allclose(ours[0], ref[0], atol=1e-6) and torch.allclose(ours[1], ref[1], atol=1e-6)
+        for m in model.action.video_position:
+            m.weight.normal_(0, 0.5)
+        ours = model(*args)
+    assert torch.allclose(ours[0], ref[0], atol=1e-6)                                # the video rows read theirs
+    assert (ours[1] - ref[1]).abs().max() > 1e-3                                       # the action rows read the maps
+
+
 def test_full_presets_carry_both_stage_recipes():
     """Sec. 4.1: Video Expert pre-training with batch 1024 for 20k steps, then joint fine-tuning with
     batch 512 for 15k steps, LR 1e-4, weight decay 1e-2 in both."""
