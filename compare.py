@@ -26,8 +26,9 @@ metrics (success, EA-WM's PSNR) a line "row - first, paired by seed": the per-se
 `--init`, their start), so pairing removes the spread the two rows share and resolves smaller differences
 than the independent test.
 
-Success and the stages reached (object reached, grasped, lifted; a distractor grasped) come from the
-closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback adds a row
+Success, the stages reached (object reached, grasped, lifted; a distractor grasped) and the failures' median
+gripper-object distance at the first close of the fingers (against the grasp tolerance: a reach beside the
+object or elsewhere) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback adds a row
 "sample.rollback=<delta>" with its success and rollbacks per episode), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
 brackets), centroid error and Matched Sensitivity Ratio (AGRA Sec. 3.2, 4.2.1, Table 1), MV-WAM's value
 against the Monte-Carlo return (Eq. 4) and its AUC between the named object and a distractor in hand,
@@ -65,6 +66,7 @@ METRICS = {
     "grasped": ("grasped it %", 1, None),
     "lifted": ("lifted it %", 1, None),
     "distractor_grasped": ("grasped a distractor %", 1, None),
+    "close_miss_failed": ("failures: gripper-object distance at the first close", 3, None),
     "rollbacks_per_episode": ("rollbacks per episode", 2, None),
     "in_mask_ratio": ("attention in mask (chance)", 3, "mask_fraction"),
     "centroid_error": ("attention centroid error", 2, None),
@@ -168,6 +170,7 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
             put(ev, "success", split, 100 * _need(r, "success", f"{f} splits.{split}", fix), n)
             for stage in ("reached", "grasped", "lifted", "distractor_grasped"):   # toy world info["stages"]
                 put(ev, stage, split, 100 * r[stage] if stage in r else None, n)
+            put(ev, "close_miss_failed", split, r.get("close_miss_failed"), n)          # median over the failures
             if rb is not None:
                 put(rb, "success", split, 100 * _need(r, "success_rollback", f"{f} splits.{split}", fix), n)
                 put(rb, "rollbacks_per_episode", split, r.get("rollbacks_per_episode"), n)

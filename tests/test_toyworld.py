@@ -46,6 +46,28 @@ def test_reset_is_deterministic_and_state_restore_reproduces_frames():
     assert all(np.array_equal(x, y) for x, y in zip(first, again))
 
 
+def test_close_miss_is_the_distance_at_the_first_close_and_is_saved_with_the_state():
+    env = tw.ToyWorld(res=32, view="close")
+    env.reset(seed=3)
+    assert env.close_miss is None
+    tgt = env.obj_pos[env.scene["target"]]
+    env.q = env.ik(tgt + np.array([0.03, -0.04, 0.02]))                  # above the object, 0.05 beside it in xy
+    _, _, _, _, info = env.step(np.array([0.0, 0.0, 0.0, 1.0]))          # g 1.0 -> 0.6: still open
+    assert env.g == pytest.approx(0.6) and info["close_miss"] is None
+    _, _, _, _, info = env.step(np.array([0.0, 0.0, 0.0, 1.0]))          # 0.6 -> 0.2: the first close (it grasps)
+    assert info["close_miss"] == pytest.approx(0.05, abs=1e-6)            # sqrt(0.03^2 + 0.04^2)
+    state = env.get_state()
+    for _ in range(3):                                                    # open, move away, close again: kept
+        env.step(np.array([0.0, 0.0, 0.0, -1.0]))
+    env.step(np.array([0.2, 0.0, 0.0, 1.0]))
+    env.step(np.array([0.0, 0.0, 0.0, 1.0]))
+    assert env.close_miss == pytest.approx(0.05, abs=1e-6)
+    env.reset(seed=4)
+    assert env.close_miss is None
+    env.set_state(state)
+    assert env.close_miss == pytest.approx(0.05, abs=1e-6)
+
+
 def test_splits_hold_out_what_they_say():
     env = tw.ToyWorld(res=32)
     for s in range(40):
