@@ -251,12 +251,27 @@ def test_cached_features_are_the_encoders_outputs(toy_lerobot, encoders, tmp_pat
 # -------------------------------------------------------------------------------------------------
 
 
+def torchrun(cmd: list, timeout: int) -> subprocess.CompletedProcess:
+    """Run a torch.distributed.run command in its own process group; on a timeout kill the whole group (the
+    launcher's workers too: left running, a hung worker would hold a CPU for the rest of the suite) and fail with
+    what it printed."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, err = p.communicate()
+        pytest.fail(f"{' '.join(cmd[2:6])} did not finish in {timeout} s; its stderr ends:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process tests run on Linux CI")
 def test_fsdp2_two_processes_match_one_process(toy_data, tmp_path):
     out = str(tmp_path / "parity.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "fsdp_parity.py"), toy_data[0], out]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun(cmd, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out))
     assert set(res) == {"agra", "mvwam", "eawm"}
@@ -273,7 +288,7 @@ def test_train_py_fsdp_checkpoint_resumes_in_one_process(toy_data, tmp_path):
            "--model", "mvwam", "--tiny", "--steps", "3", "--stop-after", "2", "--batch-size", "2", "--data", toy_data[0],
            "--out", out, "--threads", "1", "--strategy", "fsdp", "--grad-checkpoint", "--set", "ground_steps=0",
            "--set", "freeze_video=false"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun(cmd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batch 2x1x2" in r.stdout and "fsdp" in r.stdout
     state = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
