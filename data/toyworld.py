@@ -498,15 +498,18 @@ def mc_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
 
 def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01, miss_prob: float = 0.0,
                        wrong_prob: float = 0.0, target: int | None = None):
-    """Roll out the expert. Returns per-frame lists (frames, seg, state, ee, actions, rewards, and
+    """Roll out the expert. Returns per-frame lists (frames, seg, state, ee, actions, rewards, imitate: 0 for an
+    action aimed at a distractor (a failing demo) or beside the target (a recovering demo before its retry), and
     `missed` / `wrong`: whether it was a recovering / failing demo) + success. target: ToyWorld.reset's."""
     frame, info = env.reset(seed=seed, split=split, target=target)
     expert = Expert(env, noise=noise, seed=seed + 7919, miss_prob=miss_prob, wrong_prob=wrong_prob)
-    rec = {"frames": [frame], "seg": [info["seg"]], "state": [env.proprio()], "ee": [env.ee_pose()], "actions": [], "rewards": []}
+    rec = {"frames": [frame], "seg": [info["seg"]], "state": [env.proprio()], "ee": [env.ee_pose()], "actions": [], "rewards": [],
+           "imitate": []}
     while True:
         a = expert.act()
         frame, r, term, trunc, info = env.step(a)
         rec["actions"].append(a.astype(np.float32))
+        rec["imitate"].append(float(not (expert.wrong or expert.offset.any())))   # 0: aimed at a distractor or beside the target
         rec["rewards"].append(r)
         rec["frames"].append(frame)
         rec["seg"].append(info["seg"])
@@ -516,6 +519,7 @@ def run_expert_episode(env: ToyWorld, seed: int, split: str, noise: float = 0.01
             break
     rec["actions"].append(np.array([0, 0, 0, rec["actions"][-1][3]], np.float32))   # no-op after the end
     rec["rewards"].append(0.0)
+    rec["imitate"].append(rec["imitate"][-1])
     rec["missed"], rec["wrong"] = expert.missed, expert.wrong
     return rec, info["success"]
 
@@ -545,7 +549,9 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
     targets_per_scene: paired demos (train split): each scene is demonstrated up to this many times, naming a
     different object each time (the drawn one first, then the others in its band; scene_targets), so the same
     first frame comes with different words and different actions and no layout prior predicts the target.
-    recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert).
+    recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert). The
+    actions aimed beside the target are flagged imitate = 0 (a per-frame array), so a policy learns the retry,
+    not the miss (ClipDataset gives every clip that holds one of them action_weight 0).
     wrong_frac: the share of failing demos (a distractor goes to the bin; returns 0; meta "wrong_object").
     They are kept, flagged "success": False, and ClipDataset gives their clips action_weight 0: the
     value and the video learn from them, the policy does not imitate them."""
@@ -553,7 +559,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
         raise ValueError("wrong_frac > 0 needs distractors: a failing demo puts a distractor in the bin")
     env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target, view=view,
                    distractor_band=distractor_band)
-    cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value")}
+    cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value", "imitate")}
     if targets_per_scene < 1 or (targets_per_scene > 1 and split != "train"):
         raise ValueError(f"targets_per_scene={targets_per_scene}: expected 1, or more on the train split only "
                          f"(the OOD splits define which object is named); split={split!r}")
@@ -581,7 +587,8 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
     arrays = {"frames": np.stack(cols["frames"]), "seg": np.stack(cols["seg"]),
               "state": np.stack(cols["state"]).astype(np.float32), "ee_pose": np.stack(cols["ee"]).astype(np.float32),
               "actions": np.stack(cols["actions"]).astype(np.float32),
-              "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32)}
+              "reward": np.array(cols["rewards"], np.float32), "value": np.array(cols["value"], np.float32),
+              "imitate": np.array(cols["imitate"], np.float32)}
     meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma, "distractors": distractors,
             "mark_target": mark_target, "view": view, "distractor_band": distractor_band, "targets_per_scene": targets_per_scene,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
@@ -641,6 +648,8 @@ def load_dataset(folder: str):
         if n is not None and a.shape[0] != n:
             raise ValueError(f"dataset {folder}: '{k}' has {a.shape[0]} frames, 'frames' has {n}")
         n = a.shape[0]
+    if "imitate" in arrays and arrays["imitate"].shape != (n,):                    # optional (older datasets lack it)
+        raise ValueError(f"dataset {folder}: 'imitate' expected shape ({n},), received {arrays['imitate'].shape}")
     last = meta["episodes"][-1]
     if last["start"] + last["length"] != n:
         raise ValueError(f"dataset {folder}: episodes cover {last['start'] + last['length']} frames, arrays hold {n}")
@@ -678,7 +687,8 @@ def semantic_teacher(classes: np.ndarray, patch: int, emb: np.ndarray) -> np.nda
 class ClipDataset:
     """Yields model batches from a toy-world dataset: video (B, 3, T, H, W) in [-1, 1] (frame 0 = the
     current observation), state (B, 4) and actions (B, K, 4) normalized, text, value, action_weight
-    (B,: 1 for a successful demo, 0 for a failing one, whose actions the policy must not imitate), joints, gripper,
+    (B,: 0 for a clip of a failing demo, or one whose chunk holds an action a recovering demo aims beside the
+    target (the per-frame `imitate`), which the policy must not imitate; else 1), joints, gripper,
     ee_pose, K, T_wc, seg, interaction_mask (per latent frame), target_mask (the named object's pixels in
     the current frame: AGRA's stage "ground"), teacher (AGRA's toy teacher),
     kvaf_depth_range (the episode's camera-depth range of the robot links, EA-WM App. A.2).
@@ -726,6 +736,9 @@ class ClipDataset:
         a_off = s[:, None] + np.arange(self.horizon)                                                 # (B, K)
         a_idx = base[:, None] + np.minimum(a_off, L[:, None] - 1)
         actions = self.a["actions"][a_idx].copy()
+        imitate = self.imitate[ep]
+        if "imitate" in self.a:                                    # per action (datasets before it: per episode)
+            imitate = imitate * self.a["imitate"][a_idx].min(1)
         past = a_off >= L[:, None] - 1
         actions[past, :3] = 0.0                                                                       # no-op past the end
         frames = self.a["frames"][f_idx]                                                              # (B, T, H, W, 3)
@@ -744,7 +757,7 @@ class ClipDataset:
             "actions": torch.from_numpy((actions - self.a_mean) / self.a_std),
             "text": [self.texts[e] for e in ep],
             "value": torch.from_numpy(self.a["value"][base + s].copy()),
-            "action_weight": torch.from_numpy(self.imitate[ep]),
+            "action_weight": torch.from_numpy(imitate.astype(np.float32)),
             "joints": torch.from_numpy(self.a["state"][f_idx][..., :3].copy()),
             "gripper": torch.from_numpy(self.a["state"][f_idx][..., 3:].copy()),
             "ee_pose": torch.from_numpy(self.a["ee_pose"][f_idx].copy()),

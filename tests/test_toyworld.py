@@ -276,6 +276,36 @@ def test_recovering_demo_misses_retries_and_is_worth_less_at_the_grasp():
     assert any(flags) and not all(flags) and all(e["success"] for e in meta["episodes"])
 
 
+def test_recovering_demo_flags_its_miss_and_the_policy_imitates_only_the_retry(tmp_path):
+    """A recovering demo's actions up to its empty close are aimed beside the target: `imitate` is 0 for exactly
+    those (the retry starts at the first frame whose gripper opening is below 0.5: Expert.act reopens there), 1
+    after; a clip's action_weight is 0 when its chunk holds any of them. Clean demos: 1 throughout. The array
+    survives write / load, and a dataset without it (older ones) falls back to one weight per episode."""
+    arrays, meta = tw.generate(4, "train", seed0=0, recover_frac=0.5)
+    eps = meta["episodes"]
+    assert any(e["recovering"] for e in eps) and not all(e["recovering"] for e in eps)
+    for e in eps:
+        sl = slice(e["start"], e["start"] + e["length"])
+        imit, grip = arrays["imitate"][sl], arrays["state"][sl, 3]
+        if e["recovering"]:
+            retry = int(np.flatnonzero(grip < 0.5)[0])
+            assert 5 < retry < e["length"] - 5
+            assert (imit[:retry] == 0).all() and (imit[retry:] == 1).all()
+        else:
+            assert (imit == 1).all()
+    ds = tw.ClipDataset(arrays, meta, frames=5, horizon=4)
+    w = ds.get(np.arange(len(ds)))["action_weight"].numpy()
+    for i, (e, s) in enumerate(ds.index):
+        ep = eps[e]
+        retry = int(np.flatnonzero(arrays["state"][ep["start"]:ep["start"] + ep["length"], 3] < 0.5)[0])
+        assert w[i] == (0.0 if ep["recovering"] and s < retry else 1.0)     # chunk s..s+3 starts before the retry
+    tw.write_dataset(str(tmp_path / "rec"), arrays, meta)
+    back, _ = tw.load_dataset(str(tmp_path / "rec"))
+    assert np.array_equal(back["imitate"], arrays["imitate"])
+    old = {k: v for k, v in arrays.items() if k != "imitate"}
+    assert (tw.ClipDataset(old, meta, frames=5, horizon=4).get(np.arange(len(ds)))["action_weight"] == 1).all()
+
+
 def test_overview_figure_has_one_row_per_split_and_the_32px_row(tmp_path):
     path = str(tmp_path / "world.png")
     tw.overview(path, res=64, frames=3)
