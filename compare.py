@@ -448,9 +448,10 @@ def svg_bars(path: str, title: str, ylabel: str, splits: list[str], series: list
         f.write(_svg(width, bottom + bottom_pad, body))
 
 
-def svg_curves(path: str, title: str, ylabel: str, splits: list[str], series: list[dict]):
+def svg_curves(path: str, title: str, ylabel: str, splits: list[str], series: list[dict], marks=()):
     """One panel per split: a line per series {"name", "splits": {split: [{"step", "mean", "se"}]}} with a
-    shaded band of +- SE, all on the same axes."""
+    shaded band of +- SE, all on the same axes; a dashed vertical line at each step of `marks` (where a
+    stage starts)."""
     pw, ph, left, gap, right = 230, 170, 64, 34, 16
     top = 34 + 16 * len(series) + 10
     width = left + len(splits) * (pw + gap) - gap + right
@@ -473,6 +474,8 @@ def svg_curves(path: str, title: str, ylabel: str, splits: list[str], series: li
                  _text(px + pw / 2, top - 4, split)]
         if j:
             body += [f'<line x1="{px}" y1="{y_of(t):.1f}" x2="{px + pw}" y2="{y_of(t):.1f}" stroke="#e5e5e5"/>' for t in ticks]
+        body += [f'<line x1="{x_of(m):.1f}" y1="{top}" x2="{x_of(m):.1f}" y2="{bottom}" stroke="#888" '
+                 f'stroke-dasharray="4 3"/>' for m in marks if xt[0] <= m <= xt[-1]]
         for t in xt:
             body += [f'<line x1="{x_of(t):.1f}" y1="{bottom}" x2="{x_of(t):.1f}" y2="{bottom + 4}" stroke="black"/>',
                      _text(x_of(t), bottom + 16, f"{t:g}", size=11)]
@@ -569,8 +572,39 @@ def compare_runs(runs: list[str], patterns=("samples/metrics.json",), splits=SPL
 
 def read_curve(run: str) -> dict:
     """RUN/metrics.jsonl lines with an "eval" entry (train.py --eval-every) -> {"metric", "points": {step:
-    {"time", "splits": {split: value}}}}; a later line for the same step (a resumed run) wins."""
-    path = os.path.join(run, "metrics.jsonl")
+    {"time", "splits": {split: value}}}, "finetune_from"}; a later line for the same step (a resumed run) wins.
+    A run whose stage joint trained into RUN/joint (AGRA's `--preset long`: joint, then finetune into RUN) is one
+    curve: the joint stage's points, then the finetune stage's, their steps and times counted on from the joint
+    stage's last step and time ("finetune_from": that step; None for a one-stage run)."""
+    joint = os.path.join(run, "joint", "metrics.jsonl")
+    if os.path.isfile(joint):
+        first, (last_step, last_time) = _read_evals(joint), _last_step(joint)
+        rest = _read_evals(os.path.join(run, "metrics.jsonl"), must=not first["points"])
+        if first["points"] and rest["metric"] not in (None, first["metric"]):
+            raise ValueError(f"{run}: the joint and finetune stages log different metrics")
+        points = dict(first["points"])
+        for st, p in rest["points"].items():
+            points[last_step + st] = {"time": None if p["time"] is None else last_time + p["time"], "splits": p["splits"]}
+        return {"metric": first["metric"] or rest["metric"], "points": points, "finetune_from": last_step}
+    return {**_read_evals(os.path.join(run, "metrics.jsonl")), "finetune_from": None}
+
+
+def _last_step(path: str) -> tuple[int, float]:
+    """The last step of a metrics.jsonl and the last time logged at it (after its evaluation, if any)."""
+    step, t = 0, 0.0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "step" in rec and rec.get("time") is not None and rec["step"] >= step:
+                step, t = rec["step"], rec["time"]
+    return step, t
+
+
+def _read_evals(path: str, must: bool = True) -> dict:
+    run = os.path.dirname(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run}: no metrics.jsonl; train.py writes it")
     points, metric = {}, None
@@ -593,7 +627,7 @@ def read_curve(run: str) -> dict:
                 metric = key
                 row[split] = 100 * d[key] if key == "success" else d[key]
             points[rec["step"]] = {"time": rec.get("time"), "splits": row}
-    if not points:
+    if not points and must:
         raise ValueError(f"{path} has no evaluation lines; train with `python train.py ... --eval-every N` "
                          f"(a few closed-loop episodes per split every N steps)")
     return {"metric": metric, "points": points}
@@ -630,10 +664,13 @@ def learning_curves(runs: list[str], splits=SPLITS, out_dir: str | None = None, 
     out_dir = out_dir or default_out(infos)
     os.makedirs(out_dir, exist_ok=True)
     label = "success %" if metric == "success" else "PSNR dB"
-    result = {"model": model, "metric": label, "differing_fields": differ, "splits": have, "se": SE_NOTE, "rows": table}
+    marks = sorted({c["finetune_from"] for c in curves.values() if c["finetune_from"] is not None})   # stage finetune starts
+    result = {"model": model, "metric": label, "differing_fields": differ, "splits": have, "se": SE_NOTE, "rows": table,
+              "finetune_from": marks}
     with open(os.path.join(out_dir, "curves.json"), "w") as f:
         json.dump(result, f, indent=1)
-    svg_curves(os.path.join(out_dir, "curves.svg"), f"{model}: {label} during training, mean ± SE over seeds", label, have, table)
+    svg_curves(os.path.join(out_dir, "curves.svg"), f"{model}: {label} during training, mean ± SE over seeds"
+               + (" (dashed: the finetune stage starts)" if marks else ""), label, have, table, marks)
     if not quiet:
         for r in table:
             last = {s: p[-1] for s, p in r["splits"].items() if p}

@@ -227,6 +227,27 @@ def test_learning_curves_group_like_compare(tmp_path):
         compare.learning_curves([flat], quiet=True)
 
 
+def test_a_two_stage_run_is_one_curve_counted_on_from_the_joint_stage(tmp_path):
+    """--preset long writes stage joint into RUN/joint and stage finetune into RUN: read_curve chains them, the
+    finetune stage's steps and times counted on from the joint stage's last step (4) and its last time (41 s,
+    after its evaluation);
+    the SVG marks where the finetune stage starts."""
+    ev = lambda st, t, v: {"step": st, "time": t, "eval": {"train": {"success": v, "episodes": 20}}}   # noqa: E731
+    run = fake_run(tmp_path, "long_s0", jsonl=[{"step": 1, "loss": 1.0, "time": 3.0}, ev(3, 5.0, 0.5), ev(6, 9.0, 0.75)])
+    fake_run(run, "joint", jsonl=[ev(2, 10.0, 0.25), {"step": 3, "loss": 0.5, "time": 30.0},
+                                  {"step": 4, "loss": 0.4, "time": 40.0}, ev(4, 41.0, 0.5)])
+    curve = compare.read_curve(run)
+    assert curve["finetune_from"] == 4 and curve["metric"] == "success"
+    assert {st: (p["time"], p["splits"]["train"]) for st, p in curve["points"].items()} == {
+        2: (10.0, 25.0), 4: (41.0, 50.0), 7: (46.0, 50.0), 10: (50.0, 75.0)}
+    out = str(tmp_path / "c")
+    res = compare.learning_curves([run], out_dir=out, quiet=True)
+    assert [p["step"] for p in res["rows"][0]["splits"]["train"]] == [2, 4, 7, 10] and res["finetune_from"] == [4]
+    svg = ET.parse(os.path.join(out, "curves.svg")).getroot()
+    assert any(ln.get("stroke-dasharray") for ln in svg.iter("{http://www.w3.org/2000/svg}line"))
+    assert compare.read_curve(os.path.join(run, "joint"))["finetune_from"] is None     # one stage: as before
+
+
 def test_nice_ticks():
     assert compare.nice_ticks(0, 87) == [0, 20, 40, 60, 80, 100]
     assert compare.nice_ticks(0, 0.05) == [0, 0.01, 0.02, 0.03, 0.04, 0.05]
