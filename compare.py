@@ -67,6 +67,7 @@ METRICS = {
     "lifted": ("lifted it %", 1, None),
     "distractor_grasped": ("grasped a distractor %", 1, None),
     "close_miss_failed": ("failures: gripper-object distance at the first close", 3, None),
+    "close_toward_failed": ("failures: that offset towards the nearest other object", 3, None),
     "rollbacks_per_episode": ("rollbacks per episode", 2, None),
     "in_mask_ratio": ("attention in mask (chance)", 3, "mask_fraction"),
     "centroid_error": ("attention centroid error", 2, None),
@@ -171,6 +172,7 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
             for stage in ("reached", "grasped", "lifted", "distractor_grasped"):   # toy world info["stages"]
                 put(ev, stage, split, 100 * r[stage] if stage in r else None, n)
             put(ev, "close_miss_failed", split, r.get("close_miss_failed"), n)          # median over the failures
+            put(ev, "close_toward_failed", split, r.get("close_toward_failed"), n)
             if rb is not None:
                 put(rb, "success", split, 100 * _need(r, "success_rollback", f"{f} splits.{split}", fix), n)
                 put(rb, "rollbacks_per_episode", split, r.get("rollbacks_per_episode"), n)

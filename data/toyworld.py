@@ -22,7 +22,9 @@ API (gymnasium conventions, no gymnasium dependency):
   env.get_state() / env.set_state(s)         restoring a state reproduces the same future frames
   action = [d_yaw, d_shoulder, d_elbow, gripper_cmd]  (joint deltas in rad, clipped to +-MAX_DQ;
            gripper_cmd > 0 closes); obs = (H, W, 3) uint8; info has seg, interaction_mask, stages and
-           close_miss (the xy distance from the gripper to the named object when the fingers first closed, else None).
+           close_miss (the xy distance from the gripper to the named object when the fingers first closed, else None)
+           and close_toward (that offset's component towards the nearest other object on the table: > 0, the
+           grasp went that object's way; None before the first close or with no other object).
 
 Dataset: `python data/toyworld.py --episodes N --out DIR` writes DIR/episodes.safetensors (all
 per-frame arrays, concatenated over episodes) and DIR/meta.json (camera, URDF, fps, dims,
@@ -219,6 +221,7 @@ class ToyWorld:
         self.t = 0
         self.stages = {"reached": False, "grasped": False, "lifted": False, "placed": False, "distractor_grasped": False}
         self.close_miss = None                                # xy distance TCP -> named object at the first close
+        self.close_toward = None                              # its component towards the nearest other object
         self.done = False
         self._make_background()
         return self._observe()
@@ -246,7 +249,14 @@ class ToyWorld:
                     reward, self.done = 1.0, True
         elif g_prev >= 0.5 > self.g:                          # fingers just closed: attach an object between them
             if self.close_miss is None:                       # how far beside the named object the first grasp went
-                self.close_miss = float(np.linalg.norm(self.obj_pos[tgt, :2] - ee[:2]))
+                off = ee[:2] - self.obj_pos[tgt, :2]
+                self.close_miss = float(np.linalg.norm(off))
+                d = np.linalg.norm(self.obj_pos[:, :2] - self.obj_pos[tgt, :2], axis=1)
+                d[tgt] = np.inf
+                d[self.in_bin] = np.inf
+                if np.isfinite(d).any():                      # and whether it went the nearest other object's way
+                    k = int(np.argmin(d))
+                    self.close_toward = float(off @ (self.obj_pos[k, :2] - self.obj_pos[tgt, :2]) / d[k])
             d = np.linalg.norm(self.obj_pos[:, :2] - ee[:2], axis=1)
             dz = ee[2] - self.obj_pos[:, 2]
             cand = np.where((d < self.grasp_xy) & (dz < GRASP_Z) & (dz > -0.02) & ~self.in_bin)[0]
@@ -271,7 +281,8 @@ class ToyWorld:
         """Everything that determines the future (scene, robot, objects, step, RNG)."""
         return {"rng": self.rng.bit_generator.state, "split": self.split, "scene": {k: (v.copy() if isinstance(v, np.ndarray) else list(v) if isinstance(v, list) else v) for k, v in self.scene.items()},
                 "obj_pos": self.obj_pos.copy(), "in_bin": self.in_bin.copy(), "q": self.q.copy(), "g": self.g,
-                "held": self.held, "t": self.t, "stages": dict(self.stages), "close_miss": self.close_miss, "done": self.done}
+                "held": self.held, "t": self.t, "stages": dict(self.stages), "close_miss": self.close_miss,
+                "close_toward": self.close_toward, "done": self.done}
 
     def set_state(self, s: dict):
         self.rng = np.random.default_rng()
@@ -280,7 +291,7 @@ class ToyWorld:
         self.scene = {k: (v.copy() if isinstance(v, np.ndarray) else list(v) if isinstance(v, list) else v) for k, v in s["scene"].items()}
         self.obj_pos, self.in_bin, self.q = s["obj_pos"].copy(), s["in_bin"].copy(), s["q"].copy()
         self.g, self.held, self.t, self.stages, self.done = s["g"], s["held"], s["t"], dict(s["stages"]), s["done"]
-        self.close_miss = s["close_miss"]
+        self.close_miss, self.close_toward = s["close_miss"], s.get("close_toward")
         self._make_background()
 
     # ------------------------------------------------------------ kinematics
@@ -357,7 +368,7 @@ class ToyWorld:
         if self.mark_target:
             frame[seg == SEG_OBJ0 + self.scene["target"]] = MARK_COLOR
         info = {"seg": seg, "interaction_mask": (seg == SEG_GRIPPER) | (seg == SEG_OBJ0 + self.scene["target"]),
-                "stages": dict(self.stages), "close_miss": self.close_miss,
+                "stages": dict(self.stages), "close_miss": self.close_miss, "close_toward": self.close_toward,
                 "success": self.stages["placed"] if self.task == "pick_place" else self.stages["reached"],
                 "instruction": self.instruction()}
         return frame, info

@@ -63,9 +63,35 @@ def test_close_miss_is_the_distance_at_the_first_close_and_is_saved_with_the_sta
     env.step(np.array([0.0, 0.0, 0.0, 1.0]))
     assert env.close_miss == pytest.approx(0.05, abs=1e-6)
     env.reset(seed=4)
-    assert env.close_miss is None
+    assert env.close_miss is None and env.close_toward is None
     env.set_state(state)
     assert env.close_miss == pytest.approx(0.05, abs=1e-6)
+    assert env.close_toward == state["close_toward"] is not None
+
+
+def test_close_toward_is_the_miss_component_towards_the_nearest_other_object():
+    """Objects put by hand: the nearest other one 0.10 from the target along +x, another 0.30 along +y; the
+    gripper closes at (+0.03, -0.04) beside the target -> 0.03 towards the nearest (0.05 away); a close on the far
+    side -> -0.03. With no other object on the table: None."""
+    for dx, expected in ((0.03, 0.03), (-0.03, -0.03)):
+        env = tw.ToyWorld(res=32, view="close")
+        env.reset(seed=3)
+        tgt = env.scene["target"]
+        others = [k for k in range(len(env.obj_pos)) if k != tgt]
+        for k, off in zip(others, ((0.10, 0.0), (0.0, 0.30), (0.0, -0.40))):
+            env.obj_pos[k, :2] = env.obj_pos[tgt, :2] + np.array(off)
+        env.q = env.ik(env.obj_pos[tgt] + np.array([dx, -0.04, 0.02]))
+        env.step(np.array([0.0, 0.0, 0.0, 1.0]))
+        assert env.close_toward is None
+        _, _, _, _, info = env.step(np.array([0.0, 0.0, 0.0, 1.0]))                # the first close
+        assert info["close_miss"] == pytest.approx(0.05, abs=1e-6)
+        assert info["close_toward"] == pytest.approx(expected, abs=1e-6)
+    alone = tw.ToyWorld(res=32, view="close", distractors=False)
+    alone.reset(seed=3)
+    alone.q = alone.ik(alone.obj_pos[alone.scene["target"]] + np.array([0.03, -0.04, 0.02]))
+    for _ in range(2):
+        _, _, _, _, info = alone.step(np.array([0.0, 0.0, 0.0, 1.0]))
+    assert info["close_miss"] == pytest.approx(0.05, abs=1e-6) and info["close_toward"] is None
 
 
 def test_splits_hold_out_what_they_say():

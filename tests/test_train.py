@@ -83,12 +83,15 @@ def test_standard_error_of_a_success_rate():
 
 def test_success_row_close_miss_is_the_median_over_failures_that_closed():
     success = np.array([True, False, False, False, False])
-    stages = [{"reached": r, "grasped": r, "lifted": r, "distractor_grasped": False, "close_miss": m}
-              for r, m in ((True, 0.01), (False, 0.09), (False, None), (False, 0.07), (False, 0.20))]
+    stages = [{"reached": r, "grasped": r, "lifted": r, "distractor_grasped": False, "close_miss": m, "close_toward": t}
+              for r, m, t in ((True, 0.01, 0.01), (False, 0.09, 0.08), (False, None, None), (False, 0.07, None),
+                              (False, 0.20, -0.10))]
     row = sample.success_row(success, stages)
     assert row["close_miss_failed"] == pytest.approx(0.09)                   # median of 0.09, 0.07, 0.20: success and
     assert row["success"] == 0.2 and row["reached"] == 0.2                   # the episode that never closed left out
-    assert sample.success_row(success[:1], stages[:1])["close_miss_failed"] is None   # no failure: None
+    assert row["close_toward_failed"] == pytest.approx(-0.01)               # median of 0.08, -0.10 (None: no other object)
+    none = sample.success_row(success[:1], stages[:1])                       # no failure: None
+    assert none["close_miss_failed"] is None and none["close_toward_failed"] is None
 
 
 def test_eval_every_logs_success_and_leaves_the_run_unchanged(run6, toy_data, tmp_path):
