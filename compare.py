@@ -68,6 +68,8 @@ METRICS = {
     "distractor_grasped": ("grasped a distractor %", 1, None),
     "close_miss_failed": ("failures: gripper-object distance at the first close", 3, None),
     "close_toward_failed": ("failures: that offset towards the nearest other object", 3, None),
+    "success_same_color": ("success % when a distractor has its colour", 1, None),
+    "success_other_color": ("success % otherwise", 1, None),
     "rollbacks_per_episode": ("rollbacks per episode", 2, None),
     "in_mask_ratio": ("attention in mask (chance)", 3, "mask_fraction"),
     "centroid_error": ("attention centroid error", 2, None),
@@ -173,6 +175,10 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
                 put(ev, stage, split, 100 * r[stage] if stage in r else None, n)
             put(ev, "close_miss_failed", split, r.get("close_miss_failed"), n)          # median over the failures
             put(ev, "close_toward_failed", split, r.get("close_toward_failed"), n)
+            for k in ("success_same_color", "success_other_color"):        # only the shape word names it, or not
+                put(ev, k, split, None if r.get(k) is None else 100 * r[k],
+                    r.get("same_color_episodes") if k == "success_same_color" else
+                    (None if r.get("same_color_episodes") is None else n - r["same_color_episodes"]))
             if rb is not None:
                 put(rb, "success", split, 100 * _need(r, "success_rollback", f"{f} splits.{split}", fix), n)
                 put(rb, "rollbacks_per_episode", split, r.get("rollbacks_per_episode"), n)

@@ -92,6 +92,7 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     envs = [ToyWorld(res=res, max_steps=max_steps, distractors=distractors, mark_target=mark_target, view=view,
                      distractor_band=distractor_band) for _ in range(episodes)]
     obs = [env.reset(seed=seed0 + i, split=split)[0] for i, env in enumerate(envs)]
+    twin = [env.same_color_distractor() for env in envs]           # only the shape word names the object
     done = np.zeros(episodes, bool)
     success = np.zeros(episodes, bool)
     stages = [None] * episodes
@@ -129,7 +130,8 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
                 if done[i]:
                     continue
                 obs[i], _, term, trunc, info = envs[i].step(chunk[j, k])
-                stages[i] = dict(info["stages"], close_miss=info["close_miss"], close_toward=info["close_toward"])
+                stages[i] = dict(info["stages"], close_miss=info["close_miss"], close_toward=info["close_toward"],
+                                 same_color=twin[i])
                 if i < record:                                   # observation at t+k+1 | predicted frame t+k+1
                     p = pred[j][min(k, len(pred[j]) - 1)] if pred is not None and j < len(pred) else np.zeros_like(obs[i])
                     frames_rec[i].append(np.concatenate([obs[i], p], 1))
@@ -152,7 +154,10 @@ def success_row(success: np.ndarray, stages: list) -> dict:
     the named object at the first close (None if none closed). Against the grasp tolerance (ToyWorld.grasp_xy) it
     tells a reach that went beside the object (just above it: precision) from one that went elsewhere.
     close_toward_failed: the median of that offset's component towards the nearest other object (ToyWorld's
-    close_toward): near close_miss, the reach went that object's way (pulled between the two); near 0, another way."""
+    close_toward): near close_miss, the reach went that object's way (pulled between the two); near 0, another way.
+    success_same_color (same_color_episodes of them): the success rate in the scenes where a distractor has the named
+    object's colour, so that only the shape word tells the two apart (None if there is none); success_other_color:
+    in the rest."""
     p = float(success.mean())
     row = {"success": p, "success_se": standard_error(p, len(success)), "episodes": len(success)}
     for s in STAGES:
@@ -161,6 +166,10 @@ def success_row(success: np.ndarray, stages: list) -> dict:
     row["close_miss_failed"] = float(np.median(miss)) if miss else None
     toward = [st["close_toward"] for st, ok in zip(stages, success) if not ok and st.get("close_toward") is not None]
     row["close_toward_failed"] = float(np.median(toward)) if toward else None
+    twin = np.array([bool(st.get("same_color")) for st in stages])
+    row["same_color_episodes"] = int(twin.sum())
+    row["success_same_color"] = float(success[twin].mean()) if twin.any() else None
+    row["success_other_color"] = float(success[~twin].mean()) if (~twin).any() else None
     return row
 
 
@@ -536,7 +545,7 @@ def main(argv=None):
         print(f"value-guided rollback: delta {delta}, at most {cfg.max_rollbacks} per episode, "
               f"buffer of the last {cfg.rollback_buffer} chunks")
         results["rollback_delta"] = delta
-    print(f"{'split':16s} {'success':>13s} {'n':>4s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s} {'other':>6s} {'miss':>6s} {'toward':>6s}"
+    print(f"{'split':16s} {'success':>13s} {'n':>4s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s} {'other':>6s} {'miss':>6s} {'toward':>6s} {'twin':>9s}"
           + (f" {'+rollback':>14s} {'rb/ep':>6s}" if rb else "") + "   time")
     for split in args.splits:
         t0 = time.time()
@@ -558,13 +567,15 @@ def main(argv=None):
                 save_gif(os.path.join(out_dir, f"rollback_{split}.gif"), np.stack(rec_rb[int(np.argmax(fired > 0))]), fps=6, scale=4)
         results["splits"][split] = row
         miss = " ".join("     -" if row[k] is None else f"{row[k]:6.3f}" for k in ("close_miss_failed", "close_toward_failed"))
+        miss += "         -" if row["success_same_color"] is None else f" {row['success_same_color']:4.2f} ({row['same_color_episodes']:2d})"
         print(f"{split:16s} {row['success']:6.2f} ± {row['success_se']:4.2f} {row['episodes']:4d} {row['reached']:8.2f} "
               f"{row['grasped']:8.2f} {row['lifted']:8.2f} {row['distractor_grasped']:6.2f} {miss}{extra}   {time.time() - t0:.0f}s")
         if rec and rec[0]:
             save_gif(os.path.join(out_dir, f"rollout_{split}.gif"), np.stack([f for r in rec for f in r]), fps=6, scale=4)
     print("± : standard error of the success rate, sqrt(p (1 - p) / n) over n episodes; other: grasped a distractor; "
           f"miss: the failures' median gripper-object distance at the first close (grasp tolerance {VIEWS[world.get('view', 'wide')]['grasp_xy']}); "
-          f"toward: its median component towards the nearest other object")
+          f"toward: its median component towards the nearest other object; twin: success in the scenes where a distractor "
+          f"has the named object's colour (how many), where only the shape word names it")
     if name == "mvwam" and cfg.use_value and args.diag_clips:
         results["value"] = {}
         print(f"\nMV-WAM value vs true Monte-Carlo return (Eq. 4) on {args.diag_clips} held-out expert clips per split; "

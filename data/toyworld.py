@@ -107,7 +107,8 @@ class ToyWorld:
     """Pick-and-place ("pick_place", default) or "reach" (touch the named object) in a toy world."""
 
     def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60, distractors: bool = True,
-                 mark_target: bool = False, view: str = "wide", distractor_band: str = "any"):
+                 mark_target: bool = False, view: str = "wide", distractor_band: str = "any",
+                 same_color_frac: float = 0.0):
         """distractors=False: each seed's scene with the named object alone (same place, colour, table;
         sample.py --no-distractors): does a policy find the object at all, before it must find the named one?
         mark_target=True: the named object is drawn in MARK_COLOR in the frames (seg, teacher and
@@ -117,18 +118,24 @@ class ToyWorld:
         distractor_band: where the distractors of train / ood_background / ood_object scenes are placed:
         "any" (near or far band; the named object, always in the near band, is then the one nearest the
         robot's base in about 3 of 4 scenes, a shortcut a policy can take instead of reading the words) or
-        "near" (the named object's band: only the words tell the objects apart). ood_layout is the same in both."""
+        "near" (the named object's band: only the words tell the objects apart). ood_layout is the same in both.
+        same_color_frac: the share of scenes (with distractors) whose first distractor has the named object's colour
+        and another shape, so that only the shape word tells the two apart (about 1 in 7 scenes by chance; training
+        data design, generate(same_color_frac=); the evaluation worlds keep 0, and with 0 every seed's scene is the
+        one it always was)."""
         if task not in ("pick_place", "reach"):
             raise ValueError(f"task={task!r}; expected 'pick_place' or 'reach'")
         if view not in VIEWS:
             raise ValueError(f"view={view!r}; expected one of {sorted(VIEWS)}")
         if distractor_band not in DISTRACTOR_BANDS:
             raise ValueError(f"distractor_band={distractor_band!r}; expected one of {DISTRACTOR_BANDS}")
+        if not 0.0 <= same_color_frac <= 1.0:
+            raise ValueError(f"same_color_frac={same_color_frac}: expected a share in [0, 1]")
         sc = VIEWS[view]
         self.view, self.obj_half, self.grasp_xy, self.min_sep = view, sc["obj_half"], sc["grasp_xy"], sc["min_sep"]
         self.eye = np.asarray(sc["eye"], float)
         self.res, self.task, self.max_steps, self.distractors = res, task, max_steps, distractors
-        self.mark_target, self.distractor_band = mark_target, distractor_band
+        self.mark_target, self.distractor_band, self.same_color_frac = mark_target, distractor_band, same_color_frac
         self.chain = URDFChain(URDF_PATH)
         self.K = intrinsics(res, res, sc["fov"])
         self.T_wc = look_at(sc["eye"], sc["look_at"])
@@ -163,6 +170,9 @@ class ToyWorld:
         held = sorted(HELD_OUT_COMBOS)
         target = held[rng.integers(len(held))] if split == "ood_object" else train_combos[rng.integers(len(train_combos))]
         objects = [target]
+        if self.same_color_frac > 0 and n > 1 and rng.random() < self.same_color_frac:   # no draw at 0: scenes unchanged
+            twins = [c for c in train_combos if c[0] == target[0] and c[1] != target[1]]    # 1 (train) or 2 (held-out target)
+            objects.append(twins[rng.integers(len(twins))])
         while len(objects) < n:                              # distractors: train pairs, no duplicate pair
             c = train_combos[rng.integers(len(train_combos))]
             if c not in objects:
@@ -229,6 +239,13 @@ class ToyWorld:
     def instruction(self) -> str:
         c, s = self.scene["colors"][self.scene["target"]], self.scene["shapes"][self.scene["target"]]
         return f"put the {c} {s} in the bin" if self.task == "pick_place" else f"touch the {c} {s}"
+
+    def same_color_distractor(self) -> bool:
+        """Whether a distractor of this scene has the named object's colour: then only the shape word tells them
+        apart (about 1 scene in 7 by chance; same_color_frac makes more; sample.py's `twin` column)."""
+        sc = self.scene
+        c = sc["colors"][sc["target"]]
+        return any(k != sc["target"] and sc["colors"][k] == c for k in range(len(sc["colors"])))
 
     def step(self, action):
         a = np.asarray(action, dtype=np.float64)
@@ -551,7 +568,7 @@ def scene_targets(env: ToyWorld, seed: int, split: str, k: int) -> list:
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
              task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0,
              distractors: bool = True, mark_target: bool = False, view: str = "wide", distractor_band: str = "any",
-             targets_per_scene: int = 1):
+             targets_per_scene: int = 1, same_color_frac: float = 0.0):
     """n expert episodes of `split` -> (arrays dict, meta dict). The expert's own failures are skipped
     (only_success=False keeps them, flagged "success": False like the failing demos below).
     distractors=False: each seed's scene with the named object alone (ToyWorld(distractors=False)).
@@ -560,6 +577,8 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
     targets_per_scene: paired demos (train split): each scene is demonstrated up to this many times, naming a
     different object each time (the drawn one first, then the others in its band; scene_targets), so the same
     first frame comes with different words and different actions and no layout prior predicts the target.
+    same_color_frac: the share of scenes with a distractor of the named object's colour and another shape
+    (ToyWorld), so that the shape word matters in more than the 1 in 7 scenes of chance.
     recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert). The
     actions aimed beside the target are flagged imitate = 0 (a per-frame array), so a policy learns the retry,
     not the miss (ClipDataset gives every clip that holds one of them action_weight 0).
@@ -569,7 +588,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
     if wrong_frac > 0 and not distractors:
         raise ValueError("wrong_frac > 0 needs distractors: a failing demo puts a distractor in the bin")
     env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target, view=view,
-                   distractor_band=distractor_band)
+                   distractor_band=distractor_band, same_color_frac=same_color_frac)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value", "imitate")}
     if targets_per_scene < 1 or (targets_per_scene > 1 and split != "train"):
         raise ValueError(f"targets_per_scene={targets_per_scene}: expected 1, or more on the train split only "
@@ -602,6 +621,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
               "imitate": np.array(cols["imitate"], np.float32)}
     meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma, "distractors": distractors,
             "mark_target": mark_target, "view": view, "distractor_band": distractor_band, "targets_per_scene": targets_per_scene,
+            "same_color_frac": same_color_frac,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
             "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
             "dims": {"state": 4, "action": 4, "ee_pose": 7},
@@ -864,6 +884,9 @@ def main():
     p.add_argument("--targets-per-scene", type=int, default=1, help="paired demos: each training scene demonstrated "
                    "up to this many times, naming a different object of its band each time (same first frame, other "
                    "words, other actions)")
+    p.add_argument("--same-color-frac", type=float, default=0.0, help="share of training scenes whose first distractor "
+                   "has the named object's colour and another shape (about 1 in 7 by chance), so the shape word must be "
+                   "read (evaluation scenes are unchanged)")
     args = p.parse_args()
     if args.figure:
         return overview(args.out, view=args.view)
@@ -871,7 +894,7 @@ def main():
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
                             recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors,
                             mark_target=args.mark_target, view=args.view, distractor_band=args.distractor_band,
-                            targets_per_scene=args.targets_per_scene)
+                            targets_per_scene=args.targets_per_scene, same_color_frac=args.same_color_frac)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
     wrong = sum(e["wrong_object"] for e in meta["episodes"])

@@ -488,6 +488,45 @@ def test_distractors_in_the_named_objects_band_take_away_the_nearest_object_shor
         tw.ToyWorld(distractor_band="far")
 
 
+def test_same_colour_distractors_make_the_shape_word_matter():
+    """ToyWorld(same_color_frac=p) (data/toyworld.py --same-color-frac p): in a share p of the scenes with
+    distractors the first distractor has the named object's colour and another shape (a training pair, never a
+    held-out one), so the shape word tells them apart; by chance it is about 1 in 7 scenes; p = 0 draws nothing
+    extra, so every seed's scene is the one it always was; the expert still succeeds; meta records it and the
+    evaluation world (world_options) does not take it over."""
+    def twin(env):
+        sc = env.scene
+        t = sc["target"]
+        return any(c == sc["colors"][t] and s != sc["shapes"][t] for i, (c, s) in enumerate(zip(sc["colors"], sc["shapes"]))
+                   if i != t)
+    plain, zero = tw.ToyWorld(view="close", distractor_band="near"), tw.ToyWorld(view="close", distractor_band="near", same_color_frac=0.0)
+    always = tw.ToyWorld(view="close", distractor_band="near", same_color_frac=1.0)
+    half = tw.ToyWorld(view="close", distractor_band="near", same_color_frac=0.5)
+    seen = {"plain": [], "half": []}
+    for s in range(200):
+        a, _ = plain.reset(seed=s)
+        b, _ = zero.reset(seed=s)
+        assert np.array_equal(a, b) and plain.instruction() == zero.instruction()
+        seen["plain"].append(twin(plain))
+        always.reset(seed=s)
+        assert twin(always)                                                  # every scene here has 2-3 objects
+        pairs = list(zip(always.scene["colors"], always.scene["shapes"]))
+        assert len(set(pairs)) == len(pairs)
+        t = always.scene["target"]
+        assert not any(p in tw.HELD_OUT_COMBOS for i, p in enumerate(pairs) if i != t)
+        half.reset(seed=s)
+        seen["half"].append(twin(half))
+    assert 0.08 < np.mean(seen["plain"]) < 0.22 and 0.45 < np.mean(seen["half"]) < 0.7
+    always.reset(seed=3, split="ood_object")                                 # a held-out target: its colour's train shapes
+    assert twin(always) and (always.scene["colors"][always.scene["target"]],
+                             always.scene["shapes"][always.scene["target"]]) in tw.HELD_OUT_COMBOS
+    assert np.mean([tw.run_expert_episode(always, s, "train")[1] for s in range(25)]) >= 0.96
+    _, meta = tw.generate(2, "train", seed0=0, view="close", same_color_frac=1.0)
+    assert meta["same_color_frac"] == 1.0 and "same_color_frac" not in tw.world_options(meta)
+    with pytest.raises(ValueError, match="same_color_frac"):
+        tw.ToyWorld(same_color_frac=1.5)
+
+
 def test_paired_demos_name_each_object_of_a_scene_in_turn():
     """generate(targets_per_scene=k) (data/toyworld.py --targets-per-scene k): each training scene is
     demonstrated up to k times, same first frame, a different object named each time (the drawn one first,

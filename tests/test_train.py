@@ -92,6 +92,12 @@ def test_success_row_close_miss_is_the_median_over_failures_that_closed():
     assert row["close_toward_failed"] == pytest.approx(-0.01)               # median of 0.08, -0.10 (None: no other object)
     none = sample.success_row(success[:1], stages[:1])                       # no failure: None
     assert none["close_miss_failed"] is None and none["close_toward_failed"] is None
+    assert row["same_color_episodes"] == 0 and row["success_same_color"] is None and row["success_other_color"] == 0.2
+    for st, twin in zip(stages, (True, True, False, True, False)):           # scenes where only the shape word names it
+        st["same_color"] = twin
+    row = sample.success_row(success, stages)
+    assert row["same_color_episodes"] == 3 and row["success_same_color"] == pytest.approx(1 / 3)
+    assert row["success_other_color"] == 0.0
 
 
 def test_eval_every_logs_success_and_leaves_the_run_unchanged(run6, toy_data, tmp_path):
