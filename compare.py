@@ -85,7 +85,8 @@ METRICS = {
     "psnr_kvaf": ("PSNR dB, KVAF-conditioned (copy first frame)", 2, "psnr_copy_first"),
     "psnr_joint": ("PSNR dB, joint (copy first frame)", 2, "psnr_copy_first"),
     "latent_mse_kvaf": ("latent MSE, KVAF-conditioned (copy first frame)", 4, "latent_mse_copy_first"),
-    "ee_track_px": ("EE track error px, joint", 2, None),
+    "ee_track_px": ("EE track error px, joint (the arm held still)", 2, "ee_track_px_still"),
+    "ee_track_px_true": ("EE track error px, from the given true KVAF", 2, None),
 }
 
 
@@ -162,7 +163,8 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
                 put(ev, "psnr_kvaf", split, _need(kv, "psnr", where + ".kvaf", fix), n, still.get("psnr"))
                 put(ev, "psnr_joint", split, joint.get("psnr"), n, still.get("psnr"))
                 put(ev, "latent_mse_kvaf", split, kv.get("latent_mse"), n, still.get("latent_mse"))
-                put(ev, "ee_track_px", split, joint.get("ee_track_px"), n)
+                put(ev, "ee_track_px", split, joint.get("ee_track_px"), n, still.get("ee_track_px"))
+                put(ev, "ee_track_px_true", split, kv.get("ee_track_px"), n)
             evals.append(ev)
             continue
         rb = None

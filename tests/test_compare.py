@@ -174,8 +174,8 @@ def test_evaluation_settings_and_rollback_become_rows(tmp_path):
 
 def test_eawm_psnr_with_the_copy_first_reference(tmp_path):
     def ea(psnr):
-        split = {"kvaf": {"psnr": psnr, "latent_mse": 0.03}, "joint": {"psnr": psnr - 1, "latent_mse": 0.04,
-                 "ee_track_px": float("nan")}, "copy_first": {"psnr": 21.0, "latent_mse": 0.033}}
+        split = {"kvaf": {"psnr": psnr, "latent_mse": 0.03, "ee_track_px": 1.5}, "joint": {"psnr": psnr - 1, "latent_mse": 0.04,
+                 "ee_track_px": float("nan")}, "copy_first": {"psnr": 21.0, "latent_mse": 0.033, "ee_track_px": 4.0}}
         return {"model": "eawm", "clips": 16, "splits": {"train": split}}
     runs = [fake_run(tmp_path, "full", "eawm", metrics=ea(22.0)), fake_run(tmp_path, "plain", "eawm", metrics=ea(20.0), fusion="plain")]
     res = compare.compare_runs(runs, splits=("train",), out_dir=str(tmp_path / "c"), quiet=True)
@@ -183,6 +183,7 @@ def test_eawm_psnr_with_the_copy_first_reference(tmp_path):
     cell = res["rows"][1]["metrics"]["psnr_kvaf"]["train"]
     assert cell["mean"] == 20.0 and cell["se"] is None and cell["ref"] == 21.0 and "differs" not in cell   # one seed
     assert "ee_track_px" not in res["rows"][0]["metrics"]                # NaN: the heatmap was never found
+    assert res["rows"][0]["metrics"]["ee_track_px_true"]["train"]["mean"] == 1.5   # the recovery on the true KVAF
     assert res["rows"][0]["metrics"]["psnr_kvaf"]["train"]["n_per_seed"] == [16]
 
 

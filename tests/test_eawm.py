@@ -402,4 +402,7 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     row = res["splits"]["train"]
     assert set(row) == {"copy_first", "kvaf", "joint"} and np.isfinite(row["kvaf"]["psnr"]) and "ee_track_px" in row["joint"]
     assert np.isfinite(row["copy_first"]["psnr"])
+    # the references of the joint track: the arm held still (the clips move), and the recovery on the given, true
+    # KVAF (the codec is exact, so this is render -> recover_ee_track: within a few pixels at 32 x 32)
+    assert row["copy_first"]["ee_track_px"] > 0 and 0 <= row["kvaf"]["ee_track_px"] < 4.0
     assert os.path.getsize(tmp_path / "s" / "generation_train.gif") > 100
