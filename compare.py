@@ -7,7 +7,8 @@
 A run folder is what train.py writes (model.safetensors, whose metadata holds the model name, its Config,
 the step and the dataset's metadata; metrics.jsonl) plus the metrics.json of each `sample.py --ckpt RUN`
 evaluation. --compare groups the evaluations into rows by what tells them apart: the Config fields whose
-values differ between the runs, the checkpoint step ("ckpt_step"), the dataset metadata ("data.*") and the
+values differ between the runs (but `toy_episodes`, which the dataset's own `data.episodes` records), the
+checkpoint step ("ckpt_step"), the dataset metadata ("data.*") and the
 settings sample.py recorded ("sample.*": denoising steps, episodes, rollback delta, ...). The training seed
 is not a Config field, so the seeds of one recipe share a row. A row is named by its differing fields in
 `--set` syntax (`agra_weight=0`); the first row (that of the first run given) is the baseline.
@@ -219,6 +220,7 @@ def group_rows(evals: list[dict], with_settings: bool = True) -> tuple[list[str]
     def identity(ev):
         info = ev["info"]
         out = dict(info["config"])
+        out.pop("toy_episodes", None)             # what train.py would generate; data.episodes is what the run had
         if with_settings:
             out["ckpt_step"] = info["step"]
         out.update({f"data.{k}": v for k, v in info["data"].items()})

@@ -172,6 +172,17 @@ def test_evaluation_settings_and_rollback_become_rows(tmp_path):
     assert base["value_pearson"]["train"]["mean"] == pytest.approx(0.9) and "value_pearson" not in rb
 
 
+def test_runs_differing_only_in_the_generated_dataset_size_field_share_a_row(tmp_path):
+    """toy_episodes says what train.py generates (`--episodes` overrides it); the dataset's metadata says what a run
+    trained on, so a run of flags (toy_episodes 400, --episodes 1000) and one of a preset with toy_episodes=1000 on the
+    same data share a row."""
+    a = fake_run(tmp_path, "flags", metrics=agra_metrics(0.9, 0.1), seed=0)
+    b = fake_run(tmp_path, "preset", metrics=agra_metrics(0.8, 0.1), seed=1, toy_episodes=1000)
+    res = compare.compare_runs([a, b], splits=("train",), out_dir=str(tmp_path / "c"), quiet=True)
+    assert res["differing_fields"] == [] and len(res["rows"]) == 1
+    assert res["rows"][0]["metrics"]["success"]["train"]["mean"] == pytest.approx(85.0)
+
+
 def test_eawm_psnr_with_the_copy_first_reference(tmp_path):
     def ea(psnr):
         split = {"kvaf": {"psnr": psnr, "latent_mse": 0.03, "ee_track_px": 1.5}, "joint": {"psnr": psnr - 1, "latent_mse": 0.04,
