@@ -84,6 +84,31 @@ def test_kvaf_heatmap_peaks_at_the_projected_end_effector():
     assert np.isnan(eawm.recover_ee_track(np.zeros((2, 32, 32, 3), np.uint8))).all()   # nothing there: NaN
 
 
+def test_ee_tracking_keeps_a_fading_heatmap_against_a_brighter_blob_across_the_frame():
+    """App. A.3's association: from frame 3 on the heatmap fades to 35 % (as jointly generated KVAFs do) and a
+    second heatmap-like blob at 60 % appears 9-10 pixels away. Frame by frame the recovery takes the blob; tracked
+    (max_step) it stays on the end effector, and a frame with nothing in it takes its nearest detection."""
+    chain = URDFChain(URDF_PATH)
+    K, T_wc = camera(32)
+    F_, g = 9, np.ones(9)
+    q = np.stack([np.linspace(0.0, 0.5, F_), np.linspace(-0.3, -0.5, F_), np.linspace(1.0, 1.3, F_)], 1)
+    uv = project(chain.fk(np.concatenate([q, np.zeros((F_, 1))], 1))["tcp"][:, :3, 3], K, T_wc)[0]
+    draw = lambda q_, el: eawm.render_kvaf(chain, q_, g, K, T_wc, 32, 32, elements=el).astype(np.float32)  # noqa: E731
+    base, heat, axes = draw(q, ("skeleton", "landmarks", "fingers")), draw(q, ("heatmap",)), draw(q, ("axes",))
+    ghost = draw(q + np.array([1.6, 0.0, 0.0]), ("heatmap",))                   # the same blob, the arm yawed away
+    late = (np.arange(F_) >= 3)[:, None, None, None]
+    img = np.maximum.reduce([base, heat * np.where(late, 0.35, 1.0), ghost * np.where(late, 0.6, 0.0)])
+    img = np.where(axes.max(-1, keepdims=True) > 0, axes, img).astype(np.uint8)            # axes on top, as rendered
+    alone = np.linalg.norm(eawm.recover_ee_track(img) - uv, axis=1)
+    assert alone[:3].max() < 0.25 and alone[3:].max() > 5                      # frame by frame: the blob wins somewhere
+    track, found = eawm.recover_ee_track(img, max_step=3.2, with_detected=True)
+    assert np.linalg.norm(track - uv, axis=1).max() < 0.25 and found.all()
+    img[5] = 0                                                                  # nothing in frame 5
+    track, found = eawm.recover_ee_track(img, max_step=3.2, with_detected=True)
+    assert found.tolist() == [True] * 5 + [False] + [True] * 3
+    assert np.allclose(track[5], track[4]) and np.linalg.norm(np.delete(track - uv, 5, 0), axis=1).max() < 0.25
+
+
 def test_kvaf_gripper_opening_moves_the_fingers_and_depth_changes_colour():
     chain = URDFChain(URDF_PATH)
     K, T_wc = camera()
@@ -392,6 +417,13 @@ def test_full_preset_matches_wan22_ti2v_5b_on_meta():
 # ------------------------------------------------------------------ end to end
 
 
+def test_long_preset_is_the_tiny_preset_three_times_as_long():
+    import dataclasses
+    tiny_, long_ = eawm.CONFIGS["tiny"], eawm.CONFIGS["long"]
+    differ = {f.name: getattr(long_, f.name) for f in dataclasses.fields(long_) if getattr(tiny_, f.name) != getattr(long_, f.name)}
+    assert differ == {"steps": 3000} and tiny_.steps == 1000 and tiny_.lr_schedule == "constant"
+
+
 def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train.main(["--model", "eawm", "--tiny", "--steps", "4", "--data", toy_data[0], "--out", a] + FAST)
@@ -401,6 +433,12 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     lb = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl"))]
     for key in ("loss", "video", "kvaf", "edls", "grad_norm"):
         assert [r[key] for r in la] == [r[key] for r in lb], key
+    # the constant LR: a finished 2-step run continued to 4 steps is the 4-step run (how --preset long extends --tiny)
+    c = str(tmp_path / "c")
+    train.main(["--model", "eawm", "--tiny", "--steps", "2", "--data", toy_data[0], "--out", c] + FAST)
+    train.main(["--model", "eawm", "--resume", c, "--steps", "4", "--data", toy_data[0], "--out", c] + FAST)
+    lc = [json.loads(x) for x in open(os.path.join(c, "metrics.jsonl"))]
+    assert [r["loss"] for r in lc] == [r["loss"] for r in la]
     res = sample.main(["--ckpt", a, "--clips", "4", "--splits", "train", "--steps", "2", "--out", str(tmp_path / "s"),
                        "--threads", "2"])
     row = res["splits"]["train"]
@@ -410,3 +448,4 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     # KVAF (the codec is exact, so this is render -> recover_ee_track: a fraction of a pixel at 32 x 32)
     assert row["copy_first"]["ee_track_px"] > 0 and 0 <= row["kvaf"]["ee_track_px"] < 0.5
     assert os.path.getsize(tmp_path / "s" / "generation_train.gif") > 100
+    assert row["joint"]["ee_track_px_se"] >= 0 and 0 <= row["joint"]["ee_detected"] <= 1
