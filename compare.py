@@ -265,8 +265,8 @@ def compare_rows(rows: list[dict], splits: list[str]) -> list[dict]:
                     if not evs:
                         continue
                     vals.append(sum(ev["metrics"][metric][split] for ev in evs) / len(evs))
-                    c = [ev["counts"][metric][split] for ev in evs]
-                    counts.append(None if None in c else sum(c))
+                    c = {json.dumps(ev["settings"], sort_keys=True): ev["counts"][metric][split] for ev in evs}
+                    counts.append(None if None in c.values() else sum(c.values()))   # the same episodes count once
                     refs += [ev["refs"][metric][split] for ev in evs if split in ev["refs"].get(metric, {})]
                     per_run_splits.setdefault(run, {})[split] = vals[-1]
                 if vals:

@@ -89,6 +89,26 @@ def test_standard_error_and_marker_hand_computed(wam_vs_agra, tmp_path):
     assert reached["train"]["mean"] == 100.0 and "ood_layout" not in reached
 
 
+def test_a_runs_evaluations_of_the_same_episodes_count_them_once(tmp_path):
+    """Two metrics.json of one run with the same settings (the same 20 episodes, evaluated twice) average
+    their values and count 20 episodes (they counted 40); one with another episode seed is a row of its own."""
+    base = fake_run(tmp_path, "wam", metrics=agra_metrics(0.4, 0.0), agra_weight=0.0)
+    fake_run(tmp_path, "agra", metrics=agra_metrics(0.5, 0.0))
+    run = fake_run(tmp_path, "agra", metrics=agra_metrics(0.7, 0.0), sub="again")
+    twice = ("samples/metrics.json", "again/metrics.json")
+    res = compare.compare_runs([base, run], twice, splits=("train",), out_dir=str(tmp_path / "c1"), quiet=True)
+    cell = res["rows"][1]["metrics"]["success"]["train"]
+    assert cell["values"] == pytest.approx([60.0]) and cell["n_per_seed"] == [20]
+    other = agra_metrics(0.9, 0.0)
+    other["settings"]["seed"] = 200000
+    fake_run(tmp_path, "agra", metrics=other, sub="seed2")
+    res = compare.compare_runs([base, run], twice + ("seed2/metrics.json",), splits=("train",), out_dir=str(tmp_path / "c2"),
+                               quiet=True)
+    assert [r["name"] for r in res["rows"]] == ["agra_weight=0, sample.seed=100000", "agra_weight=0.01, sample.seed=100000",
+                                                "agra_weight=0.01, sample.seed=200000"]
+    assert [r["metrics"]["success"]["train"]["n_per_seed"] for r in res["rows"]] == [[20], [20], [20]]
+
+
 def test_paired_by_seed_hand_computed(wam_vs_agra, tmp_path):
     """The same runs with their seeds recorded: the differences to the baseline per seed."""
     paired = []
