@@ -346,7 +346,7 @@ CONFIGS = {
                    dim=3072, ffn_dim=14336, heads=24, layers=30, fusion_layers=(2, 8, 14, 20, 26), event_dim=512,
                    batch_size=32, steps=10000, sample_steps=50, horizon=120),
 }
-# the tiny preset three times as long (55-75 minutes on a 2-core CPU; README "EA-WM on the toy world"): with the
+# the tiny preset three times as long (1-1.5 hours on a 2-core CPU; README "EA-WM on the toy world"): with the
 # constant LR it is the default run continued, and the arm of the jointly generated KVAF follows the demo's
 CONFIGS["long"] = dataclasses.replace(CONFIGS["tiny"], steps=3000)
 
