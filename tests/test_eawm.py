@@ -417,11 +417,11 @@ def test_full_preset_matches_wan22_ti2v_5b_on_meta():
 # ------------------------------------------------------------------ end to end
 
 
-def test_long_preset_is_the_tiny_preset_three_times_as_long():
+def test_quick_preset_is_the_tiny_preset_a_third_as_long():
     import dataclasses
-    tiny_, long_ = eawm.CONFIGS["tiny"], eawm.CONFIGS["long"]
-    differ = {f.name: getattr(long_, f.name) for f in dataclasses.fields(long_) if getattr(tiny_, f.name) != getattr(long_, f.name)}
-    assert differ == {"steps": 3000} and tiny_.steps == 1000 and tiny_.lr_schedule == "constant"
+    tiny_, quick = eawm.CONFIGS["tiny"], eawm.CONFIGS["quick"]
+    differ = {f.name: getattr(quick, f.name) for f in dataclasses.fields(quick) if getattr(tiny_, f.name) != getattr(quick, f.name)}
+    assert differ == {"steps": 1000} and tiny_.steps == 3000 and tiny_.lr_schedule == "constant"
 
 
 def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
@@ -433,7 +433,7 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     lb = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl"))]
     for key in ("loss", "video", "kvaf", "edls", "grad_norm"):
         assert [r[key] for r in la] == [r[key] for r in lb], key
-    # the constant LR: a finished 2-step run continued to 4 steps is the 4-step run (how --preset long extends --tiny)
+    # the constant LR: a finished 2-step run continued to 4 steps is the 4-step run (how --resume extends --preset quick into --tiny)
     c = str(tmp_path / "c")
     train.main(["--model", "eawm", "--tiny", "--steps", "2", "--data", toy_data[0], "--out", c] + FAST)
     train.main(["--model", "eawm", "--resume", c, "--steps", "4", "--data", toy_data[0], "--out", c] + FAST)
