@@ -107,6 +107,8 @@ class Config:
     act_ffn: int = 256                   # 4480 (Wan's ffn/dim ratio at 768; the paper gives no FFN width)
     act_cross_heads: int = 2             # heads of the expert's own cross-attention (12 x 64)
     image_encoder: str = "tiny"          # tiny (trainable SigLIP2 stand-in) | precomputed (batch["image_emb"]) | siglip (frozen)
+                                         #   | grounded (ours, toy: GroundedImageEncoder on the frozen Video Expert's
+                                         #   current-frame tokens; image_dim = video_dim, freeze_video)
     image_dim: int = 64                  # SigLIP2-so400m: 1152, SigLIP2-B/16: 768
     image_patch: int = 4                 # tiny image encoder patch (pixels); SigLIP2-B/16: 16
     image_layers: int = 12               # SigLIP2 tower size (image_encoder="siglip"; from its checkpoint)
@@ -179,7 +181,11 @@ class Config:
         if self.x0_weight == "inv_t2" and self.action_target != "x0":
             raise ValueError(f"x0_weight='inv_t2' re-weights the x0 loss (Eq. 7); action_target is {self.action_target!r}, "
                              f"set action_target=x0 or x0_weight=none")
-        check_choice("image_encoder", self.image_encoder, ("tiny", "precomputed", "siglip"))
+        check_choice("image_encoder", self.image_encoder, ("tiny", "precomputed", "siglip", "grounded"))
+        if self.image_encoder == "grounded" and (self.image_dim != self.video_dim or not self.freeze_video):
+            raise ValueError(f"image_encoder='grounded' reads the frozen Video Expert's tokens: it needs image_dim = video_dim "
+                             f"and freeze_video=true; got image_dim={self.image_dim}, video_dim={self.video_dim}, "
+                             f"freeze_video={self.freeze_video}")
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
         check_choice("t_sampler", self.t_sampler, ("uniform", "logit_normal", "shifted"))
         check_choice("action_attention", self.action_attention, ("full", "causal"))
@@ -213,10 +219,11 @@ CONFIGS = {
     # the toy world's default run (README "The MV-WAM default run"; about 5 minutes on a 2-core CPU): AGRA's
     # tiny recipe, i.e. the close view with distractors in the named object's band, 200 steps of stage ground
     # (the stand-in for WoW's text-to-video pretraining), then 1,000 joint steps of the action-value expert alone
-    # on the frozen grounded Video Expert, reading where each video token is; one joint denoising step at
-    # inference (Fig. 3(b)'s 1-step variant: the frozen Video Expert was never trained to generate the future)
+    # on the frozen grounded Video Expert, reading where each video token is, its image features taken from the
+    # grounded Video Expert (GroundedImageEncoder); one joint denoising step at inference (Fig. 3(b)'s 1-step
+    # variant: the frozen Video Expert was never trained to generate the future)
     "tiny": Config(toy_view="close", toy_distractor_band="near", ground_steps=200, freeze_video=True,
-                   action_reads_position=True, sample_steps=1, steps=1000),
+                   action_reads_position=True, image_encoder="grounded", image_dim=96, sample_steps=1, steps=1000),
     # the previous default run: ground 300 steps, then 1,000 joint steps with the Video Expert trained at a tenth
     # of the head's learning rate (Sec. 4.1 trains both at 1e-4 from a pretrained Video Expert), 5 steps
     "joint": Config(toy_view="close", toy_distractor_band="near", ground_steps=300, lr_video=1e-4, steps=1000),
@@ -315,24 +322,57 @@ class ExpertBlock(WanBlock):
           video_position (1, heads, N_v, d), action_reads_position: added to the video values the other rows
                         read (the video rows read theirs unchanged)."""
         bv, ba, Nv = video_block, self, xv.shape[1]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not video_frozen):
-            mv = bv.modulation_terms(e0_v)
-            qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)    # per-expert QKV, (B, heads, N_v, d)
-        ma = ba.modulation_terms(e0_a)
-        qa, ka, va = ba.self_attn.qkv(ba.attn_input(xa, ma), rope=rope_a)        # A -> video attention width, (B, heads, N_o, d)
         if video_frozen or video_position is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not video_frozen):
-                out_v = F.scaled_dot_product_attention(qv, kv, vv, attn_mask=mask[:Nv, :Nv]).transpose(1, 2).flatten(2)
-                xv = bv.finish(xv, bv.self_attn.o(out_v), mv, ctx_v, img_v)
-            vv_a = vv if video_position is None else vv + video_position
-            out_a = F.scaled_dot_product_attention(qa, torch.cat([kv, ka], 2), torch.cat([vv_a, va], 2), attn_mask=mask[Nv:])
-            return xv, ba.finish(xa, ba.self_attn.o(out_a.transpose(1, 2).flatten(2)), ma, ctx_a)
+                xv, kv, vv = video_rows(bv, xv, e0_v, ctx_v, rope_v, mask[:Nv, :Nv], img_v)
+            return xv, ba.action_rows(kv, vv, xa, e0_a, ctx_a, rope_a, mask[Nv:], video_position)
+        mv = bv.modulation_terms(e0_v)
+        qv, kv, vv = bv.self_attn.qkv(bv.attn_input(xv, mv), rope=rope_v)        # per-expert QKV, (B, heads, N_v, d)
+        ma = ba.modulation_terms(e0_a)
+        qa, ka, va = ba.self_attn.qkv(ba.attn_input(xa, ma), rope=rope_a)        # A -> video attention width, (B, heads, N_o, d)
         out = F.scaled_dot_product_attention(torch.cat([qv, qa], 2), torch.cat([kv, ka], 2),
                                              torch.cat([vv, va], 2), attn_mask=mask)   # one shared attention, (B, heads, L, d)
         out = out.transpose(1, 2).flatten(2)                                     # (B, L, heads d)
         xv = bv.finish(xv, bv.self_attn.o(out[:, :Nv]), mv, ctx_v, img_v)         # per-expert output, cross-attn, FFN
         xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a)                # heads d -> A
         return xv, xa
+
+    def action_rows(self, kv, vv, xa, e0_a, ctx_a, rope_a, mask_o, video_position=None):
+        """The state / action / value rows of one MoT layer given the video tokens' keys and values kv, vv
+        (B, heads, N_v, d) of this layer: their attention over [video, own tokens] under mask_o (N_o, L)."""
+        ma = self.modulation_terms(e0_a)
+        qa, ka, va = self.self_attn.qkv(self.attn_input(xa, ma), rope=rope_a)    # A -> video attention width
+        vv = vv if video_position is None else vv + video_position
+        out = F.scaled_dot_product_attention(qa, torch.cat([kv, ka], 2), torch.cat([vv, va], 2), attn_mask=mask_o)
+        return self.finish(xa, self.self_attn.o(out.transpose(1, 2).flatten(2)), ma, ctx_a)
+
+
+def video_rows(block: WanBlock, xv, e0_v, ctx_v, rope_v, mask_v, img_v=None):
+    """The video rows of one MoT layer (the video expert's block over the video tokens alone: the mask lets them
+    see nothing else) -> (updated xv, this layer's video keys kv and values vv, each (B, heads, N_v, d))."""
+    mv = block.modulation_terms(e0_v)
+    qv, kv, vv = block.self_attn.qkv(block.attn_input(xv, mv), rope=rope_v)
+    out = F.scaled_dot_product_attention(qv, kv, vv, attn_mask=mask_v).transpose(1, 2).flatten(2)
+    return block.finish(xv, block.self_attn.o(out), mv, ctx_v, img_v), kv, vv
+
+
+class GroundedImageEncoder(nn.Module):
+    """image_encoder="grounded" (ours, toy only): the action-value expert's image features of the current
+    observation, read from the frozen grounded Video Expert instead of a SigLIP2 stand-in trained from scratch:
+    the current frame's tokens after video block `ground_layer` (where stage ground taught them which object
+    the words name) plus a learned map of their sin-cos (h, w) position, through one self-attention layer
+    (trainable) in which a token can take where the named object is from the object's own tokens. That mixing
+    is what AGRA's bridge project module does (a self-attention over positioned video features); without it the
+    action rows had to attend sharply to the object's tokens to read its place, and did not learn to (README,
+    MV-WAM deviations). (B, N, video_dim) tokens, (N, POSITION_CODE) code -> (B, N, video_dim)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.position = nn.Linear(POSITION_CODE, dim, bias=False)
+        self.layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+
+    def forward(self, tokens, code):
+        return self.layer(tokens + self.position(code))
 
 
 class ActionValueExpert(nn.Module):
@@ -435,6 +475,8 @@ class Model(nn.Module):
         elif cfg.image_encoder == "siglip":                                        # frozen SigLIP2 (Sec. 3.1)
             self.image_encoder = image_encoder if image_encoder is not None else SiglipVisionTower(
                 cfg.image_dim, cfg.image_layers, cfg.image_heads, cfg.image_ffn, cfg.image_patch, cfg.image_res)
+        elif cfg.image_encoder == "grounded":                                      # ours, toy: from the Video Expert
+            self.image_encoder = GroundedImageEncoder(cfg.video_dim, cfg.video_heads)
         # Video Expert: WoW-1.3B = Wan2.1-T2V-1.3B with a 36-channel I2V patch embedding (noisy + mask + condition)
         self.video = video if video is not None else WanDiT(
             2 * C + cfg.mask_channels, C, cfg.video_dim, cfg.video_ffn, cfg.video_heads, cfg.layers, cfg.text_dim, cfg.patch,
@@ -512,8 +554,11 @@ class Model(nn.Module):
         """Language features (B, L, text_dim), shared by both experts: the tiny encoder or umT5 features."""
         return self.text_encoder(batch["text"]) if self.cfg.text_encoder == "tiny" else batch["text_emb"]
 
-    def image_context(self, batch) -> torch.Tensor:
-        """Image features of the current observation (B, N, image_dim), for the action-value expert only."""
+    def image_context(self, batch) -> torch.Tensor | None:
+        """Image features of the current observation (B, N, image_dim), for the action-value expert only
+        (None for image_encoder="grounded": Model.forward computes them from its own video rows)."""
+        if self.cfg.image_encoder == "grounded":
+            return None
         if self.cfg.image_encoder == "tiny":
             return self.image_encoder(batch["video"][:, :, 0])
         if self.cfg.image_encoder == "siglip":
@@ -615,19 +660,41 @@ class Model(nn.Module):
             ta.append(t_act[:, None])
         xa = torch.cat(xa, 1)                                                # (B, N_o, A), N_o = 1 + K (+1)
         e_a, e0_a = AV.time(torch.cat(ta, 1))                                # (B, N_o, A), (B, N_o, 6, A)
-        ctx_a = AV.context(text, image)                                      # per block: (B, L_text or N_img, A)
         rope_v, rope_a = (angles[:Nv], True), (angles[Nv:], True)
         frozen = cfg.video_frozen and torch.is_grad_enabled()               # the video rows outside autograd
         code = self.position_code(z_t.device) if cfg.action_reads_position else None      # (N_v, POSITION_CODE)
-        for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):              # one MoT layer each (ExpertBlock.mot)
-            pos = None if code is None else AV.video_position[i](code).unflatten(-1, (cfg.video_heads, -1)).transpose(0, 1)[None]
-            xv, xa = checkpointed(self.grad_checkpoint, ba.mot, bv, xv, xa, e0_v, e0_a, ctx_v, ctx_a[i], rope_v, rope_a, mask,
-                                  img_v, frozen, pos)
+        pos = [None if code is None else AV.video_position[i](code).unflatten(-1, (cfg.video_heads, -1)).transpose(0, 1)[None]
+               for i in range(len(AV.blocks))]                               # (1, heads, N_v, d) per layer
+        if image is None and cfg.image_encoder == "grounded":
+            # the video rows of every layer first (frozen: the mask lets them see video only), then the image
+            # features from block ground_layer's current-frame tokens, then the action rows: one video pass
+            kvs, ground = [], cfg.ground_layer % cfg.layers
+            with torch.no_grad():
+                for i, bv in enumerate(V.blocks):
+                    xv, kv, vv = video_rows(bv, xv, e0_v, ctx_v, rope_v, mask[:Nv, :Nv], img_v)
+                    kvs.append((kv, vv))
+                    if i == ground:
+                        tokens = xv
+            image = self.grounded_image(tokens)                              # the reader trains (outside no_grad)
+            ctx_a = AV.context(text, image)                                  # per block: (B, L_text or N_img, A)
+            for i, ba in enumerate(AV.blocks):
+                xa = checkpointed(self.grad_checkpoint, ba.action_rows, *kvs[i], xa, e0_a, ctx_a[i], rope_a, mask[Nv:], pos[i])
+        else:
+            ctx_a = AV.context(text, image)                                  # per block: (B, L_text or N_img, A)
+            for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):          # one MoT layer each (ExpertBlock.mot)
+                xv, xa = checkpointed(self.grad_checkpoint, ba.mot, bv, xv, xa, e0_v, e0_a, ctx_v, ctx_a[i], rope_v, rope_a,
+                                      mask, img_v, frozen, pos[i])
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             video_out = V.unpatchify(V.head(xv, e_v), grid)
         act = AV.state_action_head(xa[:, 1:1 + K], e_a[:, 1:1 + K])[..., :cfg.action_dim]
         value = AV.value_head(xa[:, -1:], e_a[:, -1:])[:, 0, 0] if cfg.use_value else None
         return video_out, act, value
+
+    def grounded_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """image_encoder="grounded": video block ground_layer's tokens (B, N_v, D) -> the action-value expert's
+        image features (B, h w, D) from the current frame's tokens (GroundedImageEncoder)."""
+        _, gh, gw = self.cfg.token_grid
+        return self.image_encoder(tokens[:, : gh * gw], self.position_code(tokens.device)[: gh * gw])
 
     def frame_times(self, t: torch.Tensor, T: int) -> torch.Tensor:
         """(B,) -> (B, T): the given frame 0 clean (t = 0), future frames at t."""
@@ -644,10 +711,13 @@ class Model(nn.Module):
         B, T, dev = z.shape[0], z.shape[2], z.device
         text = self.text_context(batch)
         t = sample_t(cfg.t_sampler, B, device=dev, shift=cfg.t_shift)
-        noise = torch.randn_like(z)
-        z_t = add_noise(z, noise, t[:, None, None, None, None])              # Eq. 1 / 6
-        z_t[:, :, 0] = z[:, :, 0]                                            # the current observation is given
         with_action = cfg.stage == "joint"
+        # image_encoder="grounded" (frozen Video Expert): the video rows see the sampler's start (the future frames
+        # pure noise, t = 1), the video the grounding was trained on and that one-step inference feeds them
+        t_v = torch.ones_like(t) if with_action and cfg.image_encoder == "grounded" else t
+        noise = torch.randn_like(z)
+        z_t = add_noise(z, noise, t_v[:, None, None, None, None])            # Eq. 1 / 6
+        z_t[:, :, 0] = z[:, :, 0]                                            # the current observation is given
         a0 = c0 = a_t = c_t = t_a = state = image = None
         if with_action:
             a0, state, image = batch["actions"], batch["state"], self.image_context(batch)
@@ -660,7 +730,7 @@ class Model(nn.Module):
                 c0 = batch["value"].float()
                 eps_c = torch.randn_like(c0)
                 c_t = add_noise(c0, eps_c, t_a)
-        v_hat, a_hat, c_hat = self(z_t, self.frame_times(t, T), z[:, :, :1], state, a_t, c_t, t_a, text, image, with_action,
+        v_hat, a_hat, c_hat = self(z_t, self.frame_times(t_v, T), z[:, :, :1], state, a_t, c_t, t_a, text, image, with_action,
                                    batch.get("clip_emb"))
         parts, total = {}, torch.zeros((), device=dev)
         if not cfg.video_frozen:
@@ -703,7 +773,7 @@ class Model(nn.Module):
         (the stand-in for pretraining, from scratch): the Video Expert, text encoder and readout at lr_head."""
         video = [p for n, p in self.named_parameters() if n.startswith(("video.", "text_encoder.", "ground_head."))]
         head = [p for n, p in self.named_parameters() if n.startswith("action.")
-                or (n.startswith("image_encoder.") and self.cfg.image_encoder == "tiny")]       # SigLIP2 stays frozen
+                or (n.startswith("image_encoder.") and self.cfg.image_encoder in ("tiny", "grounded"))]   # SigLIP2 stays frozen
         lr = self.cfg.lr_head if self.cfg.stage == "ground" else self.cfg.lr_video
         groups = [] if self.cfg.video_frozen else [{"name": "video", "params": video, "lr": lr}]
         if self.cfg.stage == "joint":
@@ -746,6 +816,10 @@ class Model(nn.Module):
         a = t_max * rand(B, cfg.horizon, cfg.action_dim)
         c = t_max * rand(B) if cfg.use_value else None
         text, image = self.text_context(batch), self.image_context(batch)
+        if cfg.image_encoder == "grounded" and steps > 1:                     # from the start, fixed over the steps
+            tokens, _, _ = self(z, self.frame_times(torch.ones(B, device=dev), cfg.latent_frames), z0, None, None, None,
+                                None, text, None, with_action=False, clip=batch.get("clip_emb"), upto=cfg.ground_layer % cfg.layers)
+            image = self.grounded_image(tokens)
         ts = torch.linspace(1.0, 0.0, steps + 1)
         if cfg.sample_shift != 1.0:
             ts = shift_t(ts, cfg.sample_shift)

@@ -15,15 +15,16 @@ from common import to_velocity
 from data.toyworld import VOCAB, mc_returns
 
 FAST = ["--batch-size", "4", "--log-every", "100", "--threads", "2", "--set", "ground_steps=0",   # the loop alone,
-        "--set", "freeze_video=false"]                                                          # the paper's joint stage
+        "--set", "image_encoder=tiny", "--set", "image_dim=64", "--set", "freeze_video=false"]  # the paper's joint stage
 
 
 def tiny(**kw):
     """The paper's model at the tiny preset's sizes: the preset's toy-only settings (frozen Video Expert, the position
-    read, one joint step) off unless kw sets them."""
+    read, the image features from the grounded Video Expert, one joint step) off unless kw sets them."""
     cfg = copy.deepcopy(mvwam.CONFIGS["tiny"])
     cfg.vocab = tuple(VOCAB)
-    kw = {"freeze_video": False, "action_reads_position": False, "sample_steps": mvwam.Config.sample_steps, **kw}
+    kw = {"freeze_video": False, "action_reads_position": False, "image_encoder": mvwam.Config.image_encoder,
+          "image_dim": mvwam.Config.image_dim, "sample_steps": mvwam.Config.sample_steps, **kw}
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -297,6 +298,49 @@ def test_action_reads_position_changes_only_what_the_action_rows_read():
         ours = model(*args)
     assert torch.allclose(ours[0], ref[0], atol=1e-6)                                # the video rows read theirs
     assert (ours[1] - ref[1]).abs().max() > 1e-3                                       # the action rows read the maps
+
+
+def test_grounded_image_encoder_reads_the_frozen_video_expert_in_one_pass():
+    """image_encoder="grounded" (ours, toy; the tiny preset's): the action rows' image features are video block
+    ground_layer's current-frame tokens plus a position map through one self-attention layer. Computed inside the
+    joint pass from its own video rows, they give what the same features from a separate video-only pass of that
+    start give; they depend on the instruction (the grounded Video Expert reads it, a SigLIP2 stand-in would not);
+    the loss trains the reader and leaves the Video Expert without gradients; the config refuses a size mismatch
+    and a trained Video Expert."""
+    torch.manual_seed(0)
+    cfg = tiny(freeze_video=True, action_reads_position=True, image_encoder="grounded", image_dim=96)
+    model = mvwam.Model(cfg)
+    with torch.no_grad():                                                 # off the zero-initialized output heads
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = batch_of(cfg=cfg)
+    z = model.encode(b)
+    B, T, layer = z.shape[0], z.shape[2], cfg.ground_layer % cfg.layers
+    start = torch.cat([z[:, :, :1], torch.randn_like(z[:, :, 1:])], 2)    # Model.sample's start
+    t1 = model.frame_times(torch.ones(B), T)
+    assert model.image_context(b) is None
+
+    def image_of(batch):
+        tokens, _, _ = model(start, t1, z[:, :, :1], None, None, None, None, model.text_context(batch), None,
+                             with_action=False, upto=layer)
+        return model.grounded_image(tokens)
+
+    with torch.no_grad():
+        image = image_of(b)
+        args = (start, t1, z[:, :, :1], b["state"], b["actions"], b["value"], torch.full((B,), 0.6), model.text_context(b))
+        one_pass, two_passes = model(*args, None), model(*args, image)
+        other_words = image_of(dict(b, text=["put the blue ball in the bin"] * B))
+    for x, y in zip(one_pass, two_passes):
+        assert torch.allclose(x, y, atol=1e-5)
+    assert image.shape == (B, 64, cfg.video_dim) and (other_words - image).abs().max() > 1e-3
+    model.param_groups()
+    model.loss(b)[0].backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(("video.", "text_encoder.")))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_encoder.parameters())
+    with pytest.raises(ValueError, match="image_dim = video_dim"):
+        mvwam.Config(image_encoder="grounded", freeze_video=True)
+    with pytest.raises(ValueError, match="freeze_video=true"):
+        mvwam.Config(image_encoder="grounded", image_dim=96)
 
 
 def test_full_presets_carry_both_stage_recipes():
