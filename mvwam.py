@@ -37,6 +37,8 @@ Paper -> code
 | (ours, toy) stage ground: grounded start    | Model.ground_loss, common.referring_loss             |
 | (ours, toy) frozen Video Expert             | Config.freeze_video, ExpertBlock.mot (split)         |
 | (ours, toy) action rows read positions      | Config.action_reads_position, Model.position_code    |
+| (ours, toy) image features from the Video   | Config.image_encoder="grounded", GroundedImageEncoder,|
+|             Expert's grounded tokens        | Model.grounded_image, video_rows / action_rows       |
 
 Two readings this file makes explicit (README, "Choices and deviations"):
 - Frame grounding. The mask row of action k allows only latent frames <= 1 + k // 4, but after two

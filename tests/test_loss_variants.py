@@ -76,7 +76,7 @@ def test_flow_loss_inv_t2_weight_oracle():
 
 
 def test_x0_weight_reaches_the_loss(monkeypatch):
-    cfg = tiny(mvwam, freeze_video=False)                           # the video loss too
+    cfg = tiny(mvwam, image_encoder="tiny", image_dim=64, freeze_video=False)     # the video loss too
     g = torch.Generator().manual_seed(0)
     batch = {"video": torch.rand(2, 3, cfg.frames, cfg.height, cfg.width, generator=g) * 2 - 1,
              "state": torch.randn(2, cfg.state_dim, generator=g), "actions": torch.randn(2, cfg.horizon, cfg.action_dim, generator=g),
