@@ -149,10 +149,13 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compil
 
     from data.toyworld import VOCAB, ClipDataset, generate
     mod = importlib.import_module(name)
-    cfg = copy.deepcopy(mod.CONFIGS[preset])
-    cfg.vocab = tuple(VOCAB)
-    if hasattr(cfg, "freeze_video"):
+    base = copy.deepcopy(mod.CONFIGS[preset])
+    base.vocab = tuple(VOCAB)
+    cfg = copy.deepcopy(base)
+    if getattr(cfg, "freeze_video", False):
         cfg.freeze_video = False                           # the joint step; FROZEN's row times the frozen one
+        if getattr(cfg, "image_encoder", "") == "grounded":                 # MV-WAM: it reads the frozen Video Expert
+            cfg.image_encoder, cfg.image_dim = type(cfg).image_encoder, type(cfg).image_dim
     B = batch_size or (cfg.batch_size if preset == "tiny" else 2)
     torch.manual_seed(0)
     model = mod.Model(cfg).to(device)
@@ -181,7 +184,8 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compil
     rows.append((name, f"{preset} achieved FLOP/s / matmul peak", flops / t / peak, "ratio"))
     if name in FROZEN:                                     # the video model frozen: its forward only, no L_vid
         label, changes = FROZEN[name]
-        frozen_step = train_step(mod.Model(dataclasses.replace(cfg, **changes)).to(device), batch, autocast)
+        frozen_cfg = base if getattr(base, "freeze_video", False) else dataclasses.replace(cfg, **changes)   # the preset's own
+        frozen_step = train_step(mod.Model(frozen_cfg).to(device), batch, autocast)
         tf = timeit(frozen_step, repeat=5 if preset == "tiny" else 3, sync=sync)
         rows.append((name, f"{preset} train step, video model frozen ({label}) / joint step", tf / t, "ratio"))
         del frozen_step
