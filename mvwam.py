@@ -339,6 +339,11 @@ class ExpertBlock(WanBlock):
         xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a)                # heads d -> A
         return xv, xa
 
+    def video_rows(self, video_block: WanBlock, xv, e0_v, ctx_v, rope_v, mask_v, img_v=None):
+        """`video_rows` of the Video Expert's block of this depth, called through this block (FSDP2 gathers the
+        layer's parameters on its registered methods: train.shard)."""
+        return video_rows(video_block, xv, e0_v, ctx_v, rope_v, mask_v, img_v)
+
     def action_rows(self, kv, vv, xa, e0_a, ctx_a, rope_a, mask_o, video_position=None):
         """The state / action / value rows of one MoT layer given the video tokens' keys and values kv, vv
         (B, heads, N_v, d) of this layer: their attention over [video, own tokens] under mask_o (N_o, L)."""
@@ -672,8 +677,8 @@ class Model(nn.Module):
             # features from block ground_layer's current-frame tokens, then the action rows: one video pass
             kvs, ground = [], cfg.ground_layer % cfg.layers
             with torch.no_grad():
-                for i, bv in enumerate(V.blocks):
-                    xv, kv, vv = video_rows(bv, xv, e0_v, ctx_v, rope_v, mask[:Nv, :Nv], img_v)
+                for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):
+                    xv, kv, vv = ba.video_rows(bv, xv, e0_v, ctx_v, rope_v, mask[:Nv, :Nv], img_v)
                     kvs.append((kv, vv))
                     if i == ground:
                         tokens = xv

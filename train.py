@@ -232,8 +232,9 @@ def shard(model, root, device, dtype, world):
     for unit in fsdp_units(model):
         fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp)
         for m in unit:
-            if hasattr(m, "mot"):                                    # MV-WAM: the MoT layer runs as ExpertBlock.mot
-                register_fsdp_forward_method(m, "mot")
+            for method in ("mot", "video_rows", "action_rows"):      # MV-WAM: the MoT layer runs as ExpertBlock.mot
+                if hasattr(m, method):                               #   (or its video rows, then its action rows)
+                    register_fsdp_forward_method(m, method)
     fully_shard(root, mesh=mesh, mp_policy=mp)
     return root
 

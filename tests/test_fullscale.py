@@ -148,7 +148,8 @@ def test_train_on_a_lerobot_folder_directly(toy_lerobot, tmp_path):
     """The pixel-codec tiny preset decodes a LeRobot dataset itself (no encoder)."""
     out = str(tmp_path / "raw")
     train.main(["--model", "mvwam", "--tiny", "--steps", "2", "--batch-size", "2", "--data", toy_lerobot["v2.1"],
-                "--camera", CAM, "--out", out, "--set", "freeze_video=false"] + FAST)
+                "--camera", CAM, "--out", out, "--set", "image_encoder=tiny", "--set", "image_dim=64",
+                "--set", "freeze_video=false"] + FAST)
     _, _, _, meta = train.load_model(out)
     assert meta["data"]["camera"] == CAM and meta["data"]["source"] == toy_lerobot["v2.1"]
 
@@ -287,7 +288,7 @@ def test_train_py_fsdp_checkpoint_resumes_in_one_process(toy_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
            "--model", "mvwam", "--tiny", "--steps", "3", "--stop-after", "2", "--batch-size", "2", "--data", toy_data[0],
            "--out", out, "--threads", "1", "--strategy", "fsdp", "--grad-checkpoint", "--set", "ground_steps=0",
-           "--set", "freeze_video=false"]
+           "--set", "image_encoder=tiny", "--set", "image_dim=64", "--set", "freeze_video=false"]
     r = torchrun(cmd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batch 2x1x2" in r.stdout and "fsdp" in r.stdout
