@@ -161,6 +161,7 @@ class Config:
                                          #   <out>/ground, at lr_head) before a fresh joint run on toy-world data
     toy_view: str = "wide"               # the toy world train.py generates when no --data is given: wide | close
     toy_distractor_band: str = "any"     #   and where its distractors lie: any | near (data/toyworld.py)
+    toy_episodes: int = 400              #   and how many expert demos it holds (train.py --episodes overrides it)
     freeze_video: bool = False           # ours (toy): stage joint trains the action-value expert (+ image encoder) alone
                                          #   on a frozen Video Expert and text encoder, without L_v (Eq. 2); AGRA's
                                          #   "Freeze backbone" (App. B.2.2) for MV-WAM. Stages video / ground ignore it
@@ -239,6 +240,10 @@ CONFIGS = {
                    act_width=768, act_ffn=4480, act_cross_heads=12, image_encoder="precomputed", image_dim=1152,
                    lr_video=1e-4, lr_head=1e-4, batch_size=512, steps=15000),
 }
+# the 90 % recipe (about 25 minutes on a 2-core CPU; README "The MV-WAM default run"): the default run on 1,000 demos,
+# with 600 ground steps, 5,000 joint steps and an action-value expert twice as wide (the Video Expert unchanged)
+CONFIGS["frozen_wide"] = replace(CONFIGS["tiny"], ground_steps=600, toy_episodes=1000, steps=5000, act_width=128,
+                                 act_ffn=512, act_cross_heads=4)
 # Sec. 4.1, Video Expert pre-training (stage 1, action-free video + text): batch 1024, 20k steps, LR 1e-4
 CONFIGS["full_video"] = replace(CONFIGS["full"], stage="video", batch_size=1024, steps=20000)
 

@@ -354,6 +354,28 @@ def test_full_presets_carry_both_stage_recipes():
         assert (c.freeze_video, c.action_reads_position, c.sample_steps) == (False, False, 5)   # the toy's settings off
 
 
+def test_frozen_wide_preset_is_the_tiny_run_longer_on_more_demos_with_a_wider_expert():
+    """README's longer MV-WAM recipe: --tiny with --episodes 1000, ground_steps=600, --steps 5000 and the action-value
+    expert at act_width=128, act_ffn=512, act_cross_heads=4 (the command its seeds were measured with), nothing else."""
+    import dataclasses
+    tiny, wide = mvwam.CONFIGS["tiny"], mvwam.CONFIGS["frozen_wide"]
+    differ = {f.name: getattr(wide, f.name) for f in dataclasses.fields(wide) if getattr(tiny, f.name) != getattr(wide, f.name)}
+    assert differ == {"ground_steps": 600, "toy_episodes": 1000, "steps": 5000, "act_width": 128, "act_ffn": 512,
+                      "act_cross_heads": 4}
+    args = train.get_args(["--model", "mvwam", "--preset", "frozen_wide"])
+    assert train.toy_episodes(args, wide) == 1000 and train.toy_episodes(args, tiny) == 400
+    folder, world = train.default_data_folder(wide, train.toy_episodes(args, wide))
+    assert folder.endswith("close_near_1000") and world == {"view": "close", "distractor_band": "near"}
+    cfg = copy.deepcopy(wide)
+    cfg.vocab = tuple(VOCAB)
+    torch.manual_seed(0)
+    model = mvwam.Model(cfg)                                 # the wider expert builds and trains on the frozen Video Expert
+    loss, parts = model.loss(batch_of(cfg=cfg))
+    loss.backward()
+    assert torch.isfinite(loss) and model.action.blocks[0].ffn[0].out_features == 512
+    assert all(p.grad is None for p in model.video.parameters())
+
+
 def test_no_value_variant_and_independent_t():
     model = mvwam.Model(tiny(use_value=False, independent_t=True))
     loss, parts = model.loss(batch_of())
