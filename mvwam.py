@@ -240,7 +240,7 @@ CONFIGS = {
                    act_width=768, act_ffn=4480, act_cross_heads=12, image_encoder="precomputed", image_dim=1152,
                    lr_video=1e-4, lr_head=1e-4, batch_size=512, steps=15000),
 }
-# the 90 % recipe (about 25 minutes on a 2-core CPU; README "The MV-WAM default run"): the default run on 1,000 demos,
+# the 90 % recipe (about 21 minutes on a 2-core CPU; README "The longer MV-WAM recipe"): the default run on 1,000 demos,
 # with 600 ground steps, 5,000 joint steps and an action-value expert twice as wide (the Video Expert unchanged)
 CONFIGS["frozen_wide"] = replace(CONFIGS["tiny"], ground_steps=600, toy_episodes=1000, steps=5000, act_width=128,
                                  act_ffn=512, act_cross_heads=4)

@@ -3,7 +3,7 @@
     python train.py --model agra --tiny                      # toy world: stage ground, then finetune; ~4 CPU minutes
     python train.py --model agra --preset frozen             # the longer default run (ground 300, finetune 4,000)
     python train.py --model agra --preset frozen_wide        # the 90 % recipe: 1,000 demos, ground 600, a wider head (~17 CPU minutes)
-    python train.py --model mvwam --preset frozen_wide       # MV-WAM's longer recipe: the same, 5,000 joint steps (~25 CPU minutes)
+    python train.py --model mvwam --preset frozen_wide       # MV-WAM's 90 % recipe: the same, 5,000 joint steps (~21 CPU minutes)
     python train.py --model agra --preset long               # ground, joint with AGRA, finetune (~20 CPU minutes)
     python train.py --model agra --preset scratch            # the earlier from-scratch run (~2.5 CPU minutes)
     python train.py --model agra --preset long --set agra_weight=0   # the WAM baseline
