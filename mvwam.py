@@ -221,12 +221,14 @@ class Config:
 CONFIGS = {
     # the toy world's default run (README "The MV-WAM default run"; about 5 minutes on a 2-core CPU): AGRA's
     # tiny recipe, i.e. the close view with distractors in the named object's band, 200 steps of stage ground
-    # (the stand-in for WoW's text-to-video pretraining), then 1,000 joint steps of the action-value expert alone
-    # on the frozen grounded Video Expert, reading where each video token is, its image features taken from the
-    # grounded Video Expert (GroundedImageEncoder); one joint denoising step at inference (Fig. 3(b)'s 1-step
-    # variant: the frozen Video Expert was never trained to generate the future)
+    # (the stand-in for WoW's text-to-video pretraining), then 900 joint steps of an action-value expert twice the
+    # earlier toy width (act_width 128; the earlier 64 is `--preset narrow`) alone on the frozen grounded Video
+    # Expert, reading where each video token is, its image features taken from the grounded Video Expert
+    # (GroundedImageEncoder); one joint denoising step at inference (Fig. 3(b)'s 1-step variant: the frozen Video
+    # Expert was never trained to generate the future)
     "tiny": Config(toy_view="close", toy_distractor_band="near", ground_steps=200, freeze_video=True,
-                   action_reads_position=True, image_encoder="grounded", image_dim=96, sample_steps=1, steps=1000),
+                   action_reads_position=True, image_encoder="grounded", image_dim=96, sample_steps=1, steps=900,
+                   act_width=128, act_ffn=512, act_cross_heads=4),
     # the previous default run: ground 300 steps, then 1,000 joint steps with the Video Expert trained at a tenth
     # of the head's learning rate (Sec. 4.1 trains both at 1e-4 from a pretrained Video Expert), 5 steps
     "joint": Config(toy_view="close", toy_distractor_band="near", ground_steps=300, lr_video=1e-4, steps=1000),
@@ -240,10 +242,12 @@ CONFIGS = {
                    act_width=768, act_ffn=4480, act_cross_heads=12, image_encoder="precomputed", image_dim=1152,
                    lr_video=1e-4, lr_head=1e-4, batch_size=512, steps=15000),
 }
+# the previous default run (README "The MV-WAM default run"): the same with the action-value expert at the toy's
+# base width (64) for 1,000 steps
+CONFIGS["narrow"] = replace(CONFIGS["tiny"], act_width=64, act_ffn=256, act_cross_heads=2, steps=1000)
 # the 90 % recipe (about 21 minutes on a 2-core CPU; README "The longer MV-WAM recipe"): the default run on 1,000 demos,
-# with 600 ground steps, 5,000 joint steps and an action-value expert twice as wide (the Video Expert unchanged)
-CONFIGS["frozen_wide"] = replace(CONFIGS["tiny"], ground_steps=600, toy_episodes=1000, steps=5000, act_width=128,
-                                 act_ffn=512, act_cross_heads=4)
+# with 600 ground steps and 5,000 joint steps (the same wide action-value expert and Video Expert)
+CONFIGS["frozen_wide"] = replace(CONFIGS["tiny"], ground_steps=600, toy_episodes=1000, steps=5000)
 # Sec. 4.1, Video Expert pre-training (stage 1, action-free video + text): batch 1024, 20k steps, LR 1e-4
 CONFIGS["full_video"] = replace(CONFIGS["full"], stage="video", batch_size=1024, steps=20000)
 

@@ -249,7 +249,8 @@ def test_video_stage_trains_the_video_expert_alone():
 
 def test_freeze_video_trains_the_action_value_expert_alone_with_the_same_gradients():
     """freeze_video: no video loss, only action-value expert + image encoder trainable, and their gradients
-    equal those of the full joint loss (the video rows run outside autograd; the mask makes that exact)."""
+    equal those of the full joint loss (the video rows run outside autograd; the mask makes that exact up to float
+    rounding)."""
     grads, parts = {}, {}
     for frozen in (False, True):
         torch.manual_seed(0)
@@ -264,8 +265,8 @@ def test_freeze_video_trains_the_action_value_expert_alone_with_the_same_gradien
         grads[frozen] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         assert names == (["action_value"] if frozen else ["video", "action_value"])
     assert set(parts[True]) == {"action", "value"}
-    for k in ("action", "value"):
-        assert torch.equal(parts[True][k], parts[False][k])
+    for k in ("action", "value"):        # equal up to float summation order (the frozen video rows run as their own matmuls)
+        torch.testing.assert_close(parts[True][k], parts[False][k], rtol=1e-6, atol=1e-7)
     assert grads[True] and all(n.startswith(("action.", "image_encoder.")) for n in grads[True])
     for n, g in grads[True].items():
         assert torch.allclose(g, grads[False][n], rtol=1e-5, atol=1e-7), n
@@ -354,14 +355,20 @@ def test_full_presets_carry_both_stage_recipes():
         assert (c.freeze_video, c.action_reads_position, c.sample_steps) == (False, False, 5)   # the toy's settings off
 
 
-def test_frozen_wide_preset_is_the_tiny_run_longer_on_more_demos_with_a_wider_expert():
-    """README's longer MV-WAM recipe: --tiny with --episodes 1000, ground_steps=600, --steps 5000 and the action-value
-    expert at act_width=128, act_ffn=512, act_cross_heads=4 (the command its seeds were measured with), nothing else."""
+def test_frozen_wide_preset_is_the_tiny_run_longer_on_more_demos():
+    """README's longer MV-WAM recipe: --tiny with --episodes 1000, ground_steps=600 and --steps 5000, nothing else; the
+    tiny preset's expert is the wider one (act_width=128, act_ffn=512, act_cross_heads=4, 900 steps), and --preset
+    narrow is the previous default run (the base width, 1,000 steps)."""
     import dataclasses
-    tiny, wide = mvwam.CONFIGS["tiny"], mvwam.CONFIGS["frozen_wide"]
-    differ = {f.name: getattr(wide, f.name) for f in dataclasses.fields(wide) if getattr(tiny, f.name) != getattr(wide, f.name)}
-    assert differ == {"ground_steps": 600, "toy_episodes": 1000, "steps": 5000, "act_width": 128, "act_ffn": 512,
-                      "act_cross_heads": 4}
+
+    def changed(a, b):
+        return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if getattr(a, f.name) != getattr(b, f.name)}
+    tiny, wide, narrow = mvwam.CONFIGS["tiny"], mvwam.CONFIGS["frozen_wide"], mvwam.CONFIGS["narrow"]
+    assert changed(tiny, wide) == {"ground_steps": 600, "toy_episodes": 1000, "steps": 5000}
+    assert changed(tiny, narrow) == {"act_width": 64, "act_ffn": 256, "act_cross_heads": 2, "steps": 1000}
+    base = mvwam.Config()
+    assert (tiny.act_width, tiny.act_ffn, tiny.act_cross_heads, tiny.steps) == (128, 512, 4, 900)
+    assert (narrow.act_width, narrow.act_ffn, narrow.act_cross_heads) == (base.act_width, base.act_ffn, base.act_cross_heads)
     args = train.get_args(["--model", "mvwam", "--preset", "frozen_wide"])
     assert train.toy_episodes(args, wide) == 1000 and train.toy_episodes(args, tiny) == 400
     folder, world = train.default_data_folder(wide, train.toy_episodes(args, wide))
