@@ -105,7 +105,7 @@ class Config:
     freq_dim: int = 256
     rope_theta: float = 10000.0
     # action-value expert (Sec. 3.1, 4.1)
-    act_width: int = 64                  # A: 768
+    act_width: int = 64                  # A: 768 (--tiny: 128)
     act_ffn: int = 256                   # 4480 (Wan's ffn/dim ratio at 768; the paper gives no FFN width)
     act_cross_heads: int = 2             # heads of the expert's own cross-attention (12 x 64)
     image_encoder: str = "tiny"          # tiny (trainable SigLIP2 stand-in) | precomputed (batch["image_emb"]) | siglip (frozen)
@@ -173,7 +173,7 @@ class Config:
     warmup_frac: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 16                 # 1024 (video stage) / 512 (joint stage)
-    steps: int = 200                     # the `--preset scratch` run (--tiny: 1,000); paper: 20k (video) / 15k (joint stage)
+    steps: int = 200                     # the `--preset scratch` run (--tiny: 900); paper: 20k (video) / 15k (joint stage)
 
     def __post_init__(self):
         check_choice("stage", self.stage, ("video", "joint", "ground"))
