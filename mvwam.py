@@ -219,7 +219,8 @@ class Config:
 
 
 CONFIGS = {
-    # the toy world's default run (README "The MV-WAM default run"; about 5 minutes on a 2-core CPU): AGRA's
+    # the toy world's default run (README "The MV-WAM default run"; 6-7 minutes on a slower 2-core CPU, by a measured
+    # step-time ratio about the 4-5 minutes --preset narrow took on a faster one): AGRA's
     # tiny recipe, i.e. the close view with distractors in the named object's band, 200 steps of stage ground
     # (the stand-in for WoW's text-to-video pretraining), then 900 joint steps of an action-value expert twice the
     # earlier toy width (act_width 128; the earlier 64 is `--preset narrow`) alone on the frozen grounded Video
@@ -242,7 +243,7 @@ CONFIGS = {
                    act_width=768, act_ffn=4480, act_cross_heads=12, image_encoder="precomputed", image_dim=1152,
                    lr_video=1e-4, lr_head=1e-4, batch_size=512, steps=15000),
 }
-# the previous default run (README "The MV-WAM default run"): the same with the action-value expert at the toy's
+# the previous default run (README "The 58 % default run (`--preset narrow`)"): the same with the action-value expert at the toy's
 # base width (64) for 1,000 steps
 CONFIGS["narrow"] = replace(CONFIGS["tiny"], act_width=64, act_ffn=256, act_cross_heads=2, steps=1000)
 # the 90 % recipe (about 21 minutes on a 2-core CPU; README "The longer MV-WAM recipe"): the default run on 1,000 demos,
