@@ -477,8 +477,14 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torc
     """
     if angles.dim() == 3:
         angles = angles.unsqueeze(1)                        # (B, 1, L, d/2)
-    c, s = torch.cos(angles).float(), torch.sin(angles).float()
     xf = x.float()
+    if interleaved and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        # eager: the pairs as complex numbers x1 + i x2 times e^(i angle), the rotation below in one kernel (10x
+        # faster on CPU); torch.compile fuses the written-out rotation and has no code generation for complex ops
+        angles = angles if angles.dtype == torch.float64 else angles.float()
+        rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+        return torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous()) * rot).flatten(-2).type_as(x)
+    c, s = torch.cos(angles).float(), torch.sin(angles).float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)

@@ -103,6 +103,25 @@ def test_rope_split_and_relative_property():
     assert torch.allclose(out, torch.tensor([[[[0.0, 1.0]]]]), atol=1e-6)
 
 
+def test_rope_interleaved_is_the_pairwise_rotation_exactly():
+    # the complex-number path (CPU / CUDA) against the rotation written out, values and gradients, for one
+    # angle table per token (L, d/2) and one per sample (B, L, d/2), to float rounding (the complex kernel may fuse
+    # a multiply-add the written-out version rounds twice)
+    for shape in [(7, 4), (2, 7, 4)]:
+        x = torch.randn(2, 3, 7, 8, requires_grad=True)
+        ang = torch.rand(*shape, dtype=torch.float64) * 10
+        a = ang.unsqueeze(1) if ang.dim() == 3 else ang
+        c, s = torch.cos(a).float(), torch.sin(a).float()
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        ref = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
+        out = C.apply_rope(x, ang, interleaved=True)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        g = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=0, atol=1e-6)
+    xb = torch.randn(1, 1, 3, 4, dtype=torch.bfloat16)
+    assert C.apply_rope(xb, torch.rand(3, 2), interleaved=True).dtype == torch.bfloat16
+
+
 def test_rope_ntk_scale():
     f1, f3 = C.rope_inv_freq(10, 10000.0), C.rope_inv_freq(10, 10000.0, 3.0)
     theta = 10000.0 * 3.0 ** (10 / 8)
