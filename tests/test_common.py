@@ -103,7 +103,7 @@ def test_rope_split_and_relative_property():
     assert torch.allclose(out, torch.tensor([[[[0.0, 1.0]]]]), atol=1e-6)
 
 
-def test_rope_interleaved_is_the_pairwise_rotation_exactly():
+def test_rope_interleaved_is_the_pairwise_rotation():
     # the complex-number path (CPU / CUDA) against the rotation written out, values and gradients, for one
     # angle table per token (L, d/2) and one per sample (B, L, d/2), to float rounding (the complex kernel may fuse
     # a multiply-add the written-out version rounds twice)
