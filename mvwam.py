@@ -349,10 +349,10 @@ class ExpertBlock(WanBlock):
         xa = ba.finish(xa, ba.self_attn.o(out[:, Nv:]), ma, ctx_a)                # heads d -> A
         return xv, xa
 
-    def video_rows(self, video_block: WanBlock, xv, e0_v, ctx_v, rope_v, mask_v, img_v=None):
+    def video_rows(self, video_block: WanBlock, xv, e0_v, ctx_v, rope_v, mask_v, img_v=None, keep=None):
         """`video_rows` of the Video Expert's block of this depth, called through this block (FSDP2 gathers the
         layer's parameters on its registered methods: train.shard)."""
-        return video_rows(video_block, xv, e0_v, ctx_v, rope_v, mask_v, img_v)
+        return video_rows(video_block, xv, e0_v, ctx_v, rope_v, mask_v, img_v, keep)
 
     def action_rows(self, kv, vv, xa, e0_a, ctx_a, rope_a, mask_o, video_position=None):
         """The state / action / value rows of one MoT layer given the video tokens' keys and values kv, vv
@@ -364,11 +364,18 @@ class ExpertBlock(WanBlock):
         return self.finish(xa, self.self_attn.o(out.transpose(1, 2).flatten(2)), ma, ctx_a)
 
 
-def video_rows(block: WanBlock, xv, e0_v, ctx_v, rope_v, mask_v, img_v=None):
+def video_rows(block: WanBlock, xv, e0_v, ctx_v, rope_v, mask_v, img_v=None, keep: int | None = None):
     """The video rows of one MoT layer (the video expert's block over the video tokens alone: the mask lets them
-    see nothing else) -> (updated xv, this layer's video keys kv and values vv, each (B, heads, N_v, d))."""
+    see nothing else) -> (updated xv, this layer's video keys kv and values vv, each (B, heads, N_v, d)).
+    keep: the updated rows of the first `keep` tokens only, (B, keep, D) (the keys and values still cover every
+    token), for a last block of which the caller reads no more (the same values as those rows of the full block)."""
     mv = block.modulation_terms(e0_v)
     qv, kv, vv = block.self_attn.qkv(block.attn_input(xv, mv), rope=rope_v)
+    if keep is not None:                                 # attention, output, cross-attention and FFN of these rows alone
+        qv, xv, mv = qv[:, :, :keep], xv[:, :keep], tuple(m[:, :keep] for m in mv)
+        mask_v = None if mask_v is None else mask_v[:keep]
+        if keep == 0:
+            return xv, kv, vv
     out = F.scaled_dot_product_attention(qv, kv, vv, attn_mask=mask_v).transpose(1, 2).flatten(2)
     return block.finish(xv, block.self_attn.o(out), mv, ctx_v, img_v), kv, vv
 
@@ -647,7 +654,8 @@ class Model(nn.Module):
         -> video output (B, C, T, h, w) (a velocity), actions (B, K, d_a) and value (B,) in
         `action_target` parameterization (None when with_action=False: the video expert alone,
         which the mask makes identical to its rows of the joint pass). upto (with with_action=False): stop
-        after video block `upto` and return its tokens (B, N_v, D) in place of the video output.
+        after video block `upto` and return its current-frame tokens (B, h w, D) (the only ones stage ground and
+        the grounded image reader read) in place of the video output.
         """
         cfg, V = self.cfg, self.video
         xv, grid = V.embed(self.video_input(z_t, z_cond))                    # (B, N_v, D)
@@ -659,13 +667,19 @@ class Model(nn.Module):
         Nv = xv.shape[1]
         mask = mot_mask(kind, frame, cfg.ground_actions, cfg.action_attention == "causal",
                         cfg.video_attention == "frame_causal")              # (L, L)
+        _, gh, gw = cfg.token_grid
         if not with_action:
             video_mask = mask[:Nv, :Nv] if cfg.video_attention == "frame_causal" else None
-            for block in V.blocks[: len(V.blocks) if upto is None else upto + 1]:
+            if upto is not None:                        # ground_loss, the grounded reader: frame 0 after block `upto`
+                for block in V.blocks[:upto]:
+                    xv = checkpointed(self.grad_checkpoint, block, xv, e0_v, ctx_v, rope=(angles[:Nv], True),
+                                      mask=video_mask, ctx_img=img_v)
+                tokens, _, _ = checkpointed(self.grad_checkpoint, self.action.blocks[upto].video_rows, V.blocks[upto], xv,
+                                            e0_v, ctx_v, (angles[:Nv], True), video_mask, img_v, gh * gw)   # via the layer (FSDP2)
+                return tokens, None, None
+            for block in V.blocks:
                 xv = checkpointed(self.grad_checkpoint, block, xv, e0_v, ctx_v, rope=(angles[:Nv], True), mask=video_mask,
                                   ctx_img=img_v)
-            if upto is not None:                                             # ground_loss: the tokens after block `upto`
-                return xv, None, None
             return V.unpatchify(V.head(xv, e_v), grid), None, None
 
         AV, B, K = self.action, z_t.shape[0], cfg.horizon
@@ -684,11 +698,14 @@ class Model(nn.Module):
                for i in range(len(AV.blocks))]                               # (1, heads, N_v, d) per layer
         if image is None and cfg.image_encoder == "grounded":
             # the video rows of every layer first (frozen: the mask lets them see video only), then the image
-            # features from block ground_layer's current-frame tokens, then the action rows: one video pass
-            kvs, ground = [], cfg.ground_layer % cfg.layers
+            # features from block ground_layer's current-frame tokens, then the action rows: one video pass.
+            # Training (frozen, no L_v) reads of the last block's video rows only the keys and values, and the
+            # current frame's tokens if it is block ground_layer: its other rows are not computed
+            kvs, ground, last = [], cfg.ground_layer % cfg.layers, len(V.blocks) - 1
             with torch.no_grad():
                 for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):
-                    xv, kv, vv = ba.video_rows(bv, xv, e0_v, ctx_v, rope_v, mask[:Nv, :Nv], img_v)
+                    keep = (gh * gw if ground == last else 0) if frozen and i == last else None
+                    xv, kv, vv = ba.video_rows(bv, xv, e0_v, ctx_v, rope_v, mask[:Nv, :Nv], img_v, keep)
                     kvs.append((kv, vv))
                     if i == ground:
                         tokens = xv
@@ -701,15 +718,14 @@ class Model(nn.Module):
             for i, (bv, ba) in enumerate(zip(V.blocks, AV.blocks)):          # one MoT layer each (ExpertBlock.mot)
                 xv, xa = checkpointed(self.grad_checkpoint, ba.mot, bv, xv, xa, e0_v, e0_a, ctx_v, ctx_a[i], rope_v, rope_a,
                                       mask, img_v, frozen, pos[i])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            video_out = V.unpatchify(V.head(xv, e_v), grid)
+        video_out = None if frozen else V.unpatchify(V.head(xv, e_v), grid)     # frozen: no L_v reads it
         act = AV.state_action_head(xa[:, 1:1 + K], e_a[:, 1:1 + K])[..., :cfg.action_dim]
         value = AV.value_head(xa[:, -1:], e_a[:, -1:])[:, 0, 0] if cfg.use_value else None
         return video_out, act, value
 
     def grounded_image(self, tokens: torch.Tensor) -> torch.Tensor:
-        """image_encoder="grounded": video block ground_layer's tokens (B, N_v, D) -> the action-value expert's
-        image features (B, h w, D) from the current frame's tokens (GroundedImageEncoder)."""
+        """image_encoder="grounded": video block ground_layer's tokens (B, N_v or h w, D) -> the action-value
+        expert's image features (B, h w, D) from the current frame's tokens (GroundedImageEncoder)."""
         _, gh, gw = self.cfg.token_grid
         return self.image_encoder(tokens[:, : gh * gw], self.position_code(tokens.device)[: gh * gw])
 
@@ -780,7 +796,7 @@ class Model(nn.Module):
         tokens, _, _ = self(z1, self.frame_times(torch.ones(B, device=z.device), T), z[:, :, :1], None, None, None, None,
                             self.text_context(batch), None, with_action=False, clip=batch.get("clip_emb"), upto=layer)
         _, gh, gw = cfg.token_grid
-        logits = self.ground_head(tokens[:, : gh * gw]).squeeze(-1).float()                # (B, tokens of frame 0)
+        logits = self.ground_head(tokens).squeeze(-1).float()                # (B, tokens of frame 0)
         return referring_loss(logits, mask, (gh, gw))
 
     def param_groups(self):

@@ -439,7 +439,10 @@ def main(argv=None):
         loss_module = torch.compile(loss_module)
 
     # ------------------------------------------------------------------ optimizer, schedule
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    # fused: the whole update as one kernel (CPU and CUDA; bench.py's steps use it too): MV-WAM's default step on a
+    # 2-core CPU spent 13.6 ms in the per-tensor update of its 1.8M trainable weights, 2.5 ms fused (README, Speed)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
     if resumed:

@@ -584,7 +584,46 @@ def test_ground_readout_stops_at_its_block():
         for blk in model.video.blocks[3:]:
             for p in blk.parameters():
                 p.add_(1.0)
-    assert torch.equal(a, model(*args, with_action=False, upto=2)[0]) and a.shape == (2, 3 * 64, 96)
+    assert torch.equal(a, model(*args, with_action=False, upto=2)[0]) and a.shape == (2, 64, 96)   # frame 0's tokens
+
+
+@pytest.mark.parametrize("stage", ["ground", "joint"])
+def test_last_block_computes_only_the_rows_read(monkeypatch, stage):
+    """Stage ground and training on the frozen Video Expert read, of the last video block they run, the current
+    frame's tokens (and, joint, every token's keys and values) alone, and compute only those rows (video_rows
+    keep): the loss and gradients equal those of the whole block's rows, then sliced (bit for bit in the joint stage,
+    where the block runs without gradients; to float rounding in stage ground, whose backward sums fewer rows)."""
+    cfg = copy.deepcopy(mvwam.CONFIGS["tiny"])
+    cfg.vocab, cfg.stage = tuple(VOCAB), stage
+    torch.manual_seed(0)
+    model = mvwam.Model(cfg)
+    b = batch_of(cfg=cfg)
+    b["target_mask"] = (torch.rand(3, cfg.height, cfg.width, generator=torch.Generator().manual_seed(2)) > 0.8).float()
+    pruned, calls = mvwam.video_rows, []
+
+    def whole_rows(*args):                       # the block over every row, then the rows kept
+        calls.append(args[7] if len(args) > 7 else None)
+        xv, kv, vv = pruned(*args[:7])
+        return (xv if calls[-1] is None else xv[:, :calls[-1]]), kv, vv
+
+    out = {}
+    for name in ("pruned", "whole"):
+        if name == "whole":
+            monkeypatch.setattr(mvwam, "video_rows", whole_rows)
+        torch.manual_seed(1)
+        loss, _ = model.loss(b)
+        loss.backward()
+        out[name] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    assert calls == ([64] if stage == "ground" else [None] * 5 + [64])  # the last block keeps frame 0's 8 x 8 tokens
+    if stage == "joint":
+        assert torch.equal(out["pruned"][0], out["whole"][0])
+        assert all(torch.equal(g, out["whole"][1][n]) for n, g in out["pruned"][1].items())
+    else:
+        torch.testing.assert_close(out["pruned"][0], out["whole"][0], rtol=1e-6, atol=0)
+        for n, g in out["pruned"][1].items():
+            torch.testing.assert_close(g, out["whole"][1][n], rtol=1e-4, atol=1e-6)
+    assert out["pruned"][1].keys() == out["whole"][1].keys()
 
 
 
