@@ -651,9 +651,9 @@ class Model(nn.Module):
         state (B, d_s), a_t (B, K, d_a) noisy actions, c_t (B,) noisy value, t_act (B,) their t,
         text (B, L, text_dim), image (B, N, image_dim), clip (B, 257, video_image_dim): the image tokens
         of a video expert with WoW's image cross-attention (batch["clip_emb"]), else None.
-        -> video output (B, C, T, h, w) (a velocity), actions (B, K, d_a) and value (B,) in
-        `action_target` parameterization (None when with_action=False: the video expert alone,
-        which the mask makes identical to its rows of the joint pass). upto (with with_action=False): stop
+        -> video output (B, C, T, h, w) (a velocity; None when training on a frozen Video Expert, whose loss
+        has no L_v), actions (B, K, d_a) and value (B,) in `action_target` parameterization (None when
+        with_action=False: the video expert alone, which the mask makes identical to its rows of the joint pass). upto (with with_action=False): stop
         after video block `upto` and return its current-frame tokens (B, h w, D) (the only ones stage ground and
         the grounded image reader read) in place of the video output.
         """
