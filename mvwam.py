@@ -219,7 +219,7 @@ class Config:
 
 
 CONFIGS = {
-    # the toy world's default run (README "The MV-WAM default run"; 4.5-4.8 minutes measured on a 2-core CPU): AGRA's
+    # the toy world's default run (README "The MV-WAM default run"; 3.7-4.8 minutes measured on a 2-core CPU): AGRA's
     # tiny recipe, i.e. the close view with distractors in the named object's band, 200 steps of stage ground
     # (the stand-in for WoW's text-to-video pretraining), then 900 joint steps of an action-value expert twice the
     # earlier toy width (act_width 128; the earlier 64 is `--preset narrow`) alone on the frozen grounded Video
