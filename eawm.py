@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -143,6 +144,17 @@ def render_kvaf(chain: URDFChain, joints: np.ndarray, gripper: np.ndarray, K: np
         end = project(ee[:, :3, 3] + axis_length * ee[:, :3, i], K, T_wc)[0]
         paint(_capsules(H, W, c, end, line * 0.7), color)
     return img
+
+
+def load_chain(cfg) -> URDFChain:
+    """The robot of cfg.urdf (a path relative to this file unless absolute), which the KVAFs are drawn from."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return URDFChain(cfg.urdf if os.path.isabs(cfg.urdf) else os.path.join(here, cfg.urdf))
+
+
+def kvaf_tensor(frames) -> torch.Tensor:
+    """uint8 KVAF frames (B, F, H, W, 3) -> the model's input video (B, 3, F, H, W) in [-1, 1]."""
+    return torch.as_tensor(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
 def _fit_heatmap(val: torch.Tensor, ok: torch.Tensor, pu: torch.Tensor, pv: torch.Tensor, u0: float, v0: float,
@@ -531,9 +543,7 @@ class Model(nn.Module):
     @property
     def chain(self) -> URDFChain:
         if self._chain is None:
-            import os
-            path = self.cfg.urdf if os.path.isabs(self.cfg.urdf) else os.path.join(os.path.dirname(os.path.abspath(__file__)), self.cfg.urdf)
-            self._chain = URDFChain(path)
+            self._chain = load_chain(self.cfg)
         return self._chain
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -545,7 +555,8 @@ class Model(nn.Module):
     def render(self, batch) -> torch.Tensor:
         """KVAF videos (B, 3, F, H, W) in [-1, 1] from batch joints (B, F, n), gripper (B, F, 1), K, T_wc,
         skeleton depth colours over batch["kvaf_depth_range"] (B, 2) (the episode's range, App. A.2), or
-        over the clip's own range when the batch has none."""
+        over the clip's own range when the batch has none. (The toy world's clip reader renders every
+        frame once instead, train.dataset_for: the same pixels, each frame depends on its own pose.)"""
         cfg = self.cfg
         out = []
         for b in range(batch["joints"].shape[0]):
@@ -554,7 +565,7 @@ class Model(nn.Module):
                               batch["K"][b].cpu().numpy(), batch["T_wc"][b].cpu().numpy(), cfg.height, cfg.width,
                               cfg.ee_link, rng)
             out.append(torch.from_numpy(img))
-        return torch.stack(out).permute(0, 4, 1, 2, 3).float().to(batch["joints"].device) / 127.5 - 1
+        return kvaf_tensor(torch.stack(out)).to(batch["joints"].device)
 
     def streams(self, batch):
         """-> (video latents z (B, C, T, h, w), action-stream target a (KVAF latents, or numeric

@@ -97,9 +97,15 @@ def dataset_for(cfg, arrays, meta):
     from data.toyworld import ClipDataset
     if meta["res"] != cfg.height or meta["res"] != cfg.width:
         raise ValueError(f"dataset frames are {meta['res']}x{meta['res']}, the model expects {cfg.height}x{cfg.width}")
-    return ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q,
-                       getattr(cfg, "teacher_patch", 0) if getattr(cfg, "teacher", "") == "toy" else 0,
-                       getattr(cfg, "teacher_dim", 16), getattr(cfg, "frame_stride", 1))
+    clips = ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q,
+                        getattr(cfg, "teacher_patch", 0) if getattr(cfg, "teacher", "") == "toy" else 0,
+                        getattr(cfg, "teacher_dim", 16), getattr(cfg, "frame_stride", 1))
+    if getattr(cfg, "kvaf", False) is True:                   # EA-WM: every frame's KVAF rendered once, not per step
+        import eawm
+        chain = eawm.load_chain(cfg)
+        clips.cache_kvaf(lambda joints, gripper, K, T_wc, rng: eawm.render_kvaf(
+            chain, joints, gripper, K, T_wc, cfg.height, cfg.width, cfg.ee_link, rng))
+    return clips
 
 
 def demo_counts(data_meta: dict) -> dict:

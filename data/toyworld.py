@@ -722,7 +722,8 @@ class ClipDataset:
     target (the per-frame `imitate`), which the policy must not imitate; else 1), joints, gripper,
     ee_pose, K, T_wc, seg, interaction_mask (per latent frame), target_mask (the named object's pixels in
     the current frame: AGRA's stage "ground"), teacher (AGRA's toy teacher),
-    kvaf_depth_range (the episode's camera-depth range of the robot links, EA-WM App. A.2).
+    kvaf_depth_range (the episode's camera-depth range of the robot links, EA-WM App. A.2), and
+    after cache_kvaf the clip's KVAF video (kvaf).
 
     A clip starts at frame s of an episode: video = frames s, s + stride, ..., s + (frames-1) stride
     (past the episode end the last frame repeats; AGRA App. C.3 pairs frames every 3 control steps
@@ -734,6 +735,7 @@ class ClipDataset:
         self.a, self.meta = arrays, meta
         self.frames, self.horizon, self.q, self.stride = frames, horizon, q, stride
         self.teacher_patch = teacher_patch
+        self.kvaf = None                                           # (frames, H, W, 3) uint8 after cache_kvaf
         self.emb = teacher_embedding(teacher_dim) if teacher_patch else None
         eps = meta["episodes"]
         self.ep_start = np.array([e["start"] for e in eps])
@@ -755,6 +757,17 @@ class ClipDataset:
 
     def __len__(self):
         return len(self.index)
+
+    def cache_kvaf(self, render) -> None:
+        """Render every frame's KVAF once (EA-WM): render(joints (L, 3), gripper (L,), K, T_wc, depth_range)
+        -> (L, H, W, 3) uint8 per episode, with the episode's depth range (App. A.2) and the camera as the
+        batch carries it (float32); then each batch carries "kvaf", the frames of its clip, (B, 3, T, H, W)
+        in [-1, 1], so the model need not render the same frames in every step."""
+        K = np.array(self.camera["K"], np.float32)
+        T_wc = np.array(self.camera["T_wc"], np.float32)
+        st = self.a["state"]
+        self.kvaf = np.concatenate([render(st[a:a + L, :3], st[a:a + L, 3], K, T_wc, tuple(r.tolist()))
+                                    for a, L, r in zip(self.ep_start, self.ep_len, self.depth_range)])
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
         rows = torch.randint(len(self.index), (batch_size,), generator=generator).numpy()
@@ -798,6 +811,8 @@ class ClipDataset:
             "target_mask": torch.from_numpy(seg[:, 0] == (SEG_OBJ0 + tgt)[:, None, None]),          # (B, H, W), frame 0
             "kvaf_depth_range": torch.from_numpy(self.depth_range[ep]),
         }
+        if self.kvaf is not None:
+            batch["kvaf"] = torch.from_numpy(self.kvaf[f_idx]).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
         if self.teacher_patch:
             cls = semantic_classes(seg_lat, [self.shapes[e] for e in ep])
             batch["teacher"] = torch.from_numpy(semantic_teacher(cls, self.teacher_patch, self.emb))   # (B, T_lat, h, w, d)

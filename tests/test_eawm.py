@@ -366,6 +366,17 @@ def test_render_colours_depth_over_the_episode_range(clips):
     assert np.array_equal(got, expect)
 
 
+def test_clip_reader_carries_the_kvaf_the_model_renders(clips, toy_data):
+    """train.dataset_for renders every frame's KVAF once: a batch's "kvaf" is the model's per-batch rendering,
+    pixel for pixel, also for a clip that runs past its episode's end (the last frame repeats)."""
+    model = eawm.Model(tiny())
+    rows = np.array([0, len(clips) - 1, *torch.randint(len(clips), (6,), generator=torch.Generator().manual_seed(2)).tolist()])
+    batch = clips.get(rows)
+    assert batch["kvaf"].shape == batch["video"].shape
+    assert torch.equal(batch["kvaf"], model.render(batch))
+    assert "kvaf" not in train.dataset_for(tiny(kvaf=False), toy_data[1], toy_data[2]).get(rows)   # numeric actions
+
+
 def test_kvaf_conditioned_generation_uses_the_given_kvaf(clips):
     torch.manual_seed(0)
     model = eawm.Model(tiny())
