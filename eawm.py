@@ -152,11 +152,6 @@ def load_chain(cfg) -> URDFChain:
     return URDFChain(cfg.urdf if os.path.isabs(cfg.urdf) else os.path.join(here, cfg.urdf))
 
 
-def kvaf_tensor(frames) -> torch.Tensor:
-    """uint8 KVAF frames (B, F, H, W, 3) -> the model's input video (B, 3, F, H, W) in [-1, 1]."""
-    return torch.as_tensor(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-
-
 def _fit_heatmap(val: torch.Tensor, ok: torch.Tensor, pu: torch.Tensor, pv: torch.Tensor, u0: float, v0: float,
                  sigma: float) -> tuple[float, float, float]:
     """Least-squares fit of the renderer's truncated Gaussian (centre, height) to the pixels `val` (P,) at
@@ -565,7 +560,7 @@ class Model(nn.Module):
                               batch["K"][b].cpu().numpy(), batch["T_wc"][b].cpu().numpy(), cfg.height, cfg.width,
                               cfg.ee_link, rng)
             out.append(torch.from_numpy(img))
-        return kvaf_tensor(torch.stack(out)).to(batch["joints"].device)
+        return torch.stack(out).permute(0, 4, 1, 2, 3).float().to(batch["joints"].device) / 127.5 - 1
 
     def streams(self, batch):
         """-> (video latents z (B, C, T, h, w), action-stream target a (KVAF latents, or numeric
