@@ -1214,6 +1214,11 @@ CONFIGS.update({
     # demos, with 600 ground steps and an action head twice as wide (hidden 128, 4 heads; the video DiT unchanged)
     "frozen_wide": dataclasses.replace(CONFIGS["tiny"], ground_steps=600, finetune_steps=4000, toy_episodes=1000,
                                        act_dim=128, act_heads=4),
+    # the comparison recipe at the 90 % recipe's scale (about 21 minutes on a 2-core CPU): frozen_wide with a 500-step
+    # joint stage (L_vid + L_AGRA, lr_video = lr_head / 10) between its ground and finetune stages, so that AGRA and
+    # the WAM baseline (--set agra_weight=0) differ; frozen_wide is the same run with steps=0 (Table 2's "Freeze backbone")
+    "long_wide": dataclasses.replace(CONFIGS["tiny"], ground_steps=600, steps=500, finetune_steps=4000, toy_episodes=1000,
+                                     act_dim=128, act_heads=4),
     # App. C.1: Cosmos-Predict2.5-2B (28 x 2048, 16 heads, AdaLN-LoRA 256, Cosmos-Reason text 100352 -> 1024)
     # + 8-block action DiT (32 heads, hidden 1024, cross-attention 2048), project module of 4 layers,
     # AGRA on layer 8 against DINOv2-B, 17 frames at 192 x 336 -> 5 latent frames, K = 48 (real robot),

@@ -5,6 +5,7 @@
     python train.py --model agra --preset frozen_wide        # the 90 % recipe: 1,000 demos, ground 600, a wider head (~17 CPU minutes)
     python train.py --model mvwam --preset frozen_wide       # MV-WAM's 90 % recipe: the same, 5,000 joint steps (~21 CPU minutes)
     python train.py --model agra --preset long               # ground, joint with AGRA, finetune (~20 CPU minutes)
+    python train.py --model agra --preset long_wide          # the same at the 90 % recipe's scale: joint 500 (~21 CPU minutes)
     python train.py --model agra --preset scratch            # the earlier from-scratch run (~2.5 CPU minutes)
     python train.py --model agra --preset long --set agra_weight=0   # the WAM baseline
     python train.py --model agra --tiny --resume runs/agra   # continue a run bit-exactly
@@ -50,7 +51,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", 
 
 def toy_episodes(args, cfg) -> int:
     """Expert demos of the generated default dataset: --episodes, else the config's toy_episodes (AGRA's
-    and MV-WAM's frozen_wide presets: 1,000), else 400."""
+    frozen_wide and long_wide, MV-WAM's frozen_wide presets: 1,000), else 400."""
     return args.episodes or getattr(cfg, "toy_episodes", 400)
 
 
@@ -251,7 +252,7 @@ def get_args(argv=None):
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which model file to train")
     p.add_argument("--tiny", action="store_true", help="use the tiny preset (same as --preset tiny)")
     p.add_argument("--preset", default=None, help="config preset (a key of the model file's CONFIGS): tiny "
-                   "(default), full; AGRA also frozen, frozen_wide, long, scratch; MV-WAM also frozen_wide, joint, scratch, full_video")
+                   "(default), full; AGRA also frozen, frozen_wide, long, long_wide, scratch; MV-WAM also frozen_wide, joint, scratch, full_video")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the main/head group; other groups keep "
@@ -260,7 +261,7 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help="toy-world dataset folder (default: generate and cache one in data/cache/, in the "
                    "world of the config's toy_view / toy_distractor_band)")
     p.add_argument("--episodes", type=int, default=None, help="episodes of the generated default dataset (default: the "
-                   "config's toy_episodes, 400 but for the frozen_wide presets)")
+                   "config's toy_episodes, 400 but for the frozen_wide and long_wide presets)")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
     p.add_argument("--resume", default=None, help="checkpoint folder to continue from (optimizer, step, RNG restored)")
     p.add_argument("--init", default=None, help="checkpoint folder to initialize weights from (new optimizer), e.g. "

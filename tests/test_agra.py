@@ -419,3 +419,16 @@ def test_frozen_wide_preset_is_the_frozen_run_on_more_demos_with_a_wider_head():
     assert train.toy_episodes(args, wide) == 500                                 # the flag wins
     folder, world = train.default_data_folder(wide, train.toy_episodes(args, wide))
     assert folder.endswith("close_near_500") and world == {"view": "close", "distractor_band": "near"}
+
+
+def test_long_wide_preset_is_the_90_percent_recipe_with_a_joint_stage():
+    """README's AGRA-vs-WAM recipe: frozen_wide with 500 joint steps between its ground and finetune stages, nothing
+    else (so frozen_wide is its "Freeze backbone" row); AGRA's loss is on, and agra_weight=0 is the WAM baseline."""
+    import dataclasses
+    import train
+    wide, lw = agra.CONFIGS["frozen_wide"], agra.CONFIGS["long_wide"]
+    differ = {f.name: getattr(lw, f.name) for f in dataclasses.fields(lw) if getattr(wide, f.name) != getattr(lw, f.name)}
+    assert differ == {"steps": 500}
+    assert (lw.ground_steps, lw.finetune_steps, lw.lr_video / lw.lr_head, lw.agra_weight) == (600, 4000, 0.1, 0.01)
+    assert train.toy_episodes(train.get_args(["--model", "agra", "--preset", "long_wide"]), lw) == 1000
+    assert train.make_config("agra", "long_wide", ["agra_weight=0"]).agra_weight == 0
