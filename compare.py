@@ -468,7 +468,7 @@ def svg_curves(path: str, title: str, ylabel: str, splits: list[str], series: li
     top = 34 + 16 * len(series) + 10
     width = left + len(splits) * (pw + gap) - gap + right
     pts = [p for x in series for s in splits for p in x["splits"].get(s, [])]
-    steps = [p["step"] for p in pts] or [0, 1]
+    steps = ([p["step"] for p in pts] + list(marks)) or [0, 1]                  # a stage start before the first point shows
     x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
     vals = [p["mean"] + k * (p["se"] or 0) for p in pts for k in (-1, 1)]
     ticks = nice_ticks(min(0.0, min(vals, default=0.0)), max(vals, default=1.0))
@@ -587,10 +587,12 @@ def read_curve(run: str) -> dict:
     {"time", "splits": {split: value}}}, "finetune_from"}; a later line for the same step (a resumed run) wins.
     A run whose stage joint trained into RUN/joint (AGRA's `--preset long`: joint, then finetune into RUN) is one
     curve: the joint stage's points, then the finetune stage's, their steps and times counted on from the joint
-    stage's last step and time ("finetune_from": that step; None for a one-stage run)."""
+    stage's last step and time ("finetune_from": that step; None for a one-stage run). A joint stage trained
+    without --eval-every (the finetune stage evaluated alone, `--stage finetune --init RUN/joint --eval-every N`)
+    adds no points, only that offset."""
     joint = os.path.join(run, "joint", "metrics.jsonl")
     if os.path.isfile(joint):
-        first, (last_step, last_time) = _read_evals(joint), _last_step(joint)
+        first, (last_step, last_time) = _read_evals(joint, must=False), _last_step(joint)
         rest = _read_evals(os.path.join(run, "metrics.jsonl"), must=not first["points"])
         if first["points"] and rest["metric"] not in (None, first["metric"]):
             raise ValueError(f"{run}: the joint and finetune stages log different metrics")

@@ -278,6 +278,16 @@ def test_a_two_stage_run_is_one_curve_counted_on_from_the_joint_stage(tmp_path):
     svg = ET.parse(os.path.join(out, "curves.svg")).getroot()
     assert any(ln.get("stroke-dasharray") for ln in svg.iter("{http://www.w3.org/2000/svg}line"))
     assert compare.read_curve(os.path.join(run, "joint"))["finetune_from"] is None     # one stage: as before
+    quiet = fake_run(tmp_path, "quiet_s0", jsonl=[ev(3, 5.0, 0.5)])       # a joint stage without evaluations
+    fake_run(quiet, "joint", jsonl=[{"step": 4, "loss": 0.4, "time": 40.0}])
+    assert {st: p["time"] for st, p in compare.read_curve(quiet)["points"].items()} == {7: 45.0}
+    compare.learning_curves([quiet], out_dir=out, quiet=True)            # its stage start drawn, left of the points
+    assert any(ln.get("stroke-dasharray") for ln in ET.parse(os.path.join(out, "curves.svg")).getroot().iter(
+        "{http://www.w3.org/2000/svg}line"))
+    bare = fake_run(tmp_path, "bare_s0", jsonl=[{"step": 1, "loss": 1.0}])   # neither stage evaluated
+    fake_run(bare, "joint", jsonl=[{"step": 4, "loss": 0.4, "time": 40.0}])
+    with pytest.raises(ValueError, match="no evaluation lines"):
+        compare.read_curve(bare)
 
 
 def test_nice_ticks():
