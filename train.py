@@ -166,6 +166,13 @@ def read_checkpoint(path: str, expect: str | None = None):
     return name, config_from_dict(model_module(name).Config, meta["config"]), sd, meta
 
 
+def config_changes(old, new, staged=("stage", "steps", "finetune_steps")) -> list[tuple[str, object, object]]:
+    """(field, old value, new value) for every Config field that differs between two configs, but those that
+    a run's stages change by design (`staged`): what `--init` does not carry over from its checkpoint."""
+    a, b = config_to_dict(old), config_to_dict(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in staged and a.get(k) != b.get(k)]
+
+
 def load_model(path: str, expect: str | None = None, device="cpu"):
     """-> (name, model, cfg, metadata) from a checkpoint folder or model.safetensors file (strict)."""
     name, cfg, sd, meta = read_checkpoint(path, expect)
@@ -421,8 +428,13 @@ def main(argv=None):
                              f"{state['step']} (a write was interrupted); restore a consistent pair")
         start = state["step"]
     elif args.init:
-        _, _, init_sd, _ = read_checkpoint(args.init, expect=args.model)
+        _, init_cfg, init_sd, _ = read_checkpoint(args.init, expect=args.model)
         load_state_dict_strict(model, init_sd, what=args.init, ignore=getattr(model, "init_ignore", ()))
+        moved = config_changes(init_cfg, cfg)
+        if moved and master:                                           # --init takes weights, not settings: say so
+            print(f"--init {args.init}: this run's settings differ from those it was trained with: "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in moved)
+                  + " (from the preset and flags; --set key=value to keep the checkpoint's)")
     # how the run started, in every checkpoint's metadata (a resumed run keeps its first run's)
     run_meta = (meta.get("run") if resumed else None) or {"seed": args.seed, "init": args.init, "pretrained": bool(args.pretrained)}
     model.to(device)

@@ -1,5 +1,6 @@
 """The training loop and sampler end to end on the tiny AGRA preset: train -> save -> resume (bit-exact)
 -> sample; bad input; DDP with gloo on 2 CPU processes."""
+import copy
 import json
 import os
 import subprocess
@@ -272,3 +273,23 @@ def test_ddp_two_cpu_processes(toy_data, tmp_path):
     assert "batch 2x1x2" in r.stdout and len(losses(out)) == 1 and len(losses(os.path.join(out, "joint"))) == 2
     assert len(losses(os.path.join(out, "ground"))) == 1
     train.load_model(out)
+
+
+def test_init_says_which_settings_differ_from_its_checkpoint(toy_data, tmp_path, capsys):
+    """--init takes a checkpoint's weights, not its settings: a run whose Config differs from the checkpoint's
+    (a WAM run continued without --set agra_weight=0) says which fields, old -> new; the fields a run's stages
+    change by design (stage, steps, finetune_steps) and a matching run say nothing."""
+    wam, cont = str(tmp_path / "wam"), str(tmp_path / "cont")
+    train.main(["--model", "agra", "--tiny", "--steps", "1", "--data", toy_data[0], "--out", wam] + FAST
+               + ["--set", "agra_weight=0"])
+    capsys.readouterr()
+    train.main(["--model", "agra", "--tiny", "--stage", "finetune", "--steps", "1", "--init", wam, "--data", toy_data[0],
+                "--out", cont] + FAST)
+    assert "settings differ from those it was trained with: agra_weight 0.0 -> 0.01 (" in capsys.readouterr().out
+    train.main(["--model", "agra", "--tiny", "--stage", "finetune", "--steps", "1", "--init", wam, "--data", toy_data[0],
+                "--out", cont + "2"] + FAST + ["--set", "agra_weight=0"])
+    assert "settings differ" not in capsys.readouterr().out
+    a = train.read_checkpoint(wam)[1]
+    b = copy.deepcopy(a)
+    b.stage, b.steps, b.finetune_steps, b.lr_head = "finetune", 7, 0, 2e-3
+    assert train.config_changes(a, b) == [("lr_head", a.lr_head, 2e-3)]
