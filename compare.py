@@ -88,6 +88,10 @@ METRICS = {
     "latent_mse_kvaf": ("latent MSE, KVAF-conditioned (copy first frame)", 4, "latent_mse_copy_first"),
     "ee_track_px": ("EE track error px, joint (the arm held still)", 2, "ee_track_px_still"),
     "ee_track_px_true": ("EE track error px, from the given true KVAF", 2, None),
+    # the same by where the clip starts in its episode (sample.py's ee_track_px_thirds)
+    "ee_track_px_first": ("EE track px, joint, clips in the episode's first third: approach (held still)", 2, "ee_track_px_first_still"),
+    "ee_track_px_middle": ("EE track px, joint, clips in its middle third: grasp, carry (held still)", 2, "ee_track_px_middle_still"),
+    "ee_track_px_last": ("EE track px, joint, clips in its last third: place (held still)", 2, "ee_track_px_last_still"),
 }
 
 
@@ -166,6 +170,10 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
                 put(ev, "latent_mse_kvaf", split, kv.get("latent_mse"), n, still.get("latent_mse"))
                 put(ev, "ee_track_px", split, joint.get("ee_track_px"), n, still.get("ee_track_px"))
                 put(ev, "ee_track_px_true", split, kv.get("ee_track_px"), n)
+                if "ee_track_px_thirds" in joint:                     # metrics.json files before it: without these rows
+                    for k, part in enumerate(("first", "middle", "last")):
+                        put(ev, f"ee_track_px_{part}", split, joint["ee_track_px_thirds"][k], joint["clips_thirds"][k],
+                            still["ee_track_px_thirds"][k])
             evals.append(ev)
             continue
         rb = None

@@ -300,6 +300,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 EE_MAX_STEP = 0.1
 
 
+def episode_thirds(clips: ClipDataset, rows: np.ndarray) -> np.ndarray:
+    """Which third of its episode each clip (a row of clips.index) starts in: 0, 1 or 2, roughly the toy expert's
+    approach to the named object, its grasp, lift and carry, and its place and release."""
+    ep, start = clips.index[rows, 0], clips.index[rows, 1]
+    return np.minimum(3 * start // clips.ep_len[ep], 2)
+
+
 def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | None, steps=None,
                 modes=("kvaf", "joint")) -> dict:
     """Generate the future of `n` held-out clips in both modes; PSNR (future frames, 8-bit) and latent
@@ -308,7 +315,10 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
     without a detection filled from the nearest one; `ee_detected`: the share of future frames with a detection
     of their own; the numeric ablation: FK of its generated joints) against the true one, in pixels; with two
     references: the track recovered from the given, true KVAF (kvaf mode:
-    what the recovery itself misses) and the first frame's end effector held still (copy_first)."""
+    what the recovery itself misses) and the first frame's end effector held still (copy_first). The same track
+    error by where the clip starts in its episode (`ee_track_px_thirds`: the mean over the clips that start in its
+    first, middle and last third, `clips_thirds` of them; roughly the approach to the named object, the grasp and
+    carry, the place), so that a model which generates one phase of the task and not another shows it."""
     import eawm
     from common import project
     rows = torch.randperm(len(clips), generator=torch.Generator().manual_seed(0))[:n].numpy()   # same clips for every model
@@ -323,6 +333,15 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
                           "latent_mse": F.mse_loss(z_true[:, :, :1].expand_as(z_true)[:, :, 1:], z_true[:, :, 1:]).item(),
                           # its end effector: held where the first frame has it
                           "ee_track_px": float(np.linalg.norm(ee_true[:, 1:] - ee_true[:, :1], axis=-1).mean())}}
+    # where each clip starts in its episode, in thirds: roughly the approach to the named object; the grasp, lift and
+    # carry; the place and release (the expert's phases by time)
+    third = episode_thirds(clips, rows)
+
+    def by_third(row, per_clip):                                                 # clips never detected (NaN) left out
+        v = [per_clip[(third == k) & np.isfinite(per_clip)] for k in range(3)]
+        row["ee_track_px_thirds"] = [float(x.mean()) if len(x) else float("nan") for x in v]
+        row["clips_thirds"] = [len(x) for x in v]
+    by_third(out["copy_first"], np.linalg.norm(ee_true[:, 1:] - ee_true[:, :1], axis=-1).mean(1))
     ee_true = ee_true[:, 1:]
     pictures = {}
     for mode in modes:
@@ -346,6 +365,7 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
             per_clip = np.array([np.nanmean(e) for e in err if np.isfinite(e).any()])     # SE over the clips
             row["ee_track_px_se"] = float(per_clip.std(ddof=1) / np.sqrt(len(per_clip))) if len(per_clip) > 1 else float("nan")
             row["ee_detected"] = float(np.isfinite(err).mean() if detected is None else detected.mean())
+            by_third(row, np.array([np.nanmean(e) if np.isfinite(e).any() else np.nan for e in err]))
         out[mode] = row
         pictures[mode] = (gen, kv[:, 1:] if cfg.kvaf else kv)
     if gif and len(modes) == 2:                                                  # true | generated (KVAF mode) | generated (joint) | KVAF (joint)
@@ -377,9 +397,15 @@ def eawm_main(args, model, cfg, meta, out_dir, gen):
         print(f"{split:16s} {c['psnr']:14.2f} {c['latent_mse']:13.4f} {j['psnr']:10.2f} {j['latent_mse']:9.4f} "
               f"{j['ee_track_px']:6.2f} ± {j['ee_track_px_se']:4.2f} {j['ee_detected']:8.2f} {r['copy_first']['psnr']:15.2f} "
               f"{r['copy_first']['ee_track_px']:11.2f} {c.get('ee_track_px', float('nan')):15.2f}")
+    print("\nEE track px by where the clip starts in its episode (its first / middle / last third: about the approach, "
+          "the grasp and carry, the place), joint | the arm held still | clips")
+    for split, r in results["splits"].items():
+        j, c = r["joint"]["ee_track_px_thirds"], r["copy_first"]
+        print(f"{split:16s} {' / '.join(f'{x:5.2f}' for x in j)}  |  {' / '.join(f'{x:5.2f}' for x in c['ee_track_px_thirds'])}"
+              f"  |  {' / '.join(str(x) for x in c['clips_thirds'])}")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print("PSNR copy-first: the first frame repeated (a model that predicts no motion), on the same clips; EE track px: the "
+    print("\nPSNR copy-first: the first frame repeated (a model that predicts no motion), on the same clips; EE track px: the "
           "end effector recovered from the jointly generated KVAF, mean ± SE over the clips; detected: the share of its "
           "frames found in the KVAF itself (the rest take the nearest detection); EE px still: the first frame's end "
           "effector held; EE px true KVAF: the recovery on the given, true KVAF")

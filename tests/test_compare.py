@@ -216,6 +216,26 @@ def test_eawm_psnr_with_the_copy_first_reference(tmp_path):
     assert "ee_track_px" not in res["rows"][0]["metrics"]                # NaN: the heatmap was never found
     assert res["rows"][0]["metrics"]["ee_track_px_true"]["train"]["mean"] == 1.5   # the recovery on the true KVAF
     assert res["rows"][0]["metrics"]["psnr_kvaf"]["train"]["n_per_seed"] == [16]
+    assert "ee_track_px_first" not in res["rows"][0]["metrics"]          # a metrics.json from before the thirds
+
+
+def test_eawm_track_by_episode_third(tmp_path):
+    """sample.py's ee_track_px_thirds become three rows, each counting the clips in its third and showing the arm held
+    still in that third as its reference."""
+    def ea(first, seed):
+        split = {"kvaf": {"psnr": 25.0, "latent_mse": 0.03, "ee_track_px": 0.04},
+                 "joint": {"psnr": 24.0, "latent_mse": 0.04, "ee_track_px": 2.0, "ee_track_px_thirds": [first, 1.5, 0.5],
+                           "clips_thirds": [5, 6, 5]},
+                 "copy_first": {"psnr": 21.0, "latent_mse": 0.033, "ee_track_px": 4.0, "ee_track_px_thirds": [3.0, 7.0, 2.0],
+                                "clips_thirds": [5, 6, 5]}}
+        return {"model": "eawm", "clips": 16, "splits": {"train": split}}
+    runs = [fake_run(tmp_path, f"s{s}", "eawm", metrics=ea(x, s), seed=s) for s, x in ((0, 3.0), (1, 2.0))]
+    m = compare.compare_runs(runs, splits=("train",), out_dir=str(tmp_path / "c"), quiet=True)["rows"][0]["metrics"]
+    assert m["ee_track_px_first"]["train"]["mean"] == 2.5 and m["ee_track_px_first"]["train"]["se"] == pytest.approx(0.5)
+    assert m["ee_track_px_first"]["train"]["ref"] == 3.0 and m["ee_track_px_first"]["train"]["n_per_seed"] == [5, 5]
+    assert m["ee_track_px_middle"]["train"]["mean"] == 1.5 and m["ee_track_px_middle"]["train"]["n_per_seed"] == [6, 6]
+    assert m["ee_track_px_last"]["train"]["ref"] == 2.0
+    assert "clips in the episode's first third" in open(tmp_path / "c" / "comparison.md").read()
 
 
 def test_clear_errors(wam_vs_agra, tmp_path):

@@ -460,3 +460,19 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     assert row["copy_first"]["ee_track_px"] > 0 and 0 <= row["kvaf"]["ee_track_px"] < 0.5
     assert os.path.getsize(tmp_path / "s" / "generation_train.gif") > 100
     assert row["joint"]["ee_track_px_se"] >= 0 and 0 <= row["joint"]["ee_detected"] <= 1
+    # the track by where the clip starts in its episode: every clip in one third, and the thirds' clip-weighted mean is
+    # the overall mean (each clip has as many frames), for the arm held still and for the joint track
+    assert sum(row["copy_first"]["clips_thirds"]) == 4
+    for mode in ("copy_first", "joint"):                  # joint: clips whose heatmap was never found are left out
+        n3, v = row[mode]["clips_thirds"], row[mode]["ee_track_px_thirds"]
+        if sum(n3):
+            assert sum(n * x for n, x in zip(n3, v) if n) / sum(n3) == pytest.approx(row[mode]["ee_track_px"], rel=1e-9)
+
+
+def test_episode_thirds_by_where_the_clip_starts():
+    class Clips:                                          # two episodes of 24 and 10 frames
+        index = np.array([[0, 0], [0, 7], [0, 8], [0, 15], [0, 16], [0, 22], [1, 3], [1, 4], [1, 9]])
+        ep_len = np.array([24, 10])
+    # 3 s // L: 0, 21 // 24, 24 // 24, 45 // 24, 48 // 24, 66 // 24 -> 2; 9 // 10, 12 // 10, 27 // 10 -> 2
+    assert sample.episode_thirds(Clips, np.arange(9)).tolist() == [0, 0, 1, 1, 2, 2, 0, 1, 2]
+    assert sample.episode_thirds(Clips, np.array([6, 0])).tolist() == [0, 0]
