@@ -333,8 +333,6 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
                           "latent_mse": F.mse_loss(z_true[:, :, :1].expand_as(z_true)[:, :, 1:], z_true[:, :, 1:]).item(),
                           # its end effector: held where the first frame has it
                           "ee_track_px": float(np.linalg.norm(ee_true[:, 1:] - ee_true[:, :1], axis=-1).mean())}}
-    # where each clip starts in its episode, in thirds: roughly the approach to the named object; the grasp, lift and
-    # carry; the place and release (the expert's phases by time)
     third = episode_thirds(clips, rows)
 
     def by_third(row, per_clip):                                                 # clips never detected (NaN) left out
@@ -362,10 +360,11 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
         if mode == "joint" or cfg.kvaf:                                          # kvaf mode: the given, true KVAF
             err = np.linalg.norm(track - ee_true, axis=-1)                       #   (the recovery's own floor)
             row["ee_track_px"] = float(np.nanmean(err)) if np.isfinite(err).any() else float("nan")
-            per_clip = np.array([np.nanmean(e) for e in err if np.isfinite(e).any()])     # SE over the clips
-            row["ee_track_px_se"] = float(per_clip.std(ddof=1) / np.sqrt(len(per_clip))) if len(per_clip) > 1 else float("nan")
+            per_clip = np.array([np.nanmean(e) if np.isfinite(e).any() else np.nan for e in err])
+            found = per_clip[np.isfinite(per_clip)]                                       # SE over the clips
+            row["ee_track_px_se"] = float(found.std(ddof=1) / np.sqrt(len(found))) if len(found) > 1 else float("nan")
             row["ee_detected"] = float(np.isfinite(err).mean() if detected is None else detected.mean())
-            by_third(row, np.array([np.nanmean(e) if np.isfinite(e).any() else np.nan for e in err]))
+            by_third(row, per_clip)
         out[mode] = row
         pictures[mode] = (gen, kv[:, 1:] if cfg.kvaf else kv)
     if gif and len(modes) == 2:                                                  # true | generated (KVAF mode) | generated (joint) | KVAF (joint)
