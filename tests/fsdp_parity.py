@@ -3,6 +3,7 @@
 process alone on the same global batch (the two halves with the same noise seeds, gradients averaged,
 as FSDP's reduce-scatter does). Rank 0 writes the losses and the largest weight difference as JSON."""
 import copy
+import gc
 import json
 import os
 import sys
@@ -64,7 +65,14 @@ def main(data_dir: str, out: str):
                             "max_weight_diff": max((sd[k].float() - ref_sd[k].float()).abs().max().item() for k in ref_sd),
                             "keys_equal": sorted(sd) == sorted(ref_sd)}
     if rank == 0:
-        json.dump(result, open(out, "w"))
+        with open(out, "w") as f:
+            json.dump(result, f)
+    # Teardown in order: the sharded model (its device mesh holds the gloo group) is freed while the group is alive,
+    # both ranks reach the end before either destroys the group. Left to interpreter finalization, gloo's teardown
+    # can abort a rank ("terminate called without an active exception"; seen once in CI, rank 1, after all work).
+    del model, root, opt, sd
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

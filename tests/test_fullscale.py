@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -273,6 +274,9 @@ def test_fsdp2_two_processes_match_one_process(toy_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "fsdp_parity.py"), toy_data[0], out]
     r = torchrun(cmd, timeout=400)
+    if r.returncode != 0 and "SIGABRT" in r.stderr:                  # a gloo teardown abort (rare): one more try
+        warnings.warn(f"fsdp_parity.py: a worker aborted, ran it again; its stderr ended:\n{r.stderr[-1500:]}")
+        r = torchrun(cmd, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out))
     assert set(res) == {"agra", "mvwam", "eawm"}
