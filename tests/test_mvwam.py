@@ -268,8 +268,9 @@ def test_freeze_video_trains_the_action_value_expert_alone_with_the_same_gradien
     for k in ("action", "value"):        # equal up to float summation order (the frozen video rows run as their own matmuls)
         torch.testing.assert_close(parts[True][k], parts[False][k], rtol=1e-6, atol=1e-7)
     assert grads[True] and all(n.startswith(("action.", "image_encoder.")) for n in grads[True])
-    for n, g in grads[True].items():
-        assert torch.allclose(g, grads[False][n], rtol=1e-5, atol=1e-7), n
+    for n, g in grads[True].items():      # float rounding scales with the tensor (a key bias's gradient is ~0: rounding only)
+        ref = grads[False][n]
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7 + 1e-6 * ref.abs().max().item(), msg=lambda m, n=n: f"{n}: {m}")
     assert not tiny(freeze_video=True, stage="ground").video_frozen      # stage ground trains the video expert
 
 
