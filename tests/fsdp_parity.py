@@ -69,7 +69,7 @@ def main(data_dir: str, out: str):
             json.dump(result, f)
     # Teardown in order: the sharded model (its device mesh holds the gloo group) is freed while the group is alive,
     # both ranks reach the end before either destroys the group. Left to interpreter finalization, gloo's teardown
-    # can abort a rank ("terminate called without an active exception"; seen once in CI, rank 1, after all work).
+    # can abort a rank ("terminate called without an active exception"; seen once in CI, on rank 1).
     del model, root, opt, sd
     gc.collect()
     dist.barrier()
