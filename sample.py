@@ -78,7 +78,7 @@ def mark(frame: np.ndarray, color=(255, 0, 0)) -> np.ndarray:
 
 def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: int, max_steps: int, res: int,
             generator, record: int = 0, predict_video=None, rollback=None, distractors: bool = True, mark_target: bool = False,
-            view: str = "wide", distractor_band: str = "any"):
+            view: str = "wide", distractor_band: str = "any", shape_texture: bool = False):
     """Run `episodes` envs of `split` in lock-step, re-planning every `exec_steps` actions.
 
     rollback: None or a factory of MV-WAM's ValueRollback controllers (Sec. 3.2): before a chunk is
@@ -87,10 +87,10 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     the chunk is resampled from there. Returns per-episode success, stage flags, rollback counts and
     (if record) frames [observation | predicted frame] of the first `record` envs (restored frames
     outlined in red). distractors=False: the same scenes with the named object alone; mark_target=True: the
-    named object drawn in a colour no object has; view: "wide" or "close", distractor_band: "any" or "near"
-    (ToyWorld)."""
+    named object drawn in a colour no object has; view: "wide" or "close", distractor_band: "any" or "near",
+    shape_texture: each shape with its own surface pattern (ToyWorld)."""
     envs = [ToyWorld(res=res, max_steps=max_steps, distractors=distractors, mark_target=mark_target, view=view,
-                     distractor_band=distractor_band) for _ in range(episodes)]
+                     distractor_band=distractor_band, shape_texture=shape_texture) for _ in range(episodes)]
     obs = [env.reset(seed=seed0 + i, split=split)[0] for i, env in enumerate(envs)]
     twin = [env.same_color_distractor() for env in envs]           # only the shape word names the object
     done = np.zeros(episodes, bool)
@@ -177,7 +177,7 @@ def quick_eval(name: str, model, cfg, stats, episodes: int, splits=SPLITS, seed:
     """train.py --eval-every: per split, closed-loop success on `episodes` held-out episodes (AGRA,
     MV-WAM; re-planning every horizon // 2 actions) or the PSNR of `episodes` generated held-out clips
     against copying the first frame (EA-WM), in a world with the scene options `world` (toyworld's
-    world_options of the training data: distractors, mark_target, view, distractor_band). Leaves the model in eval mode."""
+    world_options of the training data: distractors, mark_target, view, distractor_band, shape_texture). Leaves the model in eval mode."""
     world = world or {}
     device = next(model.parameters()).device
     out = {}
@@ -482,11 +482,11 @@ def eval_settings(args, name: str, cfg, world: dict | None = None) -> dict:
     return {**out, **scene}
 
 
-WORLD_DEFAULTS = {"view": "wide", "distractor_band": "any"}
+WORLD_DEFAULTS = {"view": "wide", "distractor_band": "any", "shape_texture": False}
 
 
 def eval_world(args, meta: dict) -> dict:
-    """The toy-world scene options to evaluate in (view, distractor_band): the flag when given, else the
+    """The toy-world scene options to evaluate in (view, distractor_band, shape_texture): the flag when given, else the
     checkpoint's training data's (checkpoints from before an option: its default)."""
     data = meta.get("data", {})
     return {k: getattr(args, k) or data.get(k, d) for k, d in WORLD_DEFAULTS.items()}
@@ -512,6 +512,8 @@ def get_args(argv=None):
                    "default: the one the checkpoint was trained in)")
     p.add_argument("--distractor-band", default=None, choices=("any", "near"), help="where the distractors of "
                    "train-like scenes are (data/toyworld.py --distractor-band; default: as the checkpoint was trained)")
+    p.add_argument("--shape-texture", action="store_true", help="each shape drawn with its own surface pattern "
+                   "(data/toyworld.py --shape-texture; default: as the checkpoint was trained)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's; MV-WAM: joint steps, EA-WM: generation steps)")
     p.add_argument("--gif-episodes", type=int, default=1, help="episodes per split recorded into the GIF")
     p.add_argument("--video-steps", type=int, default=10, help="Euler steps of the predicted-video panel in GIFs")

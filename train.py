@@ -133,7 +133,7 @@ def save_checkpoint(out, name, model, cfg, stats, step, optimizer=None, gen=None
     if run is not None:
         meta["run"] = run
     if data_meta is not None:
-        keys = ("res", "fps", "camera", "task", "gamma", "source", "encoded", "view", "distractor_band")
+        keys = ("res", "fps", "camera", "task", "gamma", "source", "encoded", "view", "distractor_band", "shape_texture")
         meta["data"] = {k: data_meta[k] for k in keys if k in data_meta}
         meta["data"].update(demo_counts(data_meta))
     weights, optim = model.state_dict(), optimizer.state_dict() if optimizer is not None else None

@@ -69,6 +69,10 @@ OOD_TABLE = [(90, 140, 170), (170, 110, 150), (110, 160, 110)]
 OOD_WALL = [(160, 200, 230), (60, 40, 70), (200, 200, 120)]
 BIN_COLOR, ARM_COLOR, GRIPPER_COLOR = (70, 50, 40), (225, 225, 225), (40, 40, 40)
 MARK_COLOR = (0, 255, 255)           # mark_target: the named object's pixels in this colour (no object has it)
+# shape_texture: each shape's surface pattern on the pixel grid (1 = the colour, TEXTURE_DARK = the colour darkened), so
+# that every 4 x 4-px token an object covers shows its shape, not only the 5-6-px outline a token sees a corner of
+TEXTURE_DARK = 0.55
+SHAPE_TEXTURES = {"cube": "checker", "cone": "stripes", "ball": "plain"}
 SPLITS = ("train", "ood_background", "ood_object", "ood_layout")
 VOCAB = ["put", "the", "in", "bin", "touch"] + list(COLOR_NAMES) + list(SHAPES)
 
@@ -108,7 +112,7 @@ class ToyWorld:
 
     def __init__(self, res: int = 32, task: str = "pick_place", max_steps: int = 60, distractors: bool = True,
                  mark_target: bool = False, view: str = "wide", distractor_band: str = "any",
-                 same_color_frac: float = 0.0):
+                 same_color_frac: float = 0.0, shape_texture: bool = False):
         """distractors=False: each seed's scene with the named object alone (same place, colour, table;
         sample.py --no-distractors): does a policy find the object at all, before it must find the named one?
         mark_target=True: the named object is drawn in MARK_COLOR in the frames (seg, teacher and
@@ -122,7 +126,11 @@ class ToyWorld:
         same_color_frac: the share of scenes (with distractors) whose first distractor has the named object's colour
         and another shape, so that only the shape word tells the two apart (about 1 in 7 scenes by chance; training
         data design, generate(same_color_frac=); the evaluation worlds keep 0, and with 0 every seed's scene is the
-        one it always was)."""
+        one it always was).
+        shape_texture=True: each shape drawn with its own surface pattern (SHAPE_TEXTURES: cube checkerboard, cone
+        horizontal stripes, ball plain; the dark pixels TEXTURE_DARK x the colour, so the hue still names the colour),
+        so that the shape word has something to bind to in every token an object covers (seg, teacher, geometry and
+        the expert unchanged; off by default: the README's tables were measured without it)."""
         if task not in ("pick_place", "reach"):
             raise ValueError(f"task={task!r}; expected 'pick_place' or 'reach'")
         if view not in VIEWS:
@@ -136,6 +144,7 @@ class ToyWorld:
         self.eye = np.asarray(sc["eye"], float)
         self.res, self.task, self.max_steps, self.distractors = res, task, max_steps, distractors
         self.mark_target, self.distractor_band, self.same_color_frac = mark_target, distractor_band, same_color_frac
+        self.shape_texture = shape_texture
         self.chain = URDFChain(URDF_PATH)
         self.K = intrinsics(res, res, sc["fov"])
         self.T_wc = look_at(sc["eye"], sc["look_at"])
@@ -378,7 +387,20 @@ class ToyWorld:
             else:  # cone: a triangle pointing up
                 (cu, cv), r, col, idx = args
                 draw_polygon(img, ids, [(cu, cv - 1.4 * r), (cu + 1.3 * r, cv + r), (cu - 1.3 * r, cv + r)], col, idx)
+        if self.shape_texture:
+            self._texture(img, ids)
         return img, ids
+
+    def _texture(self, img, ids):
+        """shape_texture: darken the pattern's pixels of each visible object (SHAPE_TEXTURES), on the pixel grid."""
+        v, u = np.indices(ids.shape)
+        dark = {"checker": (u + v) % 2 == 1, "stripes": v % 2 == 1}
+        for i, shape in enumerate(self.scene["shapes"]):
+            pattern = SHAPE_TEXTURES[shape]
+            if pattern == "plain":
+                continue
+            m = (ids == SEG_OBJ0 + i) & dark[pattern]
+            img[m] = (img[m] * TEXTURE_DARK).round().astype(np.uint8)
 
     def _observe(self):
         frame, seg = self.render()
@@ -568,7 +590,7 @@ def scene_targets(env: ToyWorld, seed: int, split: str, k: int) -> list:
 def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma: float = TOY_GAMMA,
              task: str = "pick_place", only_success: bool = True, recover_frac: float = 0.0, wrong_frac: float = 0.0,
              distractors: bool = True, mark_target: bool = False, view: str = "wide", distractor_band: str = "any",
-             targets_per_scene: int = 1, same_color_frac: float = 0.0):
+             targets_per_scene: int = 1, same_color_frac: float = 0.0, shape_texture: bool = False):
     """n expert episodes of `split` -> (arrays dict, meta dict). The expert's own failures are skipped
     (only_success=False keeps them, flagged "success": False like the failing demos below).
     distractors=False: each seed's scene with the named object alone (ToyWorld(distractors=False)).
@@ -579,6 +601,8 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
     first frame comes with different words and different actions and no layout prior predicts the target.
     same_color_frac: the share of scenes with a distractor of the named object's colour and another shape
     (ToyWorld), so that the shape word matters in more than the 1 in 7 scenes of chance.
+    shape_texture: each shape drawn with its own surface pattern (ToyWorld; recorded in meta, and train.py's and
+    sample.py's evaluations draw their worlds so).
     recover_frac: the share of recovering demos (the first grasp misses, the expert retries; Expert). The
     actions aimed beside the target are flagged imitate = 0 (a per-frame array), so a policy learns the retry,
     not the miss (ClipDataset gives every clip that holds one of them action_weight 0).
@@ -588,7 +612,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
     if wrong_frac > 0 and not distractors:
         raise ValueError("wrong_frac > 0 needs distractors: a failing demo puts a distractor in the bin")
     env = ToyWorld(res=res, task=task, distractors=distractors, mark_target=mark_target, view=view,
-                   distractor_band=distractor_band, same_color_frac=same_color_frac)
+                   distractor_band=distractor_band, same_color_frac=same_color_frac, shape_texture=shape_texture)
     cols = {k: [] for k in ("frames", "seg", "state", "ee", "actions", "rewards", "value", "imitate")}
     if targets_per_scene < 1 or (targets_per_scene > 1 and split != "train"):
         raise ValueError(f"targets_per_scene={targets_per_scene}: expected 1, or more on the train split only "
@@ -621,7 +645,7 @@ def generate(n: int, split: str = "train", seed0: int = 0, res: int = 32, gamma:
               "imitate": np.array(cols["imitate"], np.float32)}
     meta = {"format": FORMAT, "res": res, "fps": 10, "task": task, "gamma": gamma, "distractors": distractors,
             "mark_target": mark_target, "view": view, "distractor_band": distractor_band, "targets_per_scene": targets_per_scene,
-            "same_color_frac": same_color_frac,
+            "same_color_frac": same_color_frac, "shape_texture": shape_texture,
             "camera": {"K": env.K.tolist(), "T_wc": env.T_wc.tolist(), "convention": "T_wc maps world to camera (OpenCV axes)"},
             "urdf": open(URDF_PATH).read(), "joint_names": env.chain.actuated,
             "dims": {"state": 4, "action": 4, "ee_pose": 7},
@@ -823,7 +847,8 @@ def world_options(meta: dict) -> dict:
     """The ToyWorld scene options a dataset was generated with (older datasets: the defaults), so that an
     evaluation during training (train.py --eval-every) runs in the world the demos came from."""
     return {"distractors": meta.get("distractors", True), "mark_target": meta.get("mark_target", False),
-            "view": meta.get("view", "wide"), "distractor_band": meta.get("distractor_band", "any")}
+            "view": meta.get("view", "wide"), "distractor_band": meta.get("distractor_band", "any"),
+            "shape_texture": meta.get("shape_texture", False)}
 
 
 def dataset_format(folder: str) -> str | None:
@@ -902,6 +927,9 @@ def main():
     p.add_argument("--same-color-frac", type=float, default=0.0, help="share of training scenes whose first distractor "
                    "has the named object's colour and another shape (about 1 in 7 by chance), so the shape word must be "
                    "read (evaluation scenes are unchanged)")
+    p.add_argument("--shape-texture", action="store_true", help="each shape drawn with its own surface pattern (cube "
+                   "checkerboard, cone stripes, ball plain) so that a 4 x 4-px token shows the shape; train.py and sample.py "
+                   "evaluate in the world the data was made in")
     args = p.parse_args()
     if args.figure:
         return overview(args.out, view=args.view)
@@ -909,7 +937,8 @@ def main():
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
                             recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors,
                             mark_target=args.mark_target, view=args.view, distractor_band=args.distractor_band,
-                            targets_per_scene=args.targets_per_scene, same_color_frac=args.same_color_frac)
+                            targets_per_scene=args.targets_per_scene, same_color_frac=args.same_color_frac,
+                            shape_texture=args.shape_texture)
     write_dataset(args.out, arrays, meta)
     n = len(arrays["frames"])
     wrong = sum(e["wrong_object"] for e in meta["episodes"])

@@ -400,9 +400,10 @@ def test_a_marked_target_changes_only_the_named_objects_pixels():
     arrays, meta = tw.generate(3, "train", seed0=0, mark_target=True)
     plain, pmeta = tw.generate(3, "train", seed0=0)
     assert meta["mark_target"] is True and pmeta["mark_target"] is False
-    assert tw.world_options(meta) == {"distractors": True, "mark_target": True, "view": "wide", "distractor_band": "any"}
+    assert tw.world_options(meta) == {"distractors": True, "mark_target": True, "view": "wide", "distractor_band": "any",
+                                       "shape_texture": False}
     assert tw.world_options({}) == {"distractors": True, "mark_target": False, "view": "wide",     # datasets from before
-                                    "distractor_band": "any"}
+                                    "distractor_band": "any", "shape_texture": False}
     for k in ("seg", "state", "actions"):
         assert np.array_equal(arrays[k], plain[k]), k
     tgt = np.concatenate([np.full(e["length"], tw.SEG_OBJ0 + e["target"]) for e in meta["episodes"]])
