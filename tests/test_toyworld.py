@@ -417,6 +417,44 @@ def test_a_marked_target_changes_only_the_named_objects_pixels():
     assert (obs[info["seg"] == tw.SEG_OBJ0 + env.scene["target"]] == tw.MARK_COLOR).all()
 
 
+def test_shape_texture_draws_each_shapes_pattern_on_its_pixels_alone():
+    """ToyWorld(shape_texture=True) / generate(shape_texture=True) (data/toyworld.py --shape-texture): a frame is
+    the plain frame except on object pixels, where a cube's pixels with (u + v) odd, a cone's with v odd are the
+    colour x TEXTURE_DARK (rounded) and a ball's are unchanged; segmentation, states and actions are the same demos;
+    meta and world_options record it, and sample.py evaluates a checkpoint in its data's world."""
+    import sample
+    arrays, meta = tw.generate(3, "train", seed0=0, view="close", distractor_band="near", shape_texture=True)
+    plain, pmeta = tw.generate(3, "train", seed0=0, view="close", distractor_band="near")
+    assert meta["shape_texture"] is True and pmeta["shape_texture"] is False
+    assert tw.world_options(meta)["shape_texture"] is True and tw.world_options(pmeta)["shape_texture"] is False
+    for k in ("seg", "state", "actions"):
+        assert np.array_equal(arrays[k], plain[k]), k
+    v, u = np.indices(arrays["seg"].shape[1:])
+    dark_pixels = {"cube": (u + v) % 2 == 1, "cone": v % 2 == 1, "ball": np.zeros_like(u, bool)}
+    changed = np.zeros(arrays["seg"].shape, bool)
+    seen = set()
+    for e in meta["episodes"]:
+        sl = slice(e["start"], e["start"] + e["length"])
+        for k, shape in enumerate(e["shapes"]):
+            obj = arrays["seg"][sl] == tw.SEG_OBJ0 + k
+            if obj.any():
+                seen.add(shape)
+            dark = obj & dark_pixels[shape]
+            col = np.array(tw.COLORS[e["colors"][k]], float)
+            assert (arrays["frames"][sl][dark] == np.round(col * tw.TEXTURE_DARK)).all(), shape
+            assert (arrays["frames"][sl][obj & ~dark] == col).all(), shape
+            changed[sl] |= dark
+    assert seen == {"cube", "ball", "cone"}                          # the three scenes show every shape
+    assert changed.any()
+    assert np.array_equal(arrays["frames"][~changed], plain["frames"][~changed])
+    assert (arrays["frames"][changed] != plain["frames"][changed]).any(-1).all()
+    args = sample.get_args(["--ckpt", "runs/x"])
+    assert sample.eval_world(args, {"data": {"view": "close", "shape_texture": True}})["shape_texture"] is True
+    assert sample.eval_world(args, {"data": {"view": "close"}})["shape_texture"] is False      # checkpoints from before
+    textured = {"view": "wide", "distractor_band": "any", "shape_texture": True}              # a row of its own
+    assert sample.eval_settings(sample.get_args(["--ckpt", "x", "--steps", "1"]), "eawm", None, textured)["shape_texture"]
+
+
 def test_one_object_scenes_are_the_same_scenes_without_distractors():
     """ToyWorld(distractors=False) (sample.py --no-distractors): for each seed and split the one object is
     the default scene's target, same place, colour, shape and instruction, on the same table."""
