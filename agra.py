@@ -148,6 +148,7 @@ class Config:
     toy_view: str = "wide"               # the toy world train.py generates when no --data is given: wide | close
     toy_distractor_band: str = "any"     #   and where its distractors lie: any | near (data/toyworld.py --view, --distractor-band)
     toy_episodes: int = 400              #   and how many expert demos it holds (train.py --episodes overrides it)
+    toy_shape_texture: bool = False      #   and whether each shape has its own surface pattern (data/toyworld.py --shape-texture)
     freeze_video: bool = False           # the "Freeze backbone" variant (finetune implies it)
     lr_video: float = 1e-3               # 1e-5 real robot, 1e-4 simulation
     lr_head: float = 1e-3                # 1e-4
@@ -1219,6 +1220,12 @@ CONFIGS.update({
     # the WAM baseline (--set agra_weight=0) differ; frozen_wide is the same run with steps=0 (Table 2's "Freeze backbone")
     "long_wide": dataclasses.replace(CONFIGS["tiny"], ground_steps=600, steps=500, finetune_steps=4000, toy_episodes=1000,
                                      act_dim=128, act_heads=4),
+})
+CONFIGS.update({
+    # the comparison recipe in the world where shapes can be seen (about 29 minutes on a 2-core CPU; README "The AGRA
+    # default run"): long_wide on demos whose shapes have their own surface patterns (data/toyworld.py --shape-texture),
+    # so that the shape word has something to bind to at 4 x 4 pixels a token; --set agra_weight=0 is its WAM baseline
+    "long_wide_tex": dataclasses.replace(CONFIGS["long_wide"], toy_shape_texture=True),
     # App. C.1: Cosmos-Predict2.5-2B (28 x 2048, 16 heads, AdaLN-LoRA 256, Cosmos-Reason text 100352 -> 1024)
     # + 8-block action DiT (32 heads, hidden 1024, cross-attention 2048), project module of 4 layers,
     # AGRA on layer 8 against DINOv2-B, 17 frames at 192 x 336 -> 5 latent frames, K = 48 (real robot),

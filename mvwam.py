@@ -162,6 +162,7 @@ class Config:
     toy_view: str = "wide"               # the toy world train.py generates when no --data is given: wide | close
     toy_distractor_band: str = "any"     #   and where its distractors lie: any | near (data/toyworld.py)
     toy_episodes: int = 400              #   and how many expert demos it holds (train.py --episodes overrides it)
+    toy_shape_texture: bool = False      #   and whether each shape has its own surface pattern (data/toyworld.py --shape-texture)
     freeze_video: bool = False           # ours (toy): stage joint trains the action-value expert (+ image encoder) alone
                                          #   on a frozen Video Expert and text encoder, without L_v (Eq. 2); AGRA's
                                          #   "Freeze backbone" (App. B.2.2) for MV-WAM. Stages video / ground ignore it

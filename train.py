@@ -6,6 +6,7 @@
     python train.py --model mvwam --preset frozen_wide       # MV-WAM's 90 % recipe: the same, 5,000 joint steps (~21 CPU minutes)
     python train.py --model agra --preset long               # ground, joint with AGRA, finetune (~20 CPU minutes)
     python train.py --model agra --preset long_wide          # the same at the 90 % recipe's scale: joint 500 (~21 CPU minutes)
+    python train.py --model agra --preset long_wide_tex      # the same in the world where shapes show (~29 CPU minutes)
     python train.py --model agra --preset scratch            # the earlier from-scratch run (~2.5 CPU minutes)
     python train.py --model agra --preset long --set agra_weight=0   # the WAM baseline
     python train.py --model agra --tiny --resume runs/agra   # continue a run bit-exactly
@@ -58,10 +59,14 @@ def toy_episodes(args, cfg) -> int:
 def default_data_folder(cfg, episodes: int = 400) -> tuple[str, dict]:
     """-> (folder, world options) of the toy-world dataset train.py generates and caches when no --data is
     given: the config's toy_view / toy_distractor_band (AGRA's tiny preset: close, near), else the wide view;
-    another --episodes than the default 400 is cached apart (folder name + _<episodes>)."""
+    the config's toy_shape_texture adds shape textures (folder name + _tex, world["shape_texture"]); another
+    --episodes than the default 400 is cached apart (folder name + _<episodes>)."""
     world = {"view": getattr(cfg, "toy_view", "wide"), "distractor_band": getattr(cfg, "toy_distractor_band", "any")}
-    folder = DEFAULT_DATA if world == {"view": "wide", "distractor_band": "any"} else \
-        os.path.join(os.path.dirname(DEFAULT_DATA), f"{world['view']}_{world['distractor_band']}")
+    texture = getattr(cfg, "toy_shape_texture", False)
+    folder = DEFAULT_DATA if world == {"view": "wide", "distractor_band": "any"} and not texture else \
+        os.path.join(os.path.dirname(DEFAULT_DATA), f"{world['view']}_{world['distractor_band']}" + ("_tex" if texture else ""))
+    if texture:                                          # only when set: the other presets' worlds read as before
+        world["shape_texture"] = True
     return (folder if episodes == 400 else f"{folder}_{episodes}"), world
 
 
@@ -259,7 +264,7 @@ def get_args(argv=None):
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="which model file to train")
     p.add_argument("--tiny", action="store_true", help="use the tiny preset (same as --preset tiny)")
     p.add_argument("--preset", default=None, help="config preset (a key of the model file's CONFIGS): tiny "
-                   "(default), full; AGRA also frozen, frozen_wide, long, long_wide, scratch; MV-WAM also frozen_wide, joint, scratch, full_video")
+                   "(default), full; AGRA also frozen, frozen_wide, long, long_wide, long_wide_tex, scratch; MV-WAM also frozen_wide, joint, scratch, full_video")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the main/head group; other groups keep "

@@ -858,11 +858,11 @@ def dataset_format(folder: str) -> str | None:
 
 
 def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: float = TOY_GAMMA, seed: int = 0, quiet: bool = False,
-                    view: str = "wide", distractor_band: str = "any"):
+                    view: str = "wide", distractor_band: str = "any", shape_texture: bool = False):
     """Load `folder`, generating it first if absent, made by another world version (train.py's
     cached default dataset: a checkout that changed the world must not train on the old one) or holding
     another number of episodes. The same episodes as `data/toyworld.py --episodes N --view V
-    --distractor-band B` (seeds 0, 1, ...)."""
+    --distractor-band B [--shape-texture]` (seeds 0, 1, ...)."""
     found = dataset_format(folder)
     if found is not None and found != FORMAT and not quiet:
         print(f"{folder} holds a {found} dataset; this world is {FORMAT}: regenerating it")
@@ -874,21 +874,23 @@ def default_dataset(folder: str, episodes: int = 400, res: int = 32, gamma: floa
             found = None
     if found != FORMAT:
         t0 = time.time()
-        arrays, meta = generate(episodes, "train", seed0=seed, res=res, gamma=gamma, view=view, distractor_band=distractor_band)
+        arrays, meta = generate(episodes, "train", seed0=seed, res=res, gamma=gamma, view=view, distractor_band=distractor_band,
+                                shape_texture=shape_texture)
         write_dataset(folder, arrays, meta)
         if not quiet:
-            print(f"wrote default toy-world dataset ({episodes} episodes, {view} view, distractors {distractor_band}, "
+            print(f"wrote default toy-world dataset ({episodes} episodes, {view} view, distractors {distractor_band}"
+                  f"{', shape textures' if shape_texture else ''}, "
                   f"{len(arrays['frames'])} frames) to {folder} in {time.time() - t0:.1f}s")
     return load_dataset(folder)
 
 
-def overview(path: str, res: int = 96, frames: int = 6, seed: int = 3, view: str = "wide"):
+def overview(path: str, res: int = 96, frames: int = 6, seed: int = 3, view: str = "wide", shape_texture: bool = False):
     """The README figure: one expert episode per split (rows train, ood_background, ood_object,
     ood_layout at `res`, then train at 32 x 32 as the models see it), `frames` evenly spaced frames."""
     from common import save_png
     rows = []
     for split, r in [(s, res) for s in SPLITS] + [("train", 32)]:
-        rec, _ = run_expert_episode(ToyWorld(res=r, view=view), seed, split)
+        rec, _ = run_expert_episode(ToyWorld(res=r, view=view, shape_texture=shape_texture), seed, split)
         pick = np.linspace(0, len(rec["frames"]) - 1, frames).round().astype(int)
         row = np.concatenate([rec["frames"][i] for i in pick], 1)
         rows.append(row.repeat(res // r, 0).repeat(res // r, 1))
@@ -932,7 +934,7 @@ def main():
                    "evaluate in the world the data was made in")
     args = p.parse_args()
     if args.figure:
-        return overview(args.out, view=args.view)
+        return overview(args.out, view=args.view, shape_texture=args.shape_texture)
     t0 = time.time()
     arrays, meta = generate(args.episodes, args.split, args.seed, args.res, args.gamma, args.task,
                             recover_frac=args.recover_frac, wrong_frac=args.wrong_frac, distractors=not args.no_distractors,

@@ -432,3 +432,26 @@ def test_long_wide_preset_is_the_90_percent_recipe_with_a_joint_stage():
     assert (lw.ground_steps, lw.finetune_steps, lw.lr_video / lw.lr_head, lw.agra_weight) == (600, 4000, 0.1, 0.01)
     assert train.toy_episodes(train.get_args(["--model", "agra", "--preset", "long_wide"]), lw) == 1000
     assert train.make_config("agra", "long_wide", ["agra_weight=0"]).agra_weight == 0
+
+
+def test_long_wide_tex_preset_is_long_wide_in_the_textured_world(tmp_path):
+    """README's AGRA-vs-WAM recipe in the world where shapes show: long_wide with toy_shape_texture, nothing else;
+    train.py generates and caches its dataset apart (close_near_tex_1000), the same demos as
+    data/toyworld.py --episodes N --view close --distractor-band near --shape-texture, and evaluates in that world."""
+    import dataclasses
+    import os
+    import numpy as np
+    import train
+    from data.toyworld import default_dataset, generate, world_options
+    lw, tex = agra.CONFIGS["long_wide"], agra.CONFIGS["long_wide_tex"]
+    differ = {f.name: getattr(tex, f.name) for f in dataclasses.fields(tex) if getattr(lw, f.name) != getattr(tex, f.name)}
+    assert differ == {"toy_shape_texture": True}
+    args = train.get_args(["--model", "agra", "--preset", "long_wide_tex"])
+    folder, world = train.default_data_folder(tex, train.toy_episodes(args, tex))
+    assert os.path.basename(folder) == "close_near_tex_1000"
+    assert world == {"view": "close", "distractor_band": "near", "shape_texture": True}
+    assert train.default_data_folder(lw, 1000)[0] == folder.replace("_tex", "")             # the plain world's cache
+    arrays, meta = default_dataset(str(tmp_path / "t"), episodes=2, quiet=True, **world)
+    ref, _ = generate(2, "train", view="close", distractor_band="near", shape_texture=True)
+    assert all(np.array_equal(arrays[k], ref[k]) for k in ref)
+    assert world_options(meta)["shape_texture"] is True
