@@ -92,6 +92,11 @@ METRICS = {
     "ee_track_px_first": ("EE track px, joint, clips in the episode's first third: approach (held still)", 2, "ee_track_px_first_still"),
     "ee_track_px_middle": ("EE track px, joint, clips in its middle third: grasp, carry (held still)", 2, "ee_track_px_middle_still"),
     "ee_track_px_last": ("EE track px, joint, clips in its last third: place (held still)", 2, "ee_track_px_last_still"),
+    # where the generated video puts the arm (sample.py's arm_px: toyworld.fit_arm on each RGB frame)
+    "arm_px_kvaf": ("arm px in the video, KVAF-conditioned (the arm held still)", 2, "ee_track_px_still"),
+    "arm_px_joint": ("arm px in the video, joint (the arm held still)", 2, "ee_track_px_still"),
+    "arm_px_true": ("arm px read from the true video (the fit's floor)", 2, None),
+    "arm_px_kvaf_first": ("arm px, KVAF-conditioned, clips in the episode's first third (held still)", 2, "ee_track_px_first_still"),
 }
 
 
@@ -174,6 +179,12 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
                     for k, part in enumerate(("first", "middle", "last")):
                         put(ev, f"ee_track_px_{part}", split, joint["ee_track_px_thirds"][k], joint["clips_thirds"][k],
                             still["ee_track_px_thirds"][k])
+                if "arm_px" in kv:                                    # metrics.json files before it: without these rows
+                    put(ev, "arm_px_kvaf", split, kv["arm_px"], n, still.get("ee_track_px"))
+                    put(ev, "arm_px_joint", split, joint["arm_px"], n, still.get("ee_track_px"))
+                    put(ev, "arm_px_true", split, r["true_video"]["arm_px"], n)
+                    put(ev, "arm_px_kvaf_first", split, kv["arm_px_thirds"][0], joint["clips_thirds"][0],
+                        still["ee_track_px_thirds"][0])
             evals.append(ev)
             continue
         rb = None

@@ -517,6 +517,90 @@ class Expert:
 
 
 # -------------------------------------------------------------------------------------------------
+# Reading the arm back from a frame (rendered or generated): where does the video put the end effector?
+# -------------------------------------------------------------------------------------------------
+
+# arm_likeness: the arm's light grey (ARM_COLOR) is the only colour in the toy whose darkest channel is above
+# ARM_MIN_CHANNEL[0] (the palettes' brightest darkest-channel is 160, an object's at most 60)
+ARM_MIN_CHANNEL = (165.0, 225.0)
+# fit_arm's search: a global grid over these joint ranges (rad; the 400 default demos span yaw -0.79..0.82,
+# shoulder -1.17..-0.25, elbow 1.59..2.41: half a radian of margin and more) at ARM_FIT_GRID, then a pattern search:
+# the best of the 27 neighbours at +-step around the best so far, the step halved from ARM_FIT_GRID / 2 down to
+# ARM_FIT_STEP_MIN (it can move up to ARM_FIT_GRID in all, twice the grid's half cell)
+ARM_FIT_RANGE = ((-1.4, 1.4), (-1.5, 0.3), (0.9, 2.9))
+ARM_FIT_GRID, ARM_FIT_STEP_MIN = 0.1, 0.003
+_ARM_GRIDS = {}                                       # fit_arm's global grid silhouettes, per camera and frame size
+
+
+def arm_likeness(frames: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) uint8 -> (..., H, W) in [0, 1]: how much each pixel looks like the arm's light grey, from
+    its darkest channel (0 at ARM_MIN_CHANNEL[0] and below, 1 at the arm's 225); a generated frame's blurred arm
+    reads as a fraction."""
+    lo, hi = ARM_MIN_CHANNEL
+    return np.clip((frames.min(-1).astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def arm_silhouettes(chain: URDFChain, q: np.ndarray, K: np.ndarray, T_wc: np.ndarray, hw: tuple) -> torch.Tensor:
+    """The arm's links (the light-grey capsules ToyWorld.render draws: the base post and the three links up to the
+    gripper base) at joints q (N, 3), as soft coverage (N, H*W) in [0, 1]: 1 where a pixel centre lies inside a capsule
+    by half a pixel, 0 where it lies half a pixel outside (a render is the same test at 0). The fingers are left out:
+    the links fix q, and the 2-pixel fingers are where the held object covers them."""
+    H, W = hw
+    poses = chain.fk(np.concatenate([q, np.zeros((len(q), 1))], 1))
+    pts = np.stack([np.zeros((len(q), 3))] + [poses[n][:, :3, 3] for n in ("turret", "upper_arm", "forearm", "gripper_base")], 1)
+    uv, z = project(pts, K, T_wc)                                                  # (N, 5, 2), (N, 5)
+    zm = 0.5 * (z[:, :-1] + z[:, 1:])
+    zm[:, 0] = z[:, 0]                                                             # the base post: at the base's depth
+    radius = torch.from_numpy(LINK_RADIUS * K[0, 0] / zm * np.array([1.6, 1.0, 1.0, 1.0])).float()[..., None]
+    uv = torch.from_numpy(uv).float()
+    au, av = uv[:, :-1, 0, None], uv[:, :-1, 1, None]                              # (N, 4, 1) segment starts
+    du, dv = uv[:, 1:, 0, None] - au, uv[:, 1:, 1, None] - av
+    pu = (torch.arange(W).float() + 0.5).repeat(H)                                 # (H*W,) pixel centres, row-major
+    pv = (torch.arange(H).float() + 0.5).repeat_interleave(W)
+    ru, rv = pu - au, pv - av                                                      # (N, 4, H*W)
+    s = ((ru * du + rv * dv) / (du * du + dv * dv).clamp_min(1e-12)).clamp(0, 1)
+    dist = torch.hypot(ru - s * du, rv - s * dv)
+    cover = (radius + 0.5 - dist).clamp(0, 1).amax(1)
+    return torch.nan_to_num(cover)                                                 # a point behind the camera: no cover
+
+
+def fit_arm(frames: np.ndarray, K: np.ndarray, T_wc: np.ndarray, chain: URDFChain | None = None,
+            chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """The end effector a frame shows, read from its arm: (F, H, W, 3) uint8 -> (joints (F, 3), tcp pixel (F, 2) u, v).
+
+    Analysis by synthesis: the joints whose arm silhouette (arm_silhouettes) best explains the frame's
+    arm_likeness map in the squared error, searched on a global grid (ARM_FIT_RANGE at ARM_FIT_GRID; its
+    silhouettes computed once per camera), then refined by a pattern search (ARM_FIT_STEP_MIN), and the tool centre
+    point of those joints projected. It needs no tracking and no first frame: every frame is read on its own, so a
+    generated video's arm is found wherever the video puts it (on rendered frames of held-out demos it misses the
+    true tool centre point by about a quarter of a pixel; tests/test_toyworld.py). Where a video shows two faint
+    arms, the fit takes the one (or the pose between them) that explains more of its pixels."""
+    chain = chain or URDFChain(URDF_PATH)
+    H, W = frames.shape[1:3]
+    target = torch.from_numpy(arm_likeness(frames).reshape(len(frames), -1))      # (F, H*W)
+    key = (K.tobytes(), T_wc.tobytes(), H, W)
+    if key not in _ARM_GRIDS:
+        axes = [np.arange(lo, hi + 1e-9, ARM_FIT_GRID) for lo, hi in ARM_FIT_RANGE]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+        sil = torch.cat([arm_silhouettes(chain, grid[i:i + chunk], K, T_wc, (H, W)) for i in range(0, len(grid), chunk)])
+        _ARM_GRIDS[key] = (grid, sil, (sil * sil).sum(1))
+    grid, sil, sq = _ARM_GRIDS[key]
+    # |target - silhouette(q)|^2 = sum(silhouette^2) - 2 silhouette . target + const: the best q per frame
+    q = grid[(sq[None] - 2 * target @ sil.T).argmin(1).numpy()]                   # (F, 3)
+    offs = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)      # the 27 neighbours
+    step = ARM_FIT_GRID / 2
+    while step >= ARM_FIT_STEP_MIN:
+        cand = (q[:, None] + step * offs[None]).reshape(-1, 3)                   # (F * 27, 3)
+        s = torch.cat([arm_silhouettes(chain, cand[i:i + chunk], K, T_wc, (H, W)) for i in range(0, len(cand), chunk)])
+        s = s.view(len(q), len(offs), -1)
+        score = (s * s).sum(-1) - 2 * (s * target[:, None]).sum(-1)               # (F, 27)
+        q = cand.reshape(len(q), len(offs), 3)[np.arange(len(q)), score.argmin(1).numpy()]
+        step /= 2
+    tcp = chain.fk(np.concatenate([q, np.zeros((len(q), 1))], 1))["tcp"][:, :3, 3]
+    return q, project(tcp, K, T_wc)[0]
+
+
+# -------------------------------------------------------------------------------------------------
 # Episodes, Monte-Carlo values, semantic teacher
 # -------------------------------------------------------------------------------------------------
 

@@ -328,3 +328,24 @@ def test_sample_records_the_settings_that_group_evaluations():
     s = sample.eval_settings(args, "agra", agra.CONFIGS["tiny"], world)
     assert s["view"] == "close" and "distractor_band" not in s
     assert sample.eval_settings(args, "eawm", None, {"view": "wide", "distractor_band": "near"})["distractor_band"] == "near"
+
+
+def test_eawm_arm_in_the_video_rows(tmp_path):
+    """sample.py's arm_px (toyworld.fit_arm on the generated frames) becomes a row per mode with the arm held still as
+    its reference, and the fit on the true frames a row of its own."""
+    def ea(kvaf_arm, seed):
+        split = {"kvaf": {"psnr": 25.0, "latent_mse": 0.03, "ee_track_px": 0.04, "arm_px": kvaf_arm, "arm_px_se": 0.1,
+                          "arm_px_thirds": [kvaf_arm + 1, kvaf_arm, kvaf_arm - 0.5]},
+                 "joint": {"psnr": 24.0, "latent_mse": 0.04, "ee_track_px": 2.0, "ee_track_px_thirds": [3.0, 1.5, 0.5],
+                           "clips_thirds": [5, 6, 5], "arm_px": 3.0, "arm_px_se": 0.2, "arm_px_thirds": [4.0, 3.0, 2.0]},
+                 "copy_first": {"psnr": 21.0, "latent_mse": 0.033, "ee_track_px": 4.0, "ee_track_px_thirds": [3.0, 7.0, 2.0],
+                                "clips_thirds": [5, 6, 5]},
+                 "true_video": {"arm_px": 0.25, "arm_px_se": 0.02, "arm_px_thirds": [0.2, 0.3, 0.25]}}
+        return {"model": "eawm", "clips": 16, "splits": {"train": split}}
+    runs = [fake_run(tmp_path, f"s{s}", "eawm", metrics=ea(x, s), seed=s) for s, x in ((0, 1.0), (1, 2.0))]
+    m = compare.compare_runs(runs, splits=("train",), out_dir=str(tmp_path / "c"), quiet=True)["rows"][0]["metrics"]
+    assert m["arm_px_kvaf"]["train"]["mean"] == 1.5 and m["arm_px_kvaf"]["train"]["se"] == pytest.approx(0.5)
+    assert m["arm_px_kvaf"]["train"]["ref"] == 4.0 and m["arm_px_joint"]["train"]["mean"] == 3.0
+    assert m["arm_px_true"]["train"]["mean"] == 0.25
+    assert m["arm_px_kvaf_first"]["train"]["mean"] == 2.5 and m["arm_px_kvaf_first"]["train"]["ref"] == 3.0
+    assert m["arm_px_kvaf_first"]["train"]["n_per_seed"] == [5, 5]

@@ -453,7 +453,8 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     res = sample.main(["--ckpt", a, "--clips", "4", "--splits", "train", "--steps", "2", "--out", str(tmp_path / "s"),
                        "--threads", "2"])
     row = res["splits"]["train"]
-    assert set(row) == {"copy_first", "kvaf", "joint"} and np.isfinite(row["kvaf"]["psnr"]) and "ee_track_px" in row["joint"]
+    assert set(row) == {"copy_first", "kvaf", "joint", "true_video"} and np.isfinite(row["kvaf"]["psnr"]) \
+        and "ee_track_px" in row["joint"]
     assert np.isfinite(row["copy_first"]["psnr"])
     # the references of the joint track: the arm held still (the clips move), and the recovery on the given, true
     # KVAF (the codec is exact, so this is render -> recover_ee_track: a fraction of a pixel at 32 x 32)
@@ -467,6 +468,13 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
         n3, v = row[mode]["clips_thirds"], row[mode]["ee_track_px_thirds"]
         if sum(n3):
             assert sum(n * x for n, x in zip(n3, v) if n) / sum(n3) == pytest.approx(row[mode]["ee_track_px"], rel=1e-9)
+    # the arm the video shows (toyworld.fit_arm): on the true frames a fraction of a pixel off (the fit's floor); in
+    # both modes a finite error with its standard error, and its thirds weighted by their clips give the mean
+    assert 0 <= row["true_video"]["arm_px"] < 0.75
+    for mode in ("kvaf", "joint"):
+        assert np.isfinite(row[mode]["arm_px"]) and row[mode]["arm_px_se"] >= 0
+        n3, v = row["copy_first"]["clips_thirds"], row[mode]["arm_px_thirds"]
+        assert sum(n * x for n, x in zip(n3, v) if n) / sum(n3) == pytest.approx(row[mode]["arm_px"], rel=1e-9)
 
 
 def test_episode_thirds_by_where_the_clip_starts():
