@@ -573,7 +573,7 @@ def fit_arm(frames: np.ndarray, K: np.ndarray, T_wc: np.ndarray, chain: URDFChai
     silhouettes computed once per camera), then refined by a pattern search (ARM_FIT_STEP_MIN), and the tool centre
     point of those joints projected. It needs no tracking and no first frame: every frame is read on its own, so a
     generated video's arm is found wherever the video puts it (on rendered frames of held-out demos it misses the
-    true tool centre point by about a quarter of a pixel; tests/test_toyworld.py). Where a video shows two faint
+    true tool centre point by about a third of a pixel on average; tests/test_toyworld.py). Where a video shows two faint
     arms, the fit takes the one (or the pose between them) that explains more of its pixels."""
     chain = chain or URDFChain(URDF_PATH)
     H, W = frames.shape[1:3]
