@@ -57,7 +57,7 @@ MARK_NOTE = ("* = differs from the first row (the baseline: the first run given)
 PAIRED_NOTE = ("row - first, paired by seed = mean +- SE of the per-seed differences to the first row over the seeds "
                "both rows hold (train.py --seed, recorded in the checkpoint); * = beyond 2 SE, with 3+ seeds paired")
 # the outcome metrics that get a paired line in the table (comparison.json has it for every metric)
-PAIRED = ("success", "psnr_kvaf", "psnr_joint")
+PAIRED = ("success", "psnr_kvaf", "psnr_joint", "ee_track_px", "arm_px_kvaf", "arm_px_joint")
 # metric -> (label, decimals, reference shown in brackets); the reference is a property of the evaluated
 # episodes or clips, not of the model: the share of tokens inside the interaction mask (the in-mask
 # ratio of attention spread uniformly) and the first frame repeated (a model that predicts no motion)

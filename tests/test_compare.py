@@ -349,3 +349,13 @@ def test_eawm_arm_in_the_video_rows(tmp_path):
     assert m["arm_px_true"]["train"]["mean"] == 0.25
     assert m["arm_px_kvaf_first"]["train"]["mean"] == 2.5 and m["arm_px_kvaf_first"]["train"]["ref"] == 3.0
     assert m["arm_px_kvaf_first"]["train"]["n_per_seed"] == [5, 5]
+    # a variant on the same seeds (w/o EAF): the arm rows get a paired line, as success and PSNR do
+    plain = [fake_run(tmp_path, f"p{s}", "eawm", metrics=ea(x, s), seed=s, fusion="plain") for s, x in ((0, 1.5), (1, 3.0))]
+    res = compare.compare_runs(runs + plain, splits=("train",), out_dir=str(tmp_path / "c2"), quiet=True)
+    p = res["rows"][1]["metrics"]["arm_px_kvaf"]["train"]["paired"]
+    assert p["seeds"] == [0, 1] and p["diffs"] == pytest.approx([0.5, 1.0]) and p["se"] == pytest.approx(0.25)
+    assert res["rows"][1]["metrics"]["arm_px_joint"]["train"]["paired"]["diff"] == 0.0
+    md = open(tmp_path / "c2" / "comparison.md").read()
+    assert "| arm px in the video, KVAF-conditioned (the arm held still): row - first, paired by seed | fusion=plain | 2 |  " \
+           "| +0.75 ± 0.25 |" in md
+    assert "| EE track error px, joint (the arm held still): row - first, paired by seed | fusion=plain | 2 |  | +0.00 ± 0.00 |" in md
