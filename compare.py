@@ -121,8 +121,12 @@ def read_run(run: str) -> dict:
     # a Config field added after the run was trained keeps its default (which reproduces the old behaviour)
     defaults = {fl.name: (fl.default if fl.default is not dataclasses.MISSING else fl.default_factory())
                 for fl in dataclasses.fields(model_module(meta["model"]).Config)}
+    data = meta.get("data", {})
+    if data and "source" not in data:             # the toy world: a scene option added after the run keeps its default
+        from sample import WORLD_DEFAULTS
+        data = {**WORLD_DEFAULTS, **data}
     return {"run": run, "model": meta["model"], "config": {**json.loads(json.dumps(defaults)), **meta["config"]},
-            "step": meta.get("step"), "data": meta.get("data", {}), "seed": (meta.get("run") or {}).get("seed")}
+            "step": meta.get("step"), "data": data, "seed": (meta.get("run") or {}).get("seed")}
 
 
 def _need(d: dict, key: str, where: str, fix: str):

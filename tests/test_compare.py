@@ -15,9 +15,9 @@ import sample
 from common import config_to_dict, save_weights
 
 
-def fake_run(root, name, model="agra", step=100, metrics=None, jsonl=None, sub="samples", seed=None, **fields):
+def fake_run(root, name, model="agra", step=100, metrics=None, jsonl=None, sub="samples", seed=None, data=None, **fields):
     """A run folder as train.py + sample.py write it; `fields` override the tiny preset's Config; `seed`:
-    the training seed train.py records (None: a checkpoint from before it did)."""
+    the training seed train.py records (None: a checkpoint from before it did); `data`: the dataset metadata."""
     import train
     cfg = copy.deepcopy(train.model_module(model).CONFIGS["tiny"])
     for k, v in fields.items():
@@ -25,7 +25,7 @@ def fake_run(root, name, model="agra", step=100, metrics=None, jsonl=None, sub="
     folder = os.path.join(str(root), name)
     os.makedirs(folder, exist_ok=True)
     save_weights(os.path.join(folder, "model.safetensors"), {"w": torch.zeros(1)},
-                 {"model": model, "config": config_to_dict(cfg), "step": step, "data": {"res": 32, "gamma": 0.99},
+                 {"model": model, "config": config_to_dict(cfg), "step": step, "data": data or {"res": 32, "gamma": 0.99},
                   **({"run": {"seed": seed, "init": None}} if seed is not None else {})})
     if metrics is not None:
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
@@ -201,6 +201,23 @@ def test_runs_differing_only_in_the_generated_dataset_size_field_share_a_row(tmp
     res = compare.compare_runs([a, b], splits=("train",), out_dir=str(tmp_path / "c"), quiet=True)
     assert res["differing_fields"] == [] and len(res["rows"]) == 1
     assert res["rows"][0]["metrics"]["success"]["train"]["mean"] == pytest.approx(85.0)
+
+
+def test_a_toy_scene_option_added_after_a_run_keeps_its_default(tmp_path):
+    """A run trained before train.py recorded data.shape_texture saw the untextured world: it shares a row with
+    a run that recorded shape_texture=False, not with one that trained on textures; a real dataset's metadata
+    (it names its "source") gets no toy-world options."""
+    old = fake_run(tmp_path, "old", metrics=agra_metrics(0.9, 0.1), seed=0)
+    new = fake_run(tmp_path, "new", metrics=agra_metrics(0.7, 0.1), seed=1,
+                   data={"res": 32, "gamma": 0.99, "view": "wide", "distractor_band": "any", "shape_texture": False})
+    tex = fake_run(tmp_path, "tex", metrics=agra_metrics(0.5, 0.1), seed=0,
+                   data={"res": 32, "gamma": 0.99, "shape_texture": True})
+    res = compare.compare_runs([old, new, tex], splits=("train",), out_dir=str(tmp_path / "c"), quiet=True)
+    assert res["differing_fields"] == ["data.shape_texture"]
+    assert [r["name"] for r in res["rows"]] == ["data.shape_texture=False", "data.shape_texture=True"]
+    assert res["rows"][0]["metrics"]["success"]["train"]["mean"] == pytest.approx(80.0)
+    real = fake_run(tmp_path, "real", data={"source": "lerobot/pusht", "fps": 10})
+    assert compare.read_run(real)["data"] == {"source": "lerobot/pusht", "fps": 10}
 
 
 def test_eawm_psnr_with_the_copy_first_reference(tmp_path):
