@@ -344,7 +344,7 @@ CONFIGS = {
     # Wan2.2 generated futures 5 dB worse than copying the first frame (README). Eq. 8 is weighted by
     # t^2 (time_weight="x0"): the bell w(t) is zero at t = 1, where generation starts and where only
     # the KVAF tells where the arm goes, so the model never learned to read it; the fusion starts as
-    # a lookup of the aligned KVAF token (fusion_init="aligned"). 3,000 steps (about 70 minutes on a 2-core
+    # a lookup of the aligned KVAF token (fusion_init="aligned"). 3,000 steps (40-70 minutes on a 2-core
     # CPU): the KVAF-conditioned futures pass copying the first frame by 2 dB after about 750, but the
     # jointly generated KVAF (the model's own actions) moves the arm where the demo goes only between
     # steps 2,000 and 3,000 (README, "EA-WM on the toy world"); --preset quick stops at 1,000.

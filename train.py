@@ -10,7 +10,7 @@
     python train.py --model agra --preset scratch            # the earlier from-scratch run (~2.5 CPU minutes)
     python train.py --model agra --preset long --set agra_weight=0   # the WAM baseline
     python train.py --model agra --tiny --resume runs/agra   # continue a run bit-exactly
-    python train.py --model eawm --tiny                      # 3,000 steps, ~60-70 CPU minutes (--preset quick: 1,000, ~20 minutes)
+    python train.py --model eawm --tiny                      # 3,000 steps, ~40-70 CPU minutes (--preset quick: 1,000, ~20 minutes)
     python train.py --model mvwam --preset full --pretrained --data ...   # WoW / Wan2.1 + SigLIP2 from the Hub
     torchrun --nproc_per_node=2 train.py --model agra --tiny # DDP (gloo on CPU, nccl on GPU)
 
