@@ -92,6 +92,10 @@ METRICS = {
     "ee_track_px_first": ("EE track px, joint, clips in the episode's first third: approach (held still)", 2, "ee_track_px_first_still"),
     "ee_track_px_middle": ("EE track px, joint, clips in its middle third: grasp, carry (held still)", 2, "ee_track_px_middle_still"),
     "ee_track_px_last": ("EE track px, joint, clips in its last third: place (held still)", 2, "ee_track_px_last_still"),
+    # the first third's joint track against the nearest expert track to another object (sample.py's ee_other_px_thirds)
+    "ee_other_px_first": ("EE track px, joint, first third, from the expert's track to another object (the true track's)", 2,
+                          "ee_other_px_first_true"),
+    "closer_to_other_first": ("EE track, joint, first third: share of clips nearer that track than the true one", 2, None),
     # where the generated video puts the arm (sample.py's arm_px: toyworld.fit_arm on each RGB frame)
     "arm_px_kvaf": ("arm px in the video, KVAF-conditioned (the arm held still)", 2, "ee_track_px_still"),
     "arm_px_joint": ("arm px in the video, joint (the arm held still)", 2, "ee_track_px_still"),
@@ -183,6 +187,10 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
                     for k, part in enumerate(("first", "middle", "last")):
                         put(ev, f"ee_track_px_{part}", split, joint["ee_track_px_thirds"][k], joint["clips_thirds"][k],
                             still["ee_track_px_thirds"][k])
+                if "ee_other_px_thirds" in joint:                     # metrics.json files before it: without this row
+                    put(ev, "ee_other_px_first", split, joint["ee_other_px_thirds"][0], joint["clips_thirds"][0],
+                        r["true_track"]["ee_other_px_thirds"][0])
+                    put(ev, "closer_to_other_first", split, joint["closer_to_other_thirds"][0], joint["clips_thirds"][0])
                 if "arm_px" in kv:                                    # metrics.json files before it: without these rows
                     put(ev, "arm_px_kvaf", split, kv["arm_px"], n, still.get("ee_track_px"))
                     put(ev, "arm_px_joint", split, joint["arm_px"], n, still.get("ee_track_px"))

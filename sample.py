@@ -307,6 +307,36 @@ def episode_thirds(clips: ClipDataset, rows: np.ndarray) -> np.ndarray:
     return np.minimum(3 * start // clips.ep_len[ep], 2)
 
 
+def other_target_tracks(clips: ClipDataset, rows: np.ndarray, K: np.ndarray, T_wc: np.ndarray) -> list:
+    """For each clip (a row of clips.index): the end effector's pixel tracks over the clip's frames in the toy expert's
+    episodes of the same scene with each *other* object named (ToyWorld.reset(target=k): the same seed, layout and
+    start; the expert's noise seeded as in data.toyworld.generate), each moved to start where the clip's own track
+    starts -> a list of (objects - 1, F, 2) arrays. They are what a generated track that heads for another object than
+    the named one would follow; with the named object itself the expert's episode is the clip's own (a test checks it)."""
+    from common import project
+    from data.toyworld import run_expert_episode
+    m = clips.meta
+    env = ToyWorld(res=m["res"], task=m["task"], distractors=m["distractors"], mark_target=m["mark_target"],
+                   view=m["view"], distractor_band=m["distractor_band"], shape_texture=m.get("shape_texture", False))
+    cache, out = {}, []
+    for row in rows:
+        ep, start = int(clips.index[row, 0]), int(clips.index[row, 1])
+        e = m["episodes"][ep]
+        idx = np.minimum(start + clips.stride * np.arange(clips.frames), clips.ep_len[ep] - 1)
+        own = project(clips.a["ee_pose"][clips.ep_start[ep] + idx, :3].astype(np.float64), K, T_wc)[0]
+        tracks = []
+        for k in range(len(e["shapes"])):
+            if k == e["target"]:
+                continue
+            if (ep, k) not in cache:
+                rec, _ = run_expert_episode(env, e["seed"], e["split"], target=k)
+                cache[ep, k] = project(np.array(rec["ee"])[:, :3].astype(np.float64), K, T_wc)[0]
+            t = cache[ep, k][np.minimum(start + clips.stride * np.arange(clips.frames), len(cache[ep, k]) - 1)]
+            tracks.append(t - t[0] + own[0])
+        out.append(np.stack(tracks) if tracks else np.zeros((0, clips.frames, 2)))
+    return out
+
+
 def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | None, steps=None,
                 modes=("kvaf", "joint")) -> dict:
     """Generate the future of `n` held-out clips in both modes; PSNR (future frames, 8-bit) and latent
@@ -322,7 +352,13 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
     And in both modes where the generated *video* puts the arm (`arm_px`, `arm_px_se`, `arm_px_thirds`): the end
     effector of the arm pose fitted to each generated RGB frame (toyworld.fit_arm) against the true one, in pixels,
     so the KVAF-conditioned mode says whether the video's arm follows the commanded actions, and every variant
-    (the numeric ablation too) is read the same way; `true_video` is the same fit on the true frames (its floor)."""
+    (the numeric ablation too) is read the same way; `true_video` is the same fit on the true frames (its floor).
+    Where the joint track goes when it misses: its error against the nearest of the tracks the expert would have drawn
+    in the same scene to each other object (other_target_tracks; per clip the least mean error over those objects),
+    by episode third (`ee_other_px_thirds`), the share of clips closer to such a track than to the true one
+    (`closer_to_other_thirds`), and, as the reference, the true track's own distance to the nearest of them
+    (`true_track.ee_other_px_thirds`): on a split whose named objects lie where no demo goes, a generated approach
+    that follows another object's track heads where the demos' targets lie."""
     import eawm
     from common import project
     from data.toyworld import fit_arm
@@ -355,6 +391,14 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
         row["arm_px_thirds"] = [float(per_clip[third == k].mean()) if (third == k).any() else float("nan") for k in range(3)]
     out["true_video"] = {}
     arm_track(out["true_video"], true)
+    others = other_target_tracks(clips, rows, K, T_wc) if "episodes" in clips.meta else None
+
+    def to_other(tr):                           # (B, F - 1, 2) future track -> per clip, px to the nearest other track
+        return np.array([np.nanmin([np.nanmean(np.linalg.norm(tr[i] - o[1:], axis=-1)) for o in others[i]])
+                         if len(others[i]) and np.isfinite(tr[i]).any() else np.nan for i in range(len(tr))])
+    if others is not None:
+        out["true_track"] = {"ee_other_px_thirds": [float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+                                                    for x in (to_other(ee_true)[third == k] for k in range(3))]}
     pictures = {}
     for mode in modes:
         res = model.sample(batch, steps=steps, generator=generator, mode=mode)
@@ -380,6 +424,13 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
             row["ee_track_px_se"] = float(found.std(ddof=1) / np.sqrt(len(found))) if len(found) > 1 else float("nan")
             row["ee_detected"] = float(np.isfinite(err).mean() if detected is None else detected.mean())
             by_third(row, per_clip)
+            if mode == "joint" and others is not None:
+                other = to_other(track)
+                ok = np.isfinite(other) & np.isfinite(per_clip)
+                row["ee_other_px_thirds"] = [float(other[ok & (third == k)].mean()) if (ok & (third == k)).any()
+                                             else float("nan") for k in range(3)]
+                row["closer_to_other_thirds"] = [float((other < per_clip)[ok & (third == k)].mean())
+                                                 if (ok & (third == k)).any() else float("nan") for k in range(3)]
         out[mode] = row
         pictures[mode] = (gen, kv[:, 1:] if cfg.kvaf else kv)
     if gif and len(modes) == 2:                                                  # true | generated (KVAF mode) | generated (joint) | KVAF (joint)
@@ -417,6 +468,15 @@ def eawm_main(args, model, cfg, meta, out_dir, gen):
         j, c = r["joint"]["ee_track_px_thirds"], r["copy_first"]
         print(f"{split:16s} {' / '.join(f'{x:5.2f}' for x in j)}  |  {' / '.join(f'{x:5.2f}' for x in c['ee_track_px_thirds'])}"
               f"  |  {' / '.join(str(x) for x in c['clips_thirds'])}")
+    if all("ee_other_px_thirds" in r["joint"] for r in results["splits"].values()):
+        print("\nThe same joint track against the nearest of the expert's tracks to another object in the same scene "
+              "(first / middle / last third) | the share of clips closer to that track than to the true one | the true "
+              "track's own distance to it")
+        for split, r in results["splits"].items():
+            j, t = r["joint"], r["true_track"]
+            print(f"{split:16s} {' / '.join(f'{x:5.2f}' for x in j['ee_other_px_thirds'])}  |  "
+                  f"{' / '.join(f'{x:4.2f}' for x in j['closer_to_other_thirds'])}  |  "
+                  f"{' / '.join(f'{x:5.2f}' for x in t['ee_other_px_thirds'])}")
     print("\nThe arm in the generated video (toyworld.fit_arm on each RGB frame): its end effector's error in px, mean ± SE "
           "over the clips, KVAF-conditioned | joint | the same fit on the true frames (its floor) | the arm held still; "
           "then KVAF-conditioned by episode third")

@@ -255,6 +255,26 @@ def test_eawm_track_by_episode_third(tmp_path):
     assert "clips in the episode's first third" in open(tmp_path / "c" / "comparison.md").read()
 
 
+def test_eawm_track_against_another_objects_expert(tmp_path):
+    """sample.py's ee_other_px_thirds / closer_to_other_thirds: the first third's values become two rows, the first with
+    the true track's own distance to those tracks as its reference."""
+    def ea(other, seed):
+        split = {"kvaf": {"psnr": 25.0, "latent_mse": 0.03, "ee_track_px": 0.04},
+                 "joint": {"psnr": 24.0, "latent_mse": 0.04, "ee_track_px": 2.0, "ee_track_px_thirds": [3.0, 1.5, 0.5],
+                           "clips_thirds": [5, 6, 5], "ee_other_px_thirds": [other, 4.0, 3.0],
+                           "closer_to_other_thirds": [0.2 * seed, 0.1, 0.0]},
+                 "copy_first": {"psnr": 21.0, "latent_mse": 0.033, "ee_track_px": 4.0, "ee_track_px_thirds": [3.0, 7.0, 2.0],
+                                "clips_thirds": [5, 6, 5]},
+                 "true_track": {"ee_other_px_thirds": [3.5, 4.5, 2.5]}}
+        return {"model": "eawm", "clips": 16, "splits": {"ood_layout": split}}
+    runs = [fake_run(tmp_path, f"s{s}", "eawm", metrics=ea(x, s), seed=s) for s, x in ((0, 2.0), (1, 3.0))]
+    m = compare.compare_runs(runs, splits=("ood_layout",), out_dir=str(tmp_path / "c"), quiet=True)["rows"][0]["metrics"]
+    assert m["ee_other_px_first"]["ood_layout"]["mean"] == 2.5 and m["ee_other_px_first"]["ood_layout"]["ref"] == 3.5
+    assert m["ee_other_px_first"]["ood_layout"]["n_per_seed"] == [5, 5]
+    assert m["closer_to_other_first"]["ood_layout"]["mean"] == pytest.approx(0.1)
+    assert "first third, from the expert's track to another object" in open(tmp_path / "c" / "comparison.md").read()
+
+
 def test_clear_errors(wam_vs_agra, tmp_path):
     other = fake_run(tmp_path, "mv", "mvwam", metrics={"model": "mvwam", "episodes": 1, "splits": {"train": {"success": 0}}})
     with pytest.raises(ValueError, match="different models.*wam_s0: agra.*mv: mvwam"):

@@ -377,6 +377,30 @@ def test_clip_reader_carries_the_kvaf_the_model_renders(clips, toy_data):
     assert "kvaf" not in train.dataset_for(tiny(kvaf=False), toy_data[1], toy_data[2]).get(rows)   # numeric actions
 
 
+def test_other_target_tracks_follow_the_expert_to_each_other_object():
+    """sample.other_target_tracks: per clip, one track per object that is not named, starting where the clip's own
+    track starts; with the named object itself the expert's episode is the clip's own, so renaming the target makes
+    the clip's own track one of the 'other' tracks, to the last bit; in the approach the other objects' tracks part from it."""
+    from data.toyworld import ClipDataset, generate
+    arrays, meta = generate(3, "ood_layout", seed0=100000, res=32)
+    clips = ClipDataset(arrays, meta, frames=9, horizon=8)
+    rows = np.arange(0, len(clips), 4)
+    K, T_wc = np.array(meta["camera"]["K"]), np.array(meta["camera"]["T_wc"])
+    own = project(clips.get(rows)["ee_pose"][..., :3].numpy().astype(np.float64), K, T_wc)[0]     # (B, 9, 2)
+    tracks = sample.other_target_tracks(clips, rows, K, T_wc)
+    for i, r in enumerate(rows):
+        e = meta["episodes"][clips.index[r, 0]]
+        assert tracks[i].shape == (len(e["shapes"]) - 1, 9, 2)
+        assert np.allclose(tracks[i][:, 0], own[i, 0])
+    first = [i for i, r in enumerate(rows) if clips.index[r, 1] == 0]
+    assert first and all(np.abs(tracks[i] - own[i]).max() > 1.0 for i in first)      # they head elsewhere
+    renamed = copy.deepcopy(meta)
+    for e in renamed["episodes"]:
+        e["target"] = (e["target"] + 1) % len(e["shapes"])
+    tracks2 = sample.other_target_tracks(ClipDataset(arrays, renamed, frames=9, horizon=8), rows, K, T_wc)
+    assert all(min(np.abs(t - own[i]).max() for t in tracks2[i]) == 0 for i in range(len(rows)))
+
+
 def test_kvaf_conditioned_generation_uses_the_given_kvaf(clips):
     torch.manual_seed(0)
     model = eawm.Model(tiny())
@@ -453,7 +477,7 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     res = sample.main(["--ckpt", a, "--clips", "4", "--splits", "train", "--steps", "2", "--out", str(tmp_path / "s"),
                        "--threads", "2"])
     row = res["splits"]["train"]
-    assert set(row) == {"copy_first", "kvaf", "joint", "true_video"} and np.isfinite(row["kvaf"]["psnr"]) \
+    assert set(row) == {"copy_first", "kvaf", "joint", "true_video", "true_track"} and np.isfinite(row["kvaf"]["psnr"]) \
         and "ee_track_px" in row["joint"]
     assert np.isfinite(row["copy_first"]["psnr"])
     # the references of the joint track: the arm held still (the clips move), and the recovery on the given, true
@@ -461,6 +485,9 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     assert row["copy_first"]["ee_track_px"] > 0 and 0 <= row["kvaf"]["ee_track_px"] < 0.5
     assert os.path.getsize(tmp_path / "s" / "generation_train.gif") > 100
     assert row["joint"]["ee_track_px_se"] >= 0 and 0 <= row["joint"]["ee_detected"] <= 1
+    # where a miss goes: against the expert's tracks to the other objects (shares in [0, 1]; thirds without clips NaN)
+    assert len(row["joint"]["ee_other_px_thirds"]) == 3 and len(row["true_track"]["ee_other_px_thirds"]) == 3
+    assert all(0 <= x <= 1 for x in row["joint"]["closer_to_other_thirds"] if x == x)
     # the track by where the clip starts in its episode: every clip in one third, and the thirds' clip-weighted mean is
     # the overall mean (each clip has as many frames), for the arm held still and for the joint track
     assert sum(row["copy_first"]["clips_thirds"]) == 4
