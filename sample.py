@@ -322,8 +322,9 @@ def other_target_tracks(clips: ClipDataset, rows: np.ndarray, K: np.ndarray, T_w
     for row in rows:
         ep, start = int(clips.index[row, 0]), int(clips.index[row, 1])
         e = m["episodes"][ep]
-        idx = np.minimum(start + clips.stride * np.arange(clips.frames), clips.ep_len[ep] - 1)
-        own = project(clips.a["ee_pose"][clips.ep_start[ep] + idx, :3].astype(np.float64), K, T_wc)[0]
+        frames = start + clips.stride * np.arange(clips.frames)                  # the clip's frames in its episode
+        own = project(clips.a["ee_pose"][clips.ep_start[ep] + np.minimum(frames, clips.ep_len[ep] - 1), :3]
+                      .astype(np.float64), K, T_wc)[0]
         tracks = []
         for k in range(len(e["shapes"])):
             if k == e["target"]:
@@ -331,7 +332,7 @@ def other_target_tracks(clips: ClipDataset, rows: np.ndarray, K: np.ndarray, T_w
             if (ep, k) not in cache:
                 rec, _ = run_expert_episode(env, e["seed"], e["split"], target=k)
                 cache[ep, k] = project(np.array(rec["ee"])[:, :3].astype(np.float64), K, T_wc)[0]
-            t = cache[ep, k][np.minimum(start + clips.stride * np.arange(clips.frames), len(cache[ep, k]) - 1)]
+            t = cache[ep, k][np.minimum(frames, len(cache[ep, k]) - 1)]
             tracks.append(t - t[0] + own[0])
         out.append(np.stack(tracks) if tracks else np.zeros((0, clips.frames, 2)))
     return out
