@@ -2,7 +2,7 @@
 
     python bench.py                  # toy world + tiny AGRA / MV-WAM on this machine, a table
     python bench.py --json           # the same as JSON
-    python bench.py --device cuda --preset full --dtype bfloat16   # full-size AGRA step on a GPU
+    python bench.py --device cuda --preset full --models eawm --batch-size 1 --grad-checkpoint   # full size, one GPU
     python bench.py --skip-toyworld --models --load                # only the pretrained-weights load row
     python bench.py --skip-toyworld --models agra --compile --threads-sweep   # torch.compile and thread counts
 
@@ -10,7 +10,11 @@ Rows: the machine's measured matmul peak; toy-world rendering frames/s on one co
 dataset generation time; per model: training step time, samples/s, achieved FLOP/s as a fraction
 of the measured peak, inference latency (AGRA: one t = 1 video pass + 4 action Euler steps; MV-WAM:
 5 joint Euler steps, as actions/s like the paper's 17.9 actions/s headline; EA-WM: time per
-generated frame), and peak memory. With --load: the peak RSS of loading a full-size
+generated frame and per Euler step), and peak memory; on a GPU also a train step's peak memory and the
+memory its forward keeps for backward, each against memplan's plan of the same run. A full preset runs on
+a synthetic batch of cached features (the shapes data/encode.py stores) with random weights, initialized
+on the device; `--set` overrides Config fields (e.g. a full preset's data layout at tiny sizes on a CPU),
+`--grad-checkpoint` checkpoints every block as train.py does. With --load: the peak RSS of loading a full-size
 Wan2.1-T2V-1.3B-shaped bf16 checkpoint through WanDiT.from_pretrained, as a ratio to the file size,
 and the load time. With --compile: the first step under torch.compile (compilation included), the
 compiled step as a ratio to the eager one and the steps a run needs to earn the compilation back;
@@ -94,25 +98,23 @@ def bench_toyworld(rows):
     torch.set_num_threads(torch_threads)
 
 
+def encoded_layout(name, cfg) -> bool:
+    """Whether the config trains on cached encoder outputs (VAE latents, text / teacher / image features:
+    the full presets, data/encode.py) rather than on toy-world pixels through the tiny codec."""
+    from data.encode import needs
+    need = needs(name, cfg)
+    return cfg.codec_p >= 8 or bool(need["text"] or need["teacher"] or need["image"])
+
+
 def full_batch(name, cfg, B, device):
-    """A synthetic full-size batch: pre-encoded VAE latents and encoder features, as at paper scale."""
-    p = cfg.codec_p
-    T, h, w = cfg.latent_frames, cfg.height // p, cfg.width // p
-    batch = {"latents": torch.randn(B, cfg.latent_channels, T, h, w, device=device),
-             "video": torch.rand(B, 3, cfg.frames, cfg.height, cfg.width, device=device) * 2 - 1,
-             "state": torch.randn(B, cfg.state_dim, device=device),
-             "actions": torch.randn(B, cfg.horizon, cfg.action_dim, device=device)}
-    if name == "agra":
-        batch["text_emb"] = torch.randn(B, 64, cfg.crossattn_proj_in, device=device)        # Cosmos-Reason features
-    if name == "mvwam":
-        batch["text_emb"] = torch.randn(B, 64, cfg.text_dim, device=device)                 # umT5 features
-        batch["image_emb"] = torch.randn(B, 256, cfg.image_dim, device=device)              # SigLIP2 features
-        batch["value"] = torch.rand(B, device=device)
-    if name == "eawm":
-        batch["text_emb"] = torch.randn(B, 64, cfg.text_dim, device=device)
-        batch["kvaf_latents"] = torch.randn_like(batch["latents"])
-        batch["edls_latents"] = torch.randn_like(batch["latents"])
-    return batch
+    """A synthetic batch of cached features with the shapes data/encode.py stores for this config (VAE
+    latents, text / teacher / image / KVAF features), as a full-size run reads them."""
+    from data.encode import clip_shapes
+    g = torch.Generator().manual_seed(0)
+    batch = {k: torch.randn(B, *s, generator=g) for k, s in clip_shapes(name, cfg).items() if k not in ("task", "value")}
+    batch["value"] = torch.rand(B, generator=g)
+    batch["text"] = ["put the red cube in the bin"] * B
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 FROZEN = {      # the step of a run whose video model is frozen (the tiny default runs), against the joint step
@@ -123,7 +125,7 @@ FROZEN = {      # the step of a run whose video model is frozen (the tiny defaul
 INFERENCE = {   # what one `sample` call is, per model
     "agra": lambda cfg: f"t=1 video pass + {cfg.action_steps} action steps",
     "mvwam": lambda cfg: f"{cfg.sample_steps} joint video+action Euler steps",
-    "eawm": lambda cfg: f"{cfg.sample_steps} Euler steps, KVAF-conditioned",
+    "eawm": lambda cfg: f"{cfg.sample_steps} Euler steps, " + ("KVAF-conditioned" if cfg.kvaf_cond_prob > 0 else "joint video + KVAF"),
 }
 
 
@@ -132,37 +134,72 @@ def train_step(model, batch, autocast):
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.param_groups(), lr=1e-5, fused=device.type in ("cpu", "cuda"))   # as train.py's
 
-    def step():
+    def step(probe=None):                                   # probe: a dict for the GPU memory the forward keeps
         with autocast:
             loss, _ = model.loss(batch)
+        if probe is not None:
+            probe["after_forward"] = torch.cuda.memory_allocated(device)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compile_=False, threads_sweep=False):
-    """Training step time, samples/s, FLOP/s as a fraction of the matmul peak, inference latency and
-    actions/s at batch 1, memory; optionally the step with fewer CPU threads and under torch.compile."""
-    import importlib
-
+def count_flops(mod, model, cfg, batch, autocast, on_meta: bool) -> int:
+    """FLOPs of one training step (loss forward + backward), without activation checkpointing's
+    recomputation. on_meta: counted on a copy of the model on the `meta` device (no memory at any size;
+    for batches of cached features, which need no data-dependent preprocessing); else on `model` itself.
+    Under torch.utils.checkpoint, FlopCounterMode made the recomputation keep every block's activations
+    (more memory than no checkpointing, measured on the CPU), so checkpointing is off while counting."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from data.toyworld import VOCAB, ClipDataset, generate
+    from common import set_grad_checkpointing
+    if on_meta:
+        with torch.device("meta"):
+            model = mod.Model(cfg)
+        model.param_groups()
+        batch = {k: (v.to("meta") if torch.is_tensor(v) else v) for k, v in batch.items()}
+    ckpt = [m.grad_checkpoint for m in model.modules() if hasattr(m, "grad_checkpoint")]
+    set_grad_checkpointing(model, False)
+    with FlopCounterMode(display=False) as fc:
+        with autocast:
+            loss, _ = model.loss(batch)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    for m, on in zip([m for m in model.modules() if hasattr(m, "grad_checkpoint")], ckpt):
+        m.grad_checkpoint = on
+    return fc.get_total_flops()
+
+
+def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compile_=False, threads_sweep=False,
+                overrides=(), grad_checkpoint=False):
+    """Training step time, samples/s, FLOP/s as a fraction of the matmul peak, inference latency and
+    actions/s at batch 1, memory (on a GPU: the train step's peak and the memory the forward keeps for
+    backward, each against memplan's plan of the same run); optionally the step with fewer CPU threads and
+    under torch.compile."""
+    import importlib
+
+    import memplan
+    from common import set_grad_checkpointing
+    from data.toyworld import ClipDataset, generate
+    from train import make_config
     mod = importlib.import_module(name)
-    base = copy.deepcopy(mod.CONFIGS[preset])
-    base.vocab = tuple(VOCAB)
+    base = make_config(name, preset, overrides)
     cfg = copy.deepcopy(base)
     if getattr(cfg, "freeze_video", False):
         cfg.freeze_video = False                           # the joint step; FROZEN's row times the frozen one
         if getattr(cfg, "image_encoder", "") == "grounded":                 # MV-WAM: it reads the frozen Video Expert
             cfg.image_encoder, cfg.image_dim = type(cfg).image_encoder, type(cfg).image_dim
-    B = batch_size or (cfg.batch_size if preset == "tiny" else 2)
+    small = not encoded_layout(name, cfg)                  # toy-world pixels (tiny presets) | cached features (full)
+    B = batch_size or (cfg.batch_size if small else 2)
     torch.manual_seed(0)
-    model = mod.Model(cfg).to(device)
+    with torch.device(device):                             # initialized where it runs: a 10 B model in seconds on a GPU
+        model = mod.Model(cfg)
+    if grad_checkpoint and not set_grad_checkpointing(model):
+        raise ValueError(f"--grad-checkpoint: {name} has no block loop to checkpoint")
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    if preset == "tiny":
+    if small:
         arrays, meta = generate(16, "train", seed0=0)
         ds = ClipDataset(arrays, meta, cfg.frames, cfg.horizon, cfg.latent_q, getattr(cfg, "teacher_patch", 0),
                          getattr(cfg, "teacher_dim", 16))
@@ -170,15 +207,26 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compil
     else:
         batch = full_batch(name, cfg, B, device)
     step = train_step(model, batch, autocast)
-    with FlopCounterMode(display=False) as fc:
-        with autocast:
-            loss, _ = model.loss(batch)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    flops = fc.get_total_flops()
-    if device.type == "cuda":
+    flops = count_flops(mod, model, cfg, batch, autocast, on_meta=not small)
+    if device.type == "cuda":                              # a train step after the first (optimizer state allocated)
+        plan = memplan.plan(name, cfg, model, B, 1, "ddp", dtype, grad_checkpoint,
+                            torch.cuda.get_device_properties(device).total_memory / memplan.GiB)
+        GiB = memplan.GiB
+        rows.append((name, f"{preset} memory plan of this run (memplan, DDP on 1 GPU): total (GiB)", plan["total"] / GiB, "GiB"))
+        step()
+        sync()
         torch.cuda.reset_peak_memory_stats()
-    t = timeit(step, repeat=5 if preset == "tiny" else 3, sync=sync)
+        probe = {"before": torch.cuda.memory_allocated(device)}
+        step(probe)
+        sync()
+        kept, kept_plan = probe["after_forward"] - probe["before"], plan["activations"] + plan["fixed"]["autocast weight copies"]
+        rows.append((name, f"{preset} kept by the forward for backward (GiB)", kept / GiB, "GiB"))
+        rows.append((name, f"{preset} plan: activations + autocast weight copies (GiB)", kept_plan / GiB, "GiB"))
+        rows.append((name, f"{preset} kept by the forward / plan's activations + copies", kept / kept_plan, "ratio"))
+        rows.append((name, f"{preset} train step: peak GPU memory (GiB)", torch.cuda.max_memory_allocated() / GiB, "GiB"))
+        rows.append((name, f"{preset} train step peak / plan total", torch.cuda.max_memory_allocated() / plan["total"], "ratio"))
+        torch.cuda.reset_peak_memory_stats()
+    t = timeit(step, repeat=5 if small else 3, warmup=2 if small else 1, sync=sync)
     rows.append((name, f"{preset} train step (batch {B}) s", t, "s"))
     rows.append((name, f"{preset} train samples/s", B / t, "samples/s"))
     rows.append((name, f"{preset} train FLOP per step (G)", flops / 1e9, "GFLOP"))
@@ -186,10 +234,14 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compil
     if name in FROZEN:                                     # the video model frozen: its forward only, no L_vid
         label, changes = FROZEN[name]
         frozen_cfg = base if getattr(base, "freeze_video", False) else dataclasses.replace(cfg, **changes)   # the preset's own
-        frozen_step = train_step(mod.Model(frozen_cfg).to(device), batch, autocast)
-        tf = timeit(frozen_step, repeat=5 if preset == "tiny" else 3, sync=sync)
+        with torch.device(device):
+            frozen_model = mod.Model(frozen_cfg)
+        if grad_checkpoint:
+            set_grad_checkpointing(frozen_model)
+        frozen_step = train_step(frozen_model, batch, autocast)
+        tf = timeit(frozen_step, repeat=5 if small else 3, warmup=2 if small else 1, sync=sync)
         rows.append((name, f"{preset} train step, video model frozen ({label}) / joint step", tf / t, "ratio"))
-        del frozen_step
+        del frozen_step, frozen_model
     if threads_sweep and device.type == "cpu":                 # each thread count against the default (all cores)
         n = torch.get_num_threads()
         for k in range(1, n):
@@ -204,19 +256,24 @@ def bench_model(name, rows, device, dtype, preset, peak, batch_size=None, compil
         if sync:
             sync()
         first = time.perf_counter() - t0
-        tc = timeit(step, repeat=5 if preset == "tiny" else 3, sync=sync)
+        tc = timeit(step, repeat=5 if small else 3, warmup=2 if small else 1, sync=sync)
         model.loss = eager_loss
         rows.append((name, f"{preset} torch.compile: first step incl. compilation (s)", first, "s"))
         rows.append((name, f"{preset} torch.compile: train step / eager train step", tc / t, "ratio"))
         rows.append((name, f"{preset} torch.compile: steps to earn back the compilation", first / max(t - tc, 1e-9)
                      if tc < t else float("inf"), "steps"))
     model.eval()
-    one = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in batch.items()}
+    one = {k: v[:1] for k, v in batch.items()}
     with autocast:
-        lat = timeit(lambda: model.sample(one), repeat=10 if preset == "tiny" else 5, sync=sync)
+        if small:
+            lat = timeit(lambda: model.sample(one), repeat=10, sync=sync)
+        else:                                               # a full-size generation can take minutes: warm up on one step
+            model.sample(one, steps=1)
+            lat = timeit(lambda: model.sample(one), repeat=1 if name == "eawm" else 3, warmup=0, sync=sync)
     rows.append((name, f"{preset} inference: {INFERENCE[name](cfg)}, batch 1 (ms)", lat * 1e3, "ms"))
     if name == "eawm":                                      # a video generator: time per generated frame
         rows.append((name, f"{preset} generation time per generated frame (ms)", lat * 1e3 / (cfg.frames - 1), "ms"))
+        rows.append((name, f"{preset} generation time per Euler step (ms)", lat * 1e3 / cfg.sample_steps, "ms"))
     else:
         rows.append((name, f"{preset} inference actions/s (K={cfg.horizon} per chunk)", cfg.horizon / lat, "actions/s"))
     if device.type == "cuda":
@@ -279,6 +336,21 @@ def bench_load(rows):
     rows.append(("load", "reading every weight once (s)", r["touch_s"], "s"))
 
 
+class Rows(list):
+    """The measured rows; with `echo`, each printed as it is measured (a long full-size run stopped midway
+    keeps what it measured)."""
+
+    def __init__(self, echo: bool):
+        super().__init__()
+        self.echo = echo
+
+    def append(self, row):
+        super().append(row)
+        if self.echo:
+            g, k, v, _ = row
+            print(f"{g:9s} {k:66s} {v:12.4g}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Measure toy-world and model speed as ratios measured in one run.")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) or a torch device")
@@ -292,26 +364,29 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the train step under torch.compile (minutes of "
                    "compilation per model on a CPU)")
     p.add_argument("--threads-sweep", action="store_true", help="CPU: also time the train step with 1 .. n-1 threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a Config field of every "
+                   "timed model (e.g. a full preset at another batch layout or size)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per transformer block, "
+                   "as train.py's (the full presets' plans need it)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    rows = []
+    rows = Rows(echo=not args.json)
+    if not args.json:
+        print(f"{'group':9s} {'metric':66s} {'value':>12s}", flush=True)
     peak = matmul_peak(device, dtype)
     rows.append(("machine", f"matmul peak {dtype} on {device.type} ({torch.get_num_threads()} threads)", peak / 1e9, "GFLOP/s"))
     if not args.skip_toyworld:
         bench_toyworld(rows)
     for m in args.models:
-        bench_model(m, rows, device, dtype, args.preset, peak, args.batch_size, args.compile, args.threads_sweep)
+        bench_model(m, rows, device, dtype, args.preset, peak, args.batch_size, args.compile, args.threads_sweep,
+                    args.set, args.grad_checkpoint)
     if args.load:
         bench_load(rows)
     if args.json:
         print(json.dumps([{"group": g, "metric": k, "value": v, "unit": u} for g, k, v, u in rows], indent=1))
-    else:
-        print(f"{'group':9s} {'metric':66s} {'value':>12s}")
-        for g, k, v, u in rows:
-            print(f"{g:9s} {k:66s} {v:12.4g}")
-    return rows
+    return list(rows)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ modules outside the transformer blocks (embeddings, heads, losses) are not count
 its total is at most 90 % of the GPU.
 
 Per GPU, with P parameters (P_t trainable), N GPUs, AdamW (two fp32 moments per trainable weight):
-  DDP      weights 4 P; gradients 4 P_t; optimizer 8 P_t; bf16 autocast keeps a 2-byte copy of every
-           weight that runs with grad (2 P_g) through the forward
+  DDP      weights 4 P; gradients 4 P_t; optimizer 8 P_t; bf16 autocast keeps a 2-byte copy (2 P_g) of
+           every trainable weight (its cast is cached until the autocast region ends) and of every frozen
+           weight that runs with autograd (saved for the input's gradient); with activation checkpointing
+           the frozen weights' copies only outside the checkpointed blocks + one block's
+           (autocast_copies; EA-WM's frozen 10 B base: 19.5 GiB without checkpointing, 0.8 with)
   FSDP2    weights 4 P / N + the unsharded working set, in bf16: the root unit + 2 block units
            (current + prefetched); gradients 4 P_t / N + one unit's unsharded gradient; optimizer 8 P_t / N
 
@@ -25,12 +28,21 @@ fused attention kernel (no L x L matrix) -- tests/test_fullscale.py recounts the
     block (file)                     bf16 compute (a, f, c)   fp32 compute (a, f, c)
     Cosmos block (agra.CosmosBlock)       126, 4, 12              152, 8, 20     (per-token fp32 modulation)
     Wan block (common.WanBlock)            70, 4, 12               96, 8, 20
+    MV-WAM MoT layer (mvwam.ExpertBlock)  102, 4, 12              128, 8, 20     (a Wan block with per-token
+                                                                                 modulation in a shared attention)
     self-attention block (agra.SABlock)    16, 4, 0                32, 8, 0
     GR00T action block (agra.ActionBlock)  28, 4, 8                56, 8, 16     (context width 2 D)
     event fusion (eawm.EventFusion)        72, 6, 0               112, 12, 0     (F = event_dim)
 
 With activation checkpointing a block keeps only its input (L D elements of s bytes; a fusion layer
-both streams') and one block at a time is recomputed in backward: A = sum_blocks L D s + max_block A_block.
+both streams') and one block at a time is recomputed in backward: A = sum_blocks L D s + max_block A_block,
+plus, for MV-WAM and EA-WM, each stream's per-token modulation e0 (fp32 L x 6 x D, an input of every block).
+
+Checked on an H200 (bench.py --preset full --device cuda, bf16, random weights; README "Measured on a GPU"):
+the memory the forward keeps for backward against activations + autocast copies, without checkpointing,
+AGRA 1.03 (batch 2), MV-WAM 0.99 / 0.98 (batch 4 / 8; 1.29 before the MoT row above was measured); a train
+step's peak against the total, AGRA 0.91 (batch 8), MV-WAM 0.92 (batch 4), with checkpointing MV-WAM 1.04
+(batch 64), EA-WM stage 1 1.02 (batch 1; 0.82 before the checkpointing rules above).
 """
 from __future__ import annotations
 
@@ -42,12 +54,14 @@ from common import fsdp_units
 
 ACT = {"cosmos": {2: (126, 4, 12), 4: (152, 8, 20)},
        "wan": {2: (70, 4, 12), 4: (96, 8, 20)},
+       "mot": {2: (102, 4, 12), 4: (128, 8, 20)},
        "sa": {2: (16, 4, 0), 4: (32, 8, 0)},
        "action": {2: (28, 4, 8), 4: (56, 8, 16)},
        "fusion": {2: (72, 6, 0), 4: (112, 12, 0)}}
 LORA = {2: 27, 4: 44}                        # bytes per token per LoRA rank (LoRA-injected Wan block)
 TINY_TEXT = 16                               # tokens of the tiny text encoder (common.TinyTextEncoder)
 GiB = 2 ** 30
+PER_TOKEN_E0 = ("mvwam", "eawm")             # their Wan blocks' modulation e0 is per token: fp32 (B, L, 6, D) per stream
 
 
 def block_bytes(kind: str, L: int, D: int, F: int, Lc: int, s: int, lora: int = 0) -> float:
@@ -77,10 +91,10 @@ def block_rows(name: str, cfg) -> list[tuple]:
                          4 * cfg.act_dim, Nv, 0))
     elif name == "mvwam":
         Lc = TEXT_LEN if cfg.text_encoder == "precomputed" else TINY_TEXT
-        rows.append(("video expert blocks", cfg.layers, "wan", Nv, cfg.video_dim, cfg.video_ffn, Lc, 0))
+        rows.append(("video expert blocks", cfg.layers, "mot", Nv, cfg.video_dim, cfg.video_ffn, Lc, 0))
         if cfg.stage == "joint":
             n_img = SIGLIP_TOKENS if cfg.image_encoder == "precomputed" else (cfg.height // cfg.image_patch) * (cfg.width // cfg.image_patch)
-            rows.append(("action-value expert blocks", cfg.layers, "wan", cfg.horizon + 1 + int(cfg.use_value), cfg.act_width,
+            rows.append(("action-value expert blocks", cfg.layers, "mot", cfg.horizon + 1 + int(cfg.use_value), cfg.act_width,
                          cfg.act_ffn, max(Lc, n_img), 0))
     elif name == "eawm":
         Lc = TEXT_LEN if cfg.text_encoder == "precomputed" else TINY_TEXT
@@ -92,15 +106,38 @@ def block_rows(name: str, cfg) -> list[tuple]:
     return rows
 
 
-def no_grad_params(name: str, cfg, model) -> int:
-    """Parameters of the modules that run without autograd in this stage (frozen teacher, AGRA's
-    frozen video DiT, MV-WAM's unused action expert in the video stage)."""
+def no_grad_prefixes(name: str, cfg) -> tuple:
+    """Parameter-name prefixes of the modules that run without autograd in this stage (frozen teacher,
+    AGRA's frozen video DiT, MV-WAM's unused action expert in the video stage)."""
     skip = ["teacher."]
     if name == "agra" and (cfg.stage == "finetune" or cfg.freeze_video):
         skip += ["video.", "text_encoder."]
     if name == "mvwam" and cfg.stage == "video":
         skip += ["action.", "image_encoder."]
-    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(tuple(skip)))
+    return tuple(skip)
+
+
+def no_grad_params(name: str, cfg, model) -> int:
+    """Parameters of the modules that run without autograd in this stage (no_grad_prefixes)."""
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(no_grad_prefixes(name, cfg)))
+
+
+def autocast_copies(name: str, cfg, model, grad_checkpoint: bool) -> int:
+    """Weights of which bf16 autocast holds a 2-byte copy through the forward (elements): every trainable
+    weight (autocast caches its cast until the autocast region ends) and every frozen weight that runs
+    with autograd (its copy is saved for the input's gradient). Under activation checkpointing a frozen
+    weight's copy is saved only outside the checkpointed blocks, plus one block's at a time in backward."""
+    skip = no_grad_prefixes(name, cfg)
+    frozen = {id(p): p.numel() for n, p in model.named_parameters() if not p.requires_grad and not n.startswith(skip)}
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(frozen.values())
+    if not grad_checkpoint:
+        return n
+    seen, units = set(), []
+    for unit in fsdp_units(model):                                  # the transformer blocks (checkpointed)
+        ids = {id(p) for m in unit for p in m.parameters() if id(p) in frozen} - seen
+        seen |= ids
+        units.append(sum(frozen[i] for i in ids))
+    return n - sum(units) + max(units, default=0)
 
 
 def plan(name: str, cfg, model, batch: int, gpus: int = 1, strategy: str = "ddp", dtype=torch.bfloat16,
@@ -113,7 +150,7 @@ def plan(name: str, cfg, model, batch: int, gpus: int = 1, strategy: str = "ddp"
     s = 2 if dtype in (torch.bfloat16, torch.float16) else 4
     P = sum(p.numel() for p in model.parameters())
     Pt = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    Pg = P - no_grad_params(name, cfg, model)
+    Pg = autocast_copies(name, cfg, model, grad_checkpoint)
     N = gpus if strategy == "fsdp" else 1
     out = {"model": name, "stage": cfg.stage, "batch": batch, "gpus": gpus, "strategy": strategy, "dtype": str(dtype).split(".")[-1],
            "grad_checkpoint": grad_checkpoint, "gpu_gb": gpu_gb, "params": P, "trainable": Pt}
@@ -135,6 +172,10 @@ def plan(name: str, cfg, model, batch: int, gpus: int = 1, strategy: str = "ddp"
     if grad_checkpoint:
         per_sample = sum(n * inp for _, n, _, inp in full) + max(b for _, _, b, _ in full)
         detail = [(what + " (inputs kept)", n * inp) for what, n, _, inp in full]
+        e0 = sum(L * 6 * D * 4 for _, _, kind, L, D, *_ in rows if kind in ("wan", "mot") and name in PER_TOKEN_E0)
+        if e0:
+            per_sample += e0
+            detail.append(("per-token modulation e0 (one per stream)", e0))
         detail.append(("one block recomputed in backward", max(b for _, _, b, _ in full)))
     else:
         per_sample = sum(n * b for _, n, b, _ in full)

@@ -358,8 +358,67 @@ def test_dry_run_plans_every_full_preset():
     assert video == 56 * (1260 * (126 * 2048 + 4 * 8192) + 12 * 512 * 2048)
     e = train.main(["--model", "eawm", "--preset", "full", "--dry-run", "--batch-size", "1", "--strategy", "fsdp",
                     "--gpus", "32", "--gpu-gb", "80", "--grad-checkpoint"])
-    assert e["fits"] and not plans["eawm"]["fits"]                  # EA-WM 10 B LoRA: FSDP + checkpointing on 80 GB
+    assert e["fits"] and not plans["eawm"]["fits"]                  # EA-WM 10 B LoRA: checkpointing on 80 GB
     assert e["fixed"]["optimizer"] == 8 * e["trainable"] / 32 and e["trainable"] < e["params"] / 50
+
+
+def test_checkpointing_rows_of_the_plan():
+    """Under activation checkpointing: EA-WM's frozen base keeps no bf16 copies in its blocks (only the trainable
+    weights, the frozen weights outside the blocks and one block's), and each stream's per-token modulation
+    e0 (fp32 L x 6 x D) is counted once; without checkpointing every frozen weight that runs with grad."""
+    cfg = train.make_config("eawm", "full", stage="stage1")
+    with torch.device("meta"):
+        model = train.model_module("eawm").Model(cfg)
+    model.param_groups()
+    off = memplan.plan("eawm", cfg, model, 1, grad_checkpoint=False)
+    on = memplan.plan("eawm", cfg, model, 1, grad_checkpoint=True)
+    P, Pt = off["params"], off["trainable"]
+    assert off["fixed"]["autocast weight copies"] == 2 * P                      # nothing of EA-WM runs without grad
+    blocks = [c for m in model.modules() if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)) for c in m.children()]
+    frozen = [sum(p.numel() for p in c.parameters() if not p.requires_grad) for c in blocks]   # Wan blocks, fusion layers
+    assert len(blocks) == 2 * 30 + 5 and max(frozen) == frozen[0]
+    assert on["fixed"]["autocast weight copies"] == 2 * (Pt + (P - Pt - sum(frozen)) + max(frozen))
+    assert on["fixed"]["autocast weight copies"] < 0.05 * off["fixed"]["autocast weight copies"]
+    assert dict(on["activation_rows"])["per-token modulation e0 (one per stream)"] == 2 * 27280 * 6 * 3072 * 4
+    assert not any("e0" in what for what, _ in off["activation_rows"])
+
+
+def test_copies_of_a_frozen_stack_under_checkpointing():
+    """autocast_copies on a hand-sized model: a trainable head (10 x 10 + 10), a frozen embedding (7 x 10) and
+    three frozen blocks of 2 x (10 x 10) each in a ModuleList."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(7, 10)
+            self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(10, 10, bias=False),
+                                                                  torch.nn.Linear(10, 10, bias=False)) for _ in range(3))
+            self.head = torch.nn.Linear(10, 10)
+    net = Net()
+    for m in (net.embed, net.blocks):
+        m.requires_grad_(False)
+    cfg = SimpleNamespace(stage="joint", freeze_video=False)
+    assert memplan.autocast_copies("eawm", cfg, net, False) == 110 + 70 + 600
+    assert memplan.autocast_copies("eawm", cfg, net, True) == 110 + 70 + 200
+
+
+def test_bench_times_a_full_layout_config_with_checkpointing():
+    """bench.py on a full preset's data layout (cached features, VAE latents) at tiny sizes, with activation
+    checkpointing: every row is a finite number, and the FLOP count leaves the model's checkpointing as it was."""
+    import bench
+    from common import set_grad_checkpointing
+    args = [a for kv in SETS["eawm"] for a in ("--set", kv)]
+    rows = bench.main(["--device", "cpu", "--skip-toyworld", "--models", "eawm", "--grad-checkpoint", "--json"] + args)
+    got = {k: v for _, k, v, _ in rows}
+    assert all(np.isfinite(v) and v > 0 for v in got.values()), got
+    assert "tiny train step (batch 2) s" in got and "tiny generation time per Euler step (ms)" in got
+    cfg = train.make_config("eawm", "tiny", SETS["eawm"])
+    model = train.model_module("eawm").Model(cfg)
+    set_grad_checkpointing(model)
+    batch = bench.full_batch("eawm", cfg, 2, "cpu")
+    meta = bench.count_flops(train.model_module("eawm"), model, cfg, batch, torch.autocast("cpu", enabled=False), on_meta=True)
+    real = bench.count_flops(train.model_module("eawm"), model, cfg, batch, torch.autocast("cpu", enabled=False), on_meta=False)
+    assert all(m.grad_checkpoint for m in model.modules() if hasattr(m, "grad_checkpoint"))
+    assert meta > 0 and real > 0 and abs(meta / real - 1) < 0.5
 
 
 def test_activation_formula_counts_what_autograd_saves():
