@@ -291,6 +291,9 @@ class Config:
     first_frame_concat: bool = False     # ours (tiny preset): the clean first frame's latents are also concatenated
                                          #   along channels to every video frame's input, as Wan2.1-I2V conditions;
                                          #   Wan2.2 TI2V (the paper's backbone) conditions in-sequence only (False)
+    color_jitter: float = 0.0            # ours (toy, off): each training clip's frames times one random gain per
+                                         #   colour channel in [1 - j, 1 + j] (color_jitter), so that erasing the arm
+                                         #   where it was must read the table's colour (README, "EA-WM on the toy world")
     # training (Sec. 4.1)
     lora_rank: int = 32                  # LoRA on both streams' blocks, base frozen; 0 = train the base in full
     lora_pattern: str = r"^(video\.blocks|kvaf_blocks)\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])$"
@@ -322,6 +325,8 @@ class Config:
         check_choice("text_encoder", self.text_encoder, ("tiny", "precomputed"))
         check_layers("fusion_layers", self.fusion_layers, self.layers)
         check_clip_frames(self.frames, self.latent_q)
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"color_jitter={self.color_jitter}; expected a value in [0, 1)")
 
     @property
     def latent_frames(self) -> int:
@@ -448,6 +453,13 @@ def patchify(z: torch.Tensor, patch) -> torch.Tensor:
     pt, ph, pw = patch
     z = z.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
     return z.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, (T // pt) * (H // ph) * (W // pw), pt * ph * pw * C)
+
+
+def color_jitter(video: torch.Tensor, j: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> the same clips, each multiplied by one gain per colour channel drawn
+    from U[1 - j, 1 + j], in [0, 1] pixel space and clipped there (ours, toy: Config.color_jitter)."""
+    g = 1 + j * (2 * torch.rand(video.shape[0], 3, 1, 1, 1, generator=generator) - 1)
+    return ((video + 1) / 2 * g.to(video.device)).clamp(0, 1) * 2 - 1
 
 
 def edls_target(video: torch.Tensor, encode) -> torch.Tensor:
@@ -640,6 +652,8 @@ class Model(nn.Module):
     # ---------------------------------------------------------------- training loss (Eq. 8)
     def loss(self, batch):
         cfg = self.cfg
+        if cfg.color_jitter and "latents" not in batch:                         # ours (toy): the frames, not the KVAF
+            batch = {**batch, "video": color_jitter(batch["video"], cfg.color_jitter)}
         z, k = self.streams(batch)
         B, T, dev = z.shape[0], z.shape[2], z.device
         ctx = self.context(batch)

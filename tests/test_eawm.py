@@ -329,6 +329,31 @@ def test_edls_is_normalized_so_predicting_no_change_scores_one(clips):
     assert model.loss(batch)[1]["edls"].item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
 
 
+def test_color_jitter_is_one_gain_per_clip_and_channel(clips, monkeypatch):
+    """The jittered clip over the original, in [0, 1] pixel space, is one constant per clip and channel within
+    [1 - j, 1 + j] wherever nothing was clipped; j = 0 is the identity; the loss jitters the frames, not the KVAF."""
+    batch = clips.sample(3, torch.Generator().manual_seed(3))
+    video = batch["video"]
+    out = eawm.color_jitter(video, 0.3, torch.Generator().manual_seed(0))
+    x, y = (video + 1) / 2, (out + 1) / 2
+    g = 1 + 0.3 * (2 * torch.rand(3, 3, 1, 1, 1, generator=torch.Generator().manual_seed(0)) - 1)
+    assert torch.allclose(y, (x * g).clamp(0, 1), atol=1e-6)
+    ok = (x > 0.05) & (y < 0.999)
+    ratio = torch.where(ok, y / x.clamp_min(1e-6), torch.nan)
+    spread = ratio.flatten(2).nan_to_num(1.0).amax(2) - ratio.flatten(2).nan_to_num(1e9).amin(2)
+    assert spread.abs().max() < 1e-4                                          # one gain per clip and channel
+    assert (g.flatten(1) - 1).abs().max() <= 0.3 and (g.flatten(1) - 1).abs().max() > 0.05
+    assert torch.equal(eawm.color_jitter(video, 0.0), video.clamp(-1, 1))
+    seen = []
+    monkeypatch.setattr(eawm, "color_jitter", lambda v, j: seen.append((v, j)) or v)
+    eawm.Model(tiny(color_jitter=0.2)).loss(batch)
+    assert len(seen) == 1 and seen[0][1] == 0.2 and seen[0][0] is video
+    eawm.Model(tiny()).loss(batch)
+    assert len(seen) == 1                                                     # off by default
+    with pytest.raises(ValueError, match="color_jitter"):
+        eawm.Config(color_jitter=1.0)
+
+
 def test_fusion_alignment_follows_the_config_not_token_counts():
     """kvaf=False: the fusion pairs each token with the other stream's mean token even when both streams
     happen to have the same length."""
