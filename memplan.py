@@ -117,11 +117,6 @@ def no_grad_prefixes(name: str, cfg) -> tuple:
     return tuple(skip)
 
 
-def no_grad_params(name: str, cfg, model) -> int:
-    """Parameters of the modules that run without autograd in this stage (no_grad_prefixes)."""
-    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(no_grad_prefixes(name, cfg)))
-
-
 def autocast_copies(name: str, cfg, model, grad_checkpoint: bool) -> int:
     """Weights of which bf16 autocast holds a 2-byte copy through the forward (elements): every trainable
     weight (autocast caches its cast until the autocast region ends) and every frozen weight that runs
