@@ -41,7 +41,7 @@ plus, for MV-WAM and EA-WM, each stream's per-token modulation e0 (fp32 L x 6 x 
 Checked on an H200 (bench.py --preset full --device cuda, bf16, random weights; README "Measured on a GPU"):
 the memory the forward keeps for backward against activations + autocast copies, without checkpointing,
 AGRA 1.03 (batch 2), MV-WAM 0.99 / 0.98 (batch 4 / 8; 1.29 before the MoT row above was measured); a train
-step's peak against the total, AGRA 0.91 (batch 8), MV-WAM 0.92 (batch 4), with checkpointing MV-WAM 1.04
+step's peak against the total, AGRA 0.92 / 0.91 (batch 2 / 8), MV-WAM 0.92 (batch 4), with checkpointing MV-WAM 1.04
 (batch 64), EA-WM stage 1 1.02 (batch 1; 0.82 before the checkpointing rules above).
 """
 from __future__ import annotations
