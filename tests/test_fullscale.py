@@ -360,6 +360,9 @@ def test_dry_run_plans_every_full_preset():
                     "--gpus", "32", "--gpu-gb", "80", "--grad-checkpoint"])
     assert e["fits"] and not plans["eawm"]["fits"]                  # EA-WM 10 B LoRA: checkpointing on 80 GB
     assert e["fixed"]["optimizer"] == 8 * e["trainable"] / 32 and e["trainable"] < e["params"] / 50
+    d = train.main(["--model", "eawm", "--preset", "full", "--dry-run", "--batch-size", "1", "--strategy", "ddp",
+                    "--gpus", "1", "--gpu-gb", "80", "--grad-checkpoint"])
+    assert d["fits"] and d["max_batch"] == 1                        # one 80 GB GPU, no FSDP (measured: 64.5 GiB, README)
 
 
 def test_checkpointing_rows_of_the_plan():
