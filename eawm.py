@@ -294,6 +294,9 @@ class Config:
     color_jitter: float = 0.0            # ours (toy, off): each training clip's frames times one random gain per
                                          #   colour channel in [1 - j, 1 + j] (color_jitter), so that erasing the arm
                                          #   where it was must read the table's colour (README, "EA-WM on the toy world")
+    random_background: bool = False      # ours (toy, off): each training clip's table and wall repainted in one random
+                                         #   colour each, none nearer a held-out colour than the training palettes are
+                                         #   (data.toyworld.randomize_background; README, "EA-WM on the toy world")
     # training (Sec. 4.1)
     lora_rank: int = 32                  # LoRA on both streams' blocks, base frozen; 0 = train the base in full
     lora_pattern: str = r"^(video\.blocks|kvaf_blocks)\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])$"
@@ -652,6 +655,12 @@ class Model(nn.Module):
     # ---------------------------------------------------------------- training loss (Eq. 8)
     def loss(self, batch):
         cfg = self.cfg
+        if cfg.random_background:                                                # ours (toy): the frames, not the KVAF
+            if "seg" not in batch or "latents" in batch:
+                raise ValueError("random_background repaints the toy world's table and wall from batch['seg'] and "
+                                 "batch['video']; this batch has " + ", ".join(sorted(batch)))
+            from data.toyworld import randomize_background
+            batch = {**batch, "video": randomize_background(batch["video"], batch["seg"])}
         if cfg.color_jitter and "latents" not in batch:                         # ours (toy): the frames, not the KVAF
             batch = {**batch, "video": color_jitter(batch["video"], cfg.color_jitter)}
         z, k = self.streams(batch)

@@ -822,6 +822,51 @@ def semantic_teacher(classes: np.ndarray, patch: int, emb: np.ndarray) -> np.nda
     pooled = onehot.reshape(*lead, H // patch, patch, W // patch, patch, n).mean((-4, -2))
     return pooled @ emb                                        # (..., h, w, d)
 
+# -------------------------------------------------------------------------------------------------
+# Random backgrounds (a training augmentation that keeps ood_background's colours unseen)
+# -------------------------------------------------------------------------------------------------
+
+def held_out_margins() -> np.ndarray:
+    """(len(OOD_TABLE) + len(OOD_WALL),) levels: each held-out table / wall colour's L-inf distance to the nearest
+    colour of the training palettes (TRAIN_TABLE + TRAIN_WALL), i.e. how unseen the split's colours are."""
+    held, seen = np.array(OOD_TABLE + OOD_WALL), np.array(TRAIN_TABLE + TRAIN_WALL)
+    return np.abs(held[:, None] - seen[None]).max(-1).min(1)
+
+
+def random_background_colors(n: int, generator: torch.Generator | None = None, tries: int = 64) -> torch.Tensor:
+    """(n, 2, 3) random (table, wall) colours in 8-bit levels, uniform over the colours that leave the split's
+    meaning as it is: each is at least as far (L-inf) from every held-out table / wall colour as the training
+    palettes' nearest colour is (held_out_margins), at least as far from the objects', bin's, arm's, gripper's and
+    target mark's colours as any training palette colour is (45 levels), and darker than the arm's light grey on its darkest
+    channel (ARM_MIN_CHANNEL, so that arm_likeness still sees only the arm). Rejection sampling: `tries` candidates
+    per colour (about half are kept)."""
+    held = torch.tensor(OOD_TABLE + OOD_WALL, dtype=torch.float32)
+    margin = torch.from_numpy(held_out_margins()).float()
+    others = torch.tensor(list(COLORS.values()) + [BIN_COLOR, ARM_COLOR, GRIPPER_COLOR, MARK_COLOR], dtype=torch.float32)
+    seen = torch.tensor(TRAIN_TABLE + TRAIN_WALL, dtype=torch.float32)
+    other_margin = (seen[:, None] - others[None]).abs().amax(-1).amin()                  # 45 levels
+    cand = torch.randint(256, (n * 2, tries, 3), generator=generator).float()
+    ok = ((cand[:, :, None] - held).abs().amax(-1) >= margin).all(-1)
+    ok &= ((cand[:, :, None] - others).abs().amax(-1) >= other_margin).all(-1)
+    ok &= cand.amin(-1) < ARM_MIN_CHANNEL[0]
+    if not ok.any(1).all():
+        raise RuntimeError(f"random_background_colors: no admissible colour in {tries} candidates; raise `tries`")
+    first = ok.float().argmax(1)                                                          # the first admissible one
+    return cand[torch.arange(n * 2), first].reshape(n, 2, 3)
+
+
+def randomize_background(video: torch.Tensor, seg: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """video (B, 3, F, H, W) in [-1, 1] with its seg ids (B, F, H, W) -> the same clips with the table's and the
+    wall's pixels repainted in one random colour each per clip (random_background_colors), the same in every frame.
+    Exact on this renderer, which paints flat colours without anti-aliasing (seg says which colour each pixel has)."""
+    if seg.shape != video.shape[:1] + video.shape[2:]:
+        raise ValueError(f"seg {tuple(seg.shape)} does not match video {tuple(video.shape)}: expected (B, F, H, W)")
+    colors = (random_background_colors(video.shape[0], generator) / 127.5 - 1).to(video)   # (B, 2, 3) in [-1, 1]
+    table, wall = (colors[:, i, :, None, None, None] for i in (0, 1))
+    seg = seg[:, None].to(video.device)
+    return torch.where(seg == SEG_TABLE, table, torch.where(seg == SEG_WALL, wall, video))
+
+
 
 class ClipDataset:
     """Yields model batches from a toy-world dataset: video (B, 3, T, H, W) in [-1, 1] (frame 0 = the

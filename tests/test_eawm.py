@@ -354,6 +354,41 @@ def test_color_jitter_is_one_gain_per_clip_and_channel(clips, monkeypatch):
         eawm.Config(color_jitter=1.0)
 
 
+def test_random_background_repaints_table_and_wall_away_from_held_out_colours(clips, monkeypatch):
+    """Each clip's table and wall pixels (by seg) get one colour each, the same in every frame; nothing else changes;
+    no colour comes nearer a held-out one than the training palettes do (hand-computed margins), nor near the
+    objects' / arm's colours, nor reaches the arm's darkest channel; and the loss repaints only when asked."""
+    from data import toyworld as tw
+    # (90,140,170): 50 from (140,140,135); (170,110,150): 30 from (160,140,120); (110,160,110): 30 from (140,140,135);
+    # wall (160,200,230): 80 from (170,160,150); (60,40,70): 40 from (75,80,85); (200,200,120): 30 from (185,170,140)
+    assert tw.held_out_margins().tolist() == [50, 30, 30, 80, 40, 30]
+    batch = clips.sample(3, torch.Generator().manual_seed(4))
+    video, seg = batch["video"], batch["seg"]
+    out = tw.randomize_background(video, seg, torch.Generator().manual_seed(0))
+    colors = tw.random_background_colors(3, torch.Generator().manual_seed(0)) / 127.5 - 1
+    px = out.permute(0, 2, 3, 4, 1)                                            # (B, F, H, W, 3)
+    for b in range(3):
+        for i, sid in enumerate((tw.SEG_TABLE, tw.SEG_WALL)):
+            m = seg[b] == sid
+            assert m.sum() > 50 and torch.allclose(px[b][m], colors[b, i].expand(int(m.sum()), 3))
+    keep = (seg != tw.SEG_TABLE) & (seg != tw.SEG_WALL)
+    assert torch.equal(px[keep], video.permute(0, 2, 3, 4, 1)[keep])
+    c = tw.random_background_colors(4000, torch.Generator().manual_seed(1)).reshape(-1, 3)
+    held = torch.tensor(tw.OOD_TABLE + tw.OOD_WALL).float()
+    d_held = (c[:, None] - held).abs().amax(-1).amin(0)                       # nearest sample to each held-out colour
+    assert (d_held >= torch.tensor([50, 30, 30, 80, 40, 30])).all() and (d_held <= torch.tensor([55, 35, 35, 85, 45, 35])).all()
+    objects = torch.tensor(list(tw.COLORS.values()) + [tw.ARM_COLOR, tw.GRIPPER_COLOR, tw.BIN_COLOR]).float()
+    assert (c[:, None] - objects).abs().amax(-1).min() >= 45 and c.amin(-1).max() < 165
+    seen = []
+    monkeypatch.setattr(tw, "randomize_background", lambda v, s: seen.append((v, s)) or v)
+    eawm.Model(tiny(random_background=True)).loss(batch)
+    assert len(seen) == 1 and seen[0][0] is video and seen[0][1] is seg
+    eawm.Model(tiny()).loss(batch)
+    assert len(seen) == 1                                                     # off by default
+    with pytest.raises(ValueError, match="random_background"):
+        eawm.Model(tiny(random_background=True)).loss({k: v for k, v in batch.items() if k != "seg"})
+
+
 def test_fusion_alignment_follows_the_config_not_token_counts():
     """kvaf=False: the fusion pairs each token with the other stream's mean token even when both streams
     happen to have the same length."""
