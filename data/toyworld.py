@@ -822,6 +822,7 @@ def semantic_teacher(classes: np.ndarray, patch: int, emb: np.ndarray) -> np.nda
     pooled = onehot.reshape(*lead, H // patch, patch, W // patch, patch, n).mean((-4, -2))
     return pooled @ emb                                        # (..., h, w, d)
 
+
 # -------------------------------------------------------------------------------------------------
 # Random backgrounds (a training augmentation that keeps ood_background's colours unseen)
 # -------------------------------------------------------------------------------------------------
@@ -837,8 +838,8 @@ def random_background_colors(n: int, generator: torch.Generator | None = None, t
     """(n, 2, 3) random (table, wall) colours in 8-bit levels, uniform over the colours that leave the split's
     meaning as it is: each is at least as far (L-inf) from every held-out table / wall colour as the training
     palettes' nearest colour is (held_out_margins), at least as far from the objects', bin's, arm's, gripper's and
-    target mark's colours as any training palette colour is (45 levels), and darker than the arm's light grey on its darkest
-    channel (ARM_MIN_CHANNEL, so that arm_likeness still sees only the arm). Rejection sampling: `tries` candidates
+    target mark's colours as any training palette colour is (45 levels), and darker than the arm's light grey on
+    its darkest channel (ARM_MIN_CHANNEL, so that arm_likeness still sees only the arm). Rejection sampling: `tries` candidates
     per colour (about half are kept)."""
     held = torch.tensor(OOD_TABLE + OOD_WALL, dtype=torch.float32)
     margin = torch.from_numpy(held_out_margins()).float()
@@ -865,7 +866,6 @@ def randomize_background(video: torch.Tensor, seg: torch.Tensor, generator: torc
     table, wall = (colors[:, i, :, None, None, None] for i in (0, 1))
     seg = seg[:, None].to(video.device)
     return torch.where(seg == SEG_TABLE, table, torch.where(seg == SEG_WALL, wall, video))
-
 
 
 class ClipDataset:
