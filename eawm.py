@@ -297,6 +297,7 @@ class Config:
     random_background: bool = False      # ours (toy, off): each training clip's table and wall repainted in one random
                                          #   colour each, none nearer a held-out colour than the training palettes are
                                          #   (data.toyworld.randomize_background; README, "EA-WM on the toy world")
+    random_background_share: float = 1.0 # ours (toy): with random_background, the fraction of clips repainted
     # training (Sec. 4.1)
     lora_rank: int = 32                  # LoRA on both streams' blocks, base frozen; 0 = train the base in full
     lora_pattern: str = r"^(video\.blocks|kvaf_blocks)\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])$"
@@ -330,6 +331,8 @@ class Config:
         check_clip_frames(self.frames, self.latent_q)
         if not 0.0 <= self.color_jitter < 1.0:
             raise ValueError(f"color_jitter={self.color_jitter}; expected a value in [0, 1)")
+        if not 0.0 < self.random_background_share <= 1.0:
+            raise ValueError(f"random_background_share={self.random_background_share}; expected a value in (0, 1]")
 
     @property
     def latent_frames(self) -> int:
@@ -660,7 +663,8 @@ class Model(nn.Module):
                 raise ValueError("random_background repaints the toy world's table and wall from batch['seg'] and "
                                  "batch['video']; this batch has " + ", ".join(sorted(batch)))
             from data.toyworld import randomize_background
-            batch = {**batch, "video": randomize_background(batch["video"], batch["seg"])}
+            batch = {**batch, "video": randomize_background(batch["video"], batch["seg"],
+                                                            share=cfg.random_background_share)}
         if cfg.color_jitter and "latents" not in batch:                         # ours (toy): the frames, not the KVAF
             batch = {**batch, "video": color_jitter(batch["video"], cfg.color_jitter)}
         z, k = self.streams(batch)

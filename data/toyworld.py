@@ -856,16 +856,22 @@ def random_background_colors(n: int, generator: torch.Generator | None = None, t
     return cand[torch.arange(n * 2), first].reshape(n, 2, 3)
 
 
-def randomize_background(video: torch.Tensor, seg: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def randomize_background(video: torch.Tensor, seg: torch.Tensor, generator: torch.Generator | None = None,
+                         share: float = 1.0) -> torch.Tensor:
     """video (B, 3, F, H, W) in [-1, 1] with its seg ids (B, F, H, W) -> the same clips with the table's and the
-    wall's pixels repainted in one random colour each per clip (random_background_colors), the same in every frame.
+    wall's pixels repainted in one random colour each per clip (random_background_colors), the same in every frame;
+    with share < 1 each clip is repainted with that probability and otherwise returned as it is.
     Exact on this renderer, which paints flat colours without anti-aliasing (seg says which colour each pixel has)."""
     if seg.shape != video.shape[:1] + video.shape[2:]:
         raise ValueError(f"seg {tuple(seg.shape)} does not match video {tuple(video.shape)}: expected (B, F, H, W)")
     colors = (random_background_colors(video.shape[0], generator) / 127.5 - 1).to(video)   # (B, 2, 3) in [-1, 1]
     table, wall = (colors[:, i, :, None, None, None] for i in (0, 1))
     seg = seg[:, None].to(video.device)
-    return torch.where(seg == SEG_TABLE, table, torch.where(seg == SEG_WALL, wall, video))
+    pick = torch.ones(video.shape[0], dtype=torch.bool)
+    if share < 1.0:                                                                       # the clips to repaint
+        pick = torch.rand(video.shape[0], generator=generator) < share
+    pick = pick.to(video.device)[:, None, None, None, None]
+    return torch.where(pick & (seg == SEG_TABLE), table, torch.where(pick & (seg == SEG_WALL), wall, video))
 
 
 class ClipDataset:

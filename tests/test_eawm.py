@@ -379,12 +379,23 @@ def test_random_background_repaints_table_and_wall_away_from_held_out_colours(cl
     assert (d_held >= torch.tensor([50, 30, 30, 80, 40, 30])).all() and (d_held <= torch.tensor([55, 35, 35, 85, 45, 35])).all()
     objects = torch.tensor(list(tw.COLORS.values()) + [tw.ARM_COLOR, tw.GRIPPER_COLOR, tw.BIN_COLOR]).float()
     assert (c[:, None] - objects).abs().amax(-1).min() >= 45 and c.amin(-1).max() < 165
+    # share < 1: the clips drawn below it repainted exactly as above, the others bit-identical to the input
+    g = torch.Generator().manual_seed(0)
+    tw.random_background_colors(3, g)
+    pick = torch.rand(3, generator=g) < 0.5
+    assert 0 < int(pick.sum()) < 3                                            # this seed draws both kinds
+    half = tw.randomize_background(video, seg, torch.Generator().manual_seed(0), share=0.5)
+    for b in range(3):
+        assert torch.equal(half[b], out[b] if pick[b] else video[b])
     seen = []
-    monkeypatch.setattr(tw, "randomize_background", lambda v, s: seen.append((v, s)) or v)
+    monkeypatch.setattr(tw, "randomize_background", lambda v, s, share: seen.append((v, s, share)) or v)
     eawm.Model(tiny(random_background=True)).loss(batch)
-    assert len(seen) == 1 and seen[0][0] is video and seen[0][1] is seg
+    eawm.Model(tiny(random_background=True, random_background_share=0.25)).loss(batch)
+    assert [x[2] for x in seen] == [1.0, 0.25] and seen[0][0] is video and seen[0][1] is seg
     eawm.Model(tiny()).loss(batch)
-    assert len(seen) == 1                                                     # off by default
+    assert len(seen) == 2                                                     # off by default
+    with pytest.raises(ValueError, match="random_background_share"):
+        eawm.Config(random_background=True, random_background_share=0.0)
     with pytest.raises(ValueError, match="random_background"):
         eawm.Model(tiny(random_background=True)).loss({k: v for k, v in batch.items() if k != "seg"})
 
