@@ -772,5 +772,40 @@ class Model(nn.Module):
                 k = torch.cat([k.narrow(ax, 0, 1), k.narrow(ax, 1, nk - 1) + dt * vk.narrow(ax, 1, nk - 1)], ax)
         return {"video_latents": z, "kvaf": k}
 
+    @torch.no_grad()
+    def event_gates(self, batch, t: float = 0.5, generator=None, mode: str | None = None) -> dict:
+        """The per-token event gate g of Eq. 4-6 at each fusion layer, for the batch's true clip noised to t
+        (the given first frame clean; the action stream given clean in mode "kvaf", noised to t in "joint";
+        default: the mode the checkpoint was trained for, as in sample()). A diagnostic: does the gate open
+        where things change (sample.py compares it with the event, the EDLS target of Eq. 7)?
+        -> {fusion layer: g (B, L_v) on the video tokens}; {} for fusion="plain" (no gate, g = 1)."""
+        if self.cfg.fusion == "plain":
+            return {}
+        mode = mode or ("kvaf" if self.cfg.kvaf_cond_prob > 0 else "joint")
+        check_choice("mode", mode, ("kvaf", "joint"))
+        z, k = self.streams(batch)
+        B, T, dev = z.shape[0], z.shape[2], z.device
+        rand = lambda x: torch.randn(x.shape, generator=generator).to(dev)       # noqa: E731
+        t_v = self.frame_times(torch.full((B,), float(t), device=dev), T)
+        nk = k.shape[2] if self.cfg.kvaf else k.shape[1]
+        t_k = torch.zeros(B, nk, device=dev) if mode == "kvaf" else (
+            self.frame_times(torch.full((B,), float(t), device=dev), nk))
+        z_t = add_noise(z, rand(z), t_v[:, None, :, None, None])
+        k_t = add_noise(k, rand(k), t_k[:, None, :, None, None] if self.cfg.kvaf else t_k[..., None])
+        gates, hooks = {}, []
+
+        def keep(layer):                                                         # first call: the video side's gate
+            def hook(module, inputs, output):
+                gates.setdefault(layer, torch.sigmoid(output[..., 0]).float())   # returns None: the output stays
+            return hook
+        for layer, f in self.fusion.items():
+            hooks.append(f.gate.register_forward_hook(keep(int(layer))))
+        try:
+            self(z_t, t_v, k_t, t_k, self.context(batch))
+        finally:
+            for h in hooks:
+                h.remove()
+        return gates
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(z).clamp(-1, 1)

@@ -338,6 +338,21 @@ def other_target_tracks(clips: ClipDataset, rows: np.ndarray, K: np.ndarray, T_w
     return out
 
 
+GATE_T = 0.5                                                                     # the noise level of the gate diagnostic
+
+
+def gate_stats(gate: torch.Tensor, event: torch.Tensor) -> dict:
+    """An event gate g (B, L) against the event magnitude of the same tokens (B, L): the gate's mean, its standard
+    deviation over the tokens, and its Pearson correlation with the event (NaN where either is constant). A gate
+    that opens where things change, as Eq. 4-6 intend, correlates with the event; a constant gate scales the
+    fusion and nothing more."""
+    g, e = gate.double().flatten(), event.double().flatten()
+    gc, ec = g - g.mean(), e - e.mean()
+    denom = (gc.pow(2).sum() * ec.pow(2).sum()).sqrt()
+    return {"mean": float(g.mean()), "sd": float(g.std()),
+            "corr_event": float((gc * ec).sum() / denom) if denom > 0 else float("nan")}
+
+
 def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | None, steps=None,
                 modes=("kvaf", "joint")) -> dict:
     """Generate the future of `n` held-out clips in both modes; PSNR (future frames, 8-bit) and latent
@@ -359,7 +374,10 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
     by episode third (`ee_other_px_thirds`), the share of clips closer to such a track than to the true one
     (`closer_to_other_thirds`), and, as the reference, the true track's own distance to the nearest of them
     (`true_track.ee_other_px_thirds`): on a split whose named objects lie where no demo goes, a generated approach
-    that follows another object's track heads where the demos' targets lie."""
+    that follows another object's track heads where the demos' targets lie.
+    And the event gate of each fusion layer (`gate`, event fusion only; Model.event_gates at t = GATE_T,
+    the clip's true streams noised with a fixed seed, after the generations, so it changes none of their numbers):
+    its mean and spread over the future tokens and its correlation with the token's event, |the EDLS target|."""
     import eawm
     from common import project
     from data.toyworld import fit_arm
@@ -434,6 +452,11 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
                                                  if (ok & (third == k)).any() else float("nan") for k in range(3)]
         out[mode] = row
         pictures[mode] = (gen, kv[:, 1:] if cfg.kvaf else kv)
+    if cfg.fusion == "event":                                 # after generation: its noise is not drawn from `generator`
+        event = eawm.patchify(eawm.edls_target(batch["video"], model.encode), cfg.patch).abs().mean(-1)   # |Eq. 7| per token
+        first = int(np.prod(cfg.token_grid[1:]))                                 # the given first frame's tokens left out
+        gates = model.event_gates(batch, t=GATE_T, generator=torch.Generator().manual_seed(0))
+        out["gate"] = {str(layer): gate_stats(g[:, first:], event[:, first:]) for layer, g in gates.items()}
     if gif and len(modes) == 2:                                                  # true | generated (KVAF mode) | generated (joint) | KVAF (joint)
         k = min(3, n)
         frames = [np.concatenate([np.concatenate([true[i, f], pictures["kvaf"][0][i, f], pictures["joint"][0][i, f],
@@ -485,6 +508,12 @@ def eawm_main(args, model, cfg, meta, out_dir, gen):
         c, j, t = r["kvaf"], r["joint"], r["true_video"]
         print(f"{split:16s} {c['arm_px']:5.2f} ± {c['arm_px_se']:4.2f} | {j['arm_px']:5.2f} ± {j['arm_px_se']:4.2f} | "
               f"{t['arm_px']:5.2f} | {r['copy_first']['ee_track_px']:5.2f}  |  {' / '.join(f'{x:5.2f}' for x in c['arm_px_thirds'])}")
+    if all(r.get("gate") for r in results["splits"].values()):
+        print(f"\nThe event gate g of each fusion layer (Eq. 4) at t = {GATE_T} on the same clips' future tokens: mean, "
+              f"standard deviation over the tokens, correlation with the token's event (|the EDLS target|, Eq. 7)")
+        for split, r in results["splits"].items():
+            print(f"{split:16s} " + "  |  ".join(f"layer {layer}: {g['mean']:.3f} sd {g['sd']:.3f} r {g['corr_event']:+.2f}"
+                                                 for layer, g in r["gate"].items()))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("\nPSNR copy-first: the first frame repeated (a model that predicts no motion), on the same clips; EE track px: the "

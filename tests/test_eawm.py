@@ -548,8 +548,12 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     res = sample.main(["--ckpt", a, "--clips", "4", "--splits", "train", "--steps", "2", "--out", str(tmp_path / "s"),
                        "--threads", "2"])
     row = res["splits"]["train"]
-    assert set(row) == {"copy_first", "kvaf", "joint", "true_video", "true_track"} and np.isfinite(row["kvaf"]["psnr"]) \
+    assert set(row) == {"copy_first", "kvaf", "joint", "true_video", "true_track", "gate"} and np.isfinite(row["kvaf"]["psnr"]) \
         and "ee_track_px" in row["joint"]
+    # the event gate of each fusion layer, a sigmoid: its mean in (0, 1), a spread, a correlation in [-1, 1]
+    assert set(row["gate"]) == {"1", "3"}
+    for g in row["gate"].values():
+        assert 0 < g["mean"] < 1 and g["sd"] >= 0 and -1 <= g["corr_event"] <= 1
     assert np.isfinite(row["copy_first"]["psnr"])
     # the references of the joint track: the arm held still (the clips move), and the recovery on the given, true
     # KVAF (the codec is exact, so this is render -> recover_ee_track: a fraction of a pixel at 32 x 32)
@@ -573,6 +577,40 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
         assert np.isfinite(row[mode]["arm_px"]) and row[mode]["arm_px_se"] >= 0
         n3, v = row["copy_first"]["clips_thirds"], row[mode]["arm_px_thirds"]
         assert sum(n * x for n, x in zip(n3, v) if n) / sum(n3) == pytest.approx(row[mode]["arm_px"], rel=1e-9)
+
+
+def test_gate_stats_on_hand_values():
+    e = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    r = sample.gate_stats(torch.tensor([[0.5, 0.6], [0.7, 0.8]]), e)
+    assert r["mean"] == pytest.approx(0.65) and r["sd"] == pytest.approx(0.12909944) and r["corr_event"] == pytest.approx(1.0)
+    r = sample.gate_stats(torch.tensor([[0.9, 0.5], [0.5, 0.1]]), e)           # centred: (.4, 0, 0, -.4) . (-1.5, -.5, .5, 1.5)
+    assert r["corr_event"] == pytest.approx(-1.2 / np.sqrt(0.32 * 5.0))        #   = -1.2 over sqrt(0.32 * 5)
+    assert np.isnan(sample.gate_stats(torch.full((2, 2), 0.3), e)["corr_event"])   # a constant gate: no correlation
+
+
+@pytest.mark.parametrize("kw", [{}, {"kvaf": False}])
+def test_event_gates_reads_the_gate_of_each_fusion_layer(clips, kw):
+    """Model.event_gates: the video side's gate sigmoid(W_g e) (Eq. 4) of every fusion layer, one per video token;
+    with the gate's weights at 0 and its bias at b, every gate is sigmoid(b); the hooks are removed afterwards."""
+    torch.manual_seed(0)
+    model = eawm.Model(tiny(**kw))
+    batch = clips.sample(2, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for layer, f in model.fusion.items():
+            f.gate.weight.zero_()
+            f.gate.bias.fill_(float(layer) - 2.0)                                 # layer 1: -1, layer 3: +1
+    n_video = int(np.prod(model.cfg.token_grid))
+    for mode in ("kvaf", "joint"):
+        gates = model.event_gates(batch, generator=torch.Generator().manual_seed(0), mode=mode)
+        assert set(gates) == set(model.cfg.fusion_layers)
+        for layer, g in gates.items():
+            assert g.shape == (2, n_video)                                       # the video side, not the actions'
+            assert torch.allclose(g, torch.full_like(g, torch.sigmoid(torch.tensor(layer - 2.0)).item()))
+    assert all(not f.gate._forward_hooks for f in model.fusion.values())
+    torch.nn.init.normal_(model.fusion["1"].gate.weight)                       # gates that vary by token: in (0, 1)
+    g = model.event_gates(batch, mode="kvaf")[1]
+    assert g.std() > 0 and ((g > 0) & (g < 1)).all()
+    assert eawm.Model(tiny(fusion="plain")).event_gates(batch) == {}          # no gate without the event fusion
 
 
 def test_episode_thirds_by_where_the_clip_starts():
