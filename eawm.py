@@ -358,10 +358,12 @@ CONFIGS = {
     # a lookup of the aligned KVAF token (fusion_init="aligned"). 3,000 steps (40-70 minutes on a 2-core
     # CPU): the KVAF-conditioned futures pass copying the first frame by 2 dB after about 750, but the
     # jointly generated KVAF (the model's own actions) moves the arm where the demo goes only between
-    # steps 2,000 and 3,000 (README, "EA-WM on the toy world"); --preset quick stops at 1,000.
+    # steps 2,000 and 3,000 (README, "EA-WM on the toy world"); --preset quick stops at 1,000. lambda_e = 0.1:
+    # at 1 the futures were 0.55-0.77 dB worse on every split, three seeds, and the arm no closer (README, "What
+    # the event gate does, and what EDLS costs"; the paper gives no value).
     "tiny": Config(dim=192, heads=3, ffn_dim=768, lora_rank=0, stage="stage2", kvaf_cond_prob=0.5,
                    time_weight="x0", fusion_init="aligned", lr_video=1e-3, lr_head=1e-3, sample_steps=10,
-                   first_frame_concat=True, prediction="delta", steps=3000),
+                   first_frame_concat=True, prediction="delta", edls_weight=0.1, steps=3000),
     "full": Config(height=704, width=1280, frames=121, codec_p=16, text_encoder="precomputed", text_dim=4096,
                    dim=3072, ffn_dim=14336, heads=24, layers=30, fusion_layers=(2, 8, 14, 20, 26), event_dim=512,
                    batch_size=32, steps=10000, sample_steps=50, horizon=120),

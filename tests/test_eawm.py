@@ -329,6 +329,18 @@ def test_edls_is_normalized_so_predicting_no_change_scores_one(clips):
     assert model.loss(batch)[1]["edls"].item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("stage", ["stage2", "stage1"])
+def test_total_loss_adds_edls_times_its_weight_in_stage2_only(clips, stage):
+    """Eq. 7-8: L = L_video + L_kvaf + lambda_e * L_EDLS with the fusion trained (stage 2); the tiny preset's
+    lambda_e is 0.1. In stage 1 the fusion is frozen, so EDLS is logged and not added."""
+    assert eawm.CONFIGS["tiny"].edls_weight == 0.1 and eawm.Config().edls_weight == 1.0
+    model = eawm.Model(tiny(stage=stage))
+    torch.manual_seed(4)
+    loss, parts = model.loss(clips.sample(2, torch.Generator().manual_seed(5)))
+    expected = parts["video"] + parts["kvaf"] + (0.1 * parts["edls"] if stage == "stage2" else 0.0)
+    assert parts["edls"].item() > 0.5 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_color_jitter_is_one_gain_per_clip_and_channel(clips, monkeypatch):
     """The jittered clip over the original, in [0, 1] pixel space, is one constant per clip and channel within
     [1 - j, 1 + j] wherever nothing was clipped; j = 0 is the identity; the loss jitters the frames, not the KVAF."""
