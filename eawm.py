@@ -355,12 +355,12 @@ CONFIGS = {
     # Wan2.2 generated futures 5 dB worse than copying the first frame (README). Eq. 8 is weighted by
     # t^2 (time_weight="x0"): the bell w(t) is zero at t = 1, where generation starts and where only
     # the KVAF tells where the arm goes, so the model never learned to read it; the fusion starts as
-    # a lookup of the aligned KVAF token (fusion_init="aligned"). 3,000 steps (40-70 minutes on a 2-core
-    # CPU): the KVAF-conditioned futures pass copying the first frame by 2 dB after about 750, but the
-    # jointly generated KVAF (the model's own actions) moves the arm where the demo goes only between
-    # steps 2,000 and 3,000 (README, "EA-WM on the toy world"); --preset quick stops at 1,000. lambda_e = 0.1:
-    # at 1 the futures were 0.55-0.77 dB worse on every split, three seeds, and the arm no closer (README, "What
-    # the event gate does, and what EDLS costs"; the paper gives no value).
+    # a lookup of the aligned KVAF token (fusion_init="aligned"). 3,000 steps (38-70 minutes on a 2-core
+    # CPU): the KVAF-conditioned futures pass copying the first frame by 2 dB within the first 1,000, but the
+    # jointly generated KVAF (the model's own actions) brings the arm within 2 px of where the demo goes only
+    # by 3,000 (README, "EA-WM on the toy world"); --preset quick stops at 1,000. lambda_e = 0.1: at 1 the
+    # futures were 0.55-0.77 dB worse on every split (three seeds) and the jointly generated arm slower to move
+    # (README, "What the event gate does, and what EDLS costs"; the paper gives no value).
     "tiny": Config(dim=192, heads=3, ffn_dim=768, lora_rank=0, stage="stage2", kvaf_cond_prob=0.5,
                    time_weight="x0", fusion_init="aligned", lr_video=1e-3, lr_head=1e-3, sample_steps=10,
                    first_frame_concat=True, prediction="delta", edls_weight=0.1, steps=3000),
@@ -368,9 +368,9 @@ CONFIGS = {
                    dim=3072, ffn_dim=14336, heads=24, layers=30, fusion_layers=(2, 8, 14, 20, 26), event_dim=512,
                    batch_size=32, steps=10000, sample_steps=50, horizon=120),
 }
-# the tiny preset stopped at a third (about 20 minutes on a 2-core CPU; README "EA-WM on the toy world"): its
-# KVAF-conditioned futures pass copying the first frame by 2.5-4.4 dB, its jointly generated arm stays put; with
-# the constant LR, `--resume` with `--steps 3000` continues it into the default run
+# the tiny preset stopped at a third (about 13 minutes on a 2-core CPU; README "EA-WM on the toy world"): its
+# KVAF-conditioned futures pass copying the first frame by 3.2-4.5 dB, its jointly generated arm is 2-3 px from the
+# demo's (a still one about 4); with the constant LR, `--resume` with `--steps 3000` continues it into the default run
 CONFIGS["quick"] = dataclasses.replace(CONFIGS["tiny"], steps=1000)
 
 
