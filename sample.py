@@ -12,7 +12,8 @@ Every run writes pictures to --out (default: <ckpt>/samples): `rollout_<split>.g
 the model's predicted future, re-planned every chunk); AGRA: `agra_diagnostics_<split>.png` per split
 (frame | action-head cross-attention | mean-intervention heatmap, all on the last latent frame, the
 interaction mask outlined); MV-WAM with --rollback: `rollback_<split>.gif` (an episode where a rollback
-fired, the restored frame outlined in red); EA-WM: `generation_<split>.gif` (true | generated from KVAF | generated jointly | generated KVAF).
+fired, the restored frame outlined in red); EA-WM: `generation_<split>.gif` (true | generated from KVAF | generated jointly | generated KVAF; the first three
+clips) and `generation_<split>.png`, its 6th future frame in exact colours.
 `metrics.json` holds every printed number and the settings that produced them. With --data ENCODED (a
 folder of data/encode.py, the way the full presets train) the model predicts clips of that dataset, the
 predicted latents are decoded with the same VAE, and `samples.mp4` (or .gif) shows true (VAE
@@ -339,6 +340,7 @@ def other_target_tracks(clips: ClipDataset, rows: np.ndarray, K: np.ndarray, T_w
 
 
 GATE_T = 0.5                                                                     # the noise level of the gate diagnostic
+STILL_FRAME = 5                                                                  # generation_<split>.png: the 6th future frame
 
 
 def gate_stats(gate: torch.Tensor, event: torch.Tensor) -> dict:
@@ -463,6 +465,8 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
                                                   pictures["joint"][1][i, f]], 1) for i in range(k)], 0)
                   for f in range(true.shape[1])]
         save_gif(gif, np.stack(frames), fps=4, scale=4)
+        still = frames[min(STILL_FRAME, len(frames) - 1)]                          # exact colours (the GIF's are paletted)
+        save_png(os.path.splitext(gif)[0] + ".png", still.repeat(4, 0).repeat(4, 1))
     return out
 
 
@@ -521,7 +525,7 @@ def eawm_main(args, model, cfg, meta, out_dir, gen):
           "frames found in the KVAF itself (the rest take the nearest detection); EE px still: the first frame's end "
           "effector held; EE px true KVAF: the recovery on the given, true KVAF")
     print(f"\nwrote {out_dir}/ (generation_<split>.gif: true | generated, KVAF-conditioned | generated, joint | "
-          f"generated KVAF; metrics.json)")
+          f"generated KVAF, the first three clips; generation_<split>.png: its future frame {STILL_FRAME + 1}; metrics.json)")
     return results
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common as C
+from conftest import decode_gif
 
 
 # ------------------------------------------------------------------ flow matching
@@ -317,51 +318,6 @@ def test_image_writers(tmp_path):
     C.save_gif(str(tmp_path / "b.gif"), frames, fps=5, scale=3)                          # 270 px per frame: a clear code mid-frame
     decoded = decode_gif(open(tmp_path / "b.gif", "rb").read())
     assert np.array_equal(decoded, expected.repeat(3, 1).repeat(3, 2))
-
-
-def decode_gif(data: bytes) -> np.ndarray:
-    """A minimal GIF decoder (global palette, 8-bit LZW) to check save_gif's pixels."""
-    import struct
-    assert data[:6] == b"GIF89a" and data[-1:] == b"\x3b"
-    W, H = struct.unpack("<HH", data[6:10])
-    pal = np.frombuffer(data[13:13 + 768], np.uint8).reshape(256, 3)
-    i, frames = 13 + 768, []
-    while data[i] != 0x3B:
-        if data[i] == 0x21:                                   # extension: skip its sub-blocks
-            i += 2
-            while data[i]:
-                i += data[i] + 1
-            i += 1
-            continue
-        assert data[i] == 0x2C
-        i += 10
-        min_size = data[i]
-        i += 1
-        raw = bytearray()
-        while data[i]:
-            raw += data[i + 1: i + 1 + data[i]]
-            i += data[i] + 1
-        i += 1
-        bits = int.from_bytes(bytes(raw), "little")
-        clear, end = 1 << min_size, (1 << min_size) + 1
-        pos, size, table, prev, out = 0, min_size + 1, None, None, []
-        while True:
-            code = (bits >> pos) & ((1 << size) - 1)
-            pos += size
-            if code == clear:
-                table, size, prev = {k: [k] for k in range(clear)}, min_size + 1, None
-                continue
-            if code == end:
-                break
-            entry = table[code] if code in table else table[prev] + table[prev][:1]
-            out += entry
-            if prev is not None:
-                table[len(table) + 2] = table[prev] + entry[:1]
-                if len(table) + 2 == (1 << size) and size < 12:
-                    size += 1
-            prev = code
-        frames.append(pal[np.array(out)].reshape(H, W, 3))
-    return np.stack(frames)
 
 
 def test_config_checks_and_set_trainable():

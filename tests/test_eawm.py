@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import common as C
 import eawm
 import sample
 import train
 from common import URDFChain, intrinsics, look_at, project
+from conftest import decode_gif, read_png
 from data.toyworld import URDF_PATH, VOCAB
 
 # the tests check behaviour, not quality: a 64-wide stream keeps them fast (the preset is 192 wide)
@@ -571,6 +573,12 @@ def test_train_resume_and_sample_both_modes(toy_data, tmp_path):
     # KVAF (the codec is exact, so this is render -> recover_ee_track: a fraction of a pixel at 32 x 32)
     assert row["copy_first"]["ee_track_px"] > 0 and 0 <= row["kvaf"]["ee_track_px"] < 0.5
     assert os.path.getsize(tmp_path / "s" / "generation_train.gif") > 100
+    # the still: the GIF's 6th frame in exact colours (the GIF shows it in its palette's nearest colours)
+    still = read_png(tmp_path / "s" / "generation_train.png")
+    gif = decode_gif(open(tmp_path / "s" / "generation_train.gif", "rb").read())
+    pal = C._gif_palette().astype(int)
+    assert still.shape == gif.shape[1:] == (3 * 32 * 4, 4 * 32 * 4, 3)              # 3 clips x 4 panels, 32 x 32 at 4x
+    assert np.array_equal(pal[((still[..., None, :].astype(int) - pal) ** 2).sum(-1).argmin(-1)], gif[5])
     assert row["joint"]["ee_track_px_se"] >= 0 and 0 <= row["joint"]["ee_detected"] <= 1
     # where a miss goes: against the expert's tracks to the other objects (shares in [0, 1]; thirds without clips NaN)
     assert len(row["joint"]["ee_other_px_thirds"]) == 3 and len(row["true_track"]["ee_other_px_thirds"]) == 3
