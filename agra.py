@@ -939,7 +939,7 @@ class Model(nn.Module):
         """Stage "ground" (ours, not in the paper): the toy's stand-in for starting from a video model
         pretrained on text-to-video, which has learned to bind words to the objects they name (Cosmos-
         Predict2.5, Wan2.1); the tiny video DiT starts from scratch, and the WAM losses alone do not teach
-        it that binding at a CPU budget (README: "Telling which object the words name"). A referring
+        it that binding at a CPU budget (HISTORY.md: "Telling which object the words name"). A referring
         readout: on the inference-time t = 1 pass (Eq. 16), a linear score per current-frame token of layer
         `ground_layer`, softmax over the tokens, cross-entropy against the named object's share of each
         token (batch["target_mask"], the toy world's segmentation of the named object in the current frame).
@@ -1200,7 +1200,7 @@ CONFIGS = {
     "tiny": Config(action_repeats=4, video_t_shift=1.0, toy_view="close", toy_distractor_band="near", ground_steps=200,
                    lr_video=1e-4, bridge_tokens="current", bridge_pos_init="sincos", steps=0, finetune_steps=1000),
     # the earlier tiny preset: from scratch in the wide view, both parts at 1e-3, 200 steps (about 2.5 minutes;
-    # 2-3 % success on train, README "The earlier default run")
+    # 2-3 % success on train, HISTORY.md "The earlier default run")
     "scratch": Config(action_repeats=4, video_t_shift=1.0),
 }
 CONFIGS.update({

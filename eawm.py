@@ -293,10 +293,10 @@ class Config:
                                          #   Wan2.2 TI2V (the paper's backbone) conditions in-sequence only (False)
     color_jitter: float = 0.0            # ours (toy, off): each training clip's frames times one random gain per
                                          #   colour channel in [1 - j, 1 + j] (color_jitter), so that erasing the arm
-                                         #   where it was must read the table's colour (README, "EA-WM on the toy world")
+                                         #   where it was must read the table's colour (HISTORY.md, "New colours in training")
     random_background: bool = False      # ours (toy, off): each training clip's table and wall repainted in one random
                                          #   colour each, none nearer a held-out colour than the training palettes are
-                                         #   (data.toyworld.randomize_background; README, "EA-WM on the toy world")
+                                         #   (data.toyworld.randomize_background; HISTORY.md, "Random backgrounds in training")
     random_background_share: float = 1.0 # ours (toy): with random_background, the fraction of clips repainted
     # training (Sec. 4.1)
     lora_rank: int = 32                  # LoRA on both streams' blocks, base frozen; 0 = train the base in full
@@ -352,7 +352,7 @@ CONFIGS = {
     # narrower stream cannot pass it through (at width 64 the generations were noise). The network
     # predicts the change from the given first frame (prediction="delta"), which it also sees
     # concatenated along channels (first_frame_concat): from scratch, the in-sequence v-prediction of
-    # Wan2.2 generated futures 5 dB worse than copying the first frame (README). Eq. 8 is weighted by
+    # Wan2.2 generated futures 5 dB worse than copying the first frame (HISTORY.md, EA-WM). Eq. 8 is weighted by
     # t^2 (time_weight="x0"): the bell w(t) is zero at t = 1, where generation starts and where only
     # the KVAF tells where the arm goes, so the model never learned to read it; the fusion starts as
     # a lookup of the aligned KVAF token (fusion_init="aligned"). 3,000 steps (38-70 minutes on a 2-core
@@ -360,7 +360,7 @@ CONFIGS = {
     # jointly generated KVAF (the model's own actions) brings the arm within 2 px of where the demo goes only
     # by 3,000 (README, "EA-WM on the toy world"); --preset quick stops at 1,000. lambda_e = 0.1: at 1 the
     # futures were 0.55-0.77 dB worse on every split (three seeds) and the jointly generated arm slower to move
-    # (README, "What the event gate does, and what EDLS costs"; the paper gives no value).
+    # (HISTORY.md, "With a tenth of the EDLS weight"; the paper gives no value).
     "tiny": Config(dim=192, heads=3, ffn_dim=768, lora_rank=0, stage="stage2", kvaf_cond_prob=0.5,
                    time_weight="x0", fusion_init="aligned", lr_video=1e-3, lr_head=1e-3, sample_steps=10,
                    first_frame_concat=True, prediction="delta", edls_weight=0.1, steps=3000),

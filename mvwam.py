@@ -243,7 +243,7 @@ CONFIGS = {
                    act_width=768, act_ffn=4480, act_cross_heads=12, image_encoder="precomputed", image_dim=1152,
                    lr_video=1e-4, lr_head=1e-4, batch_size=512, steps=15000),
 }
-# the previous default run (README "The 58 % default run (`--preset narrow`)"): the same with the action-value expert at the toy's
+# the previous default run (HISTORY.md "The 58 % default run (`--preset narrow`)"): the same with the action-value expert at the toy's
 # base width (64) for 1,000 steps
 CONFIGS["narrow"] = replace(CONFIGS["tiny"], act_width=64, act_ffn=256, act_cross_heads=2, steps=1000)
 # the 90 % recipe (about 21 minutes on a 2-core CPU; README "The longer MV-WAM recipe"): the default run on 1,000 demos,

@@ -309,7 +309,7 @@ def get_args(argv=None):
 
 def ground_first(args, cfg, data) -> bool:
     """A config with ground_steps > 0 (AGRA's tiny preset): a fresh joint run on toy-world data first trains stage ground
-    (the toy's stand-in for a language-grounded pretrained backbone, README "A grounded start") for
+    (the toy's stand-in for a language-grounded pretrained backbone, HISTORY.md "A grounded start") for
     ground_steps steps into <out>/ground, then starts from it as `--init <out>/ground` would."""
     from data.toyworld import ClipDataset
     return (getattr(cfg, "ground_steps", 0) > 0 and cfg.stage == "joint" and isinstance(data, ClipDataset)
