@@ -70,6 +70,15 @@ class Policy:
         return plan
 
 
+def split_noise(seed: int) -> torch.Generator:
+    """The sampling noise of one pass over one split: every split, and each pass over it (the rollouts, the rollback
+    pass, the GIF's predicted video, the diagnostics), starts from the same seed, so a split's figures are the same
+    whichever splits and flags ran with it, train.py --eval-every's match sample.py's, and the rollback pass repeats
+    the plain pass's episodes exactly until a rollback first fires in one of them (they run in lock-step on one
+    noise stream)."""
+    return torch.Generator().manual_seed(seed)
+
+
 def mark(frame: np.ndarray, color=(255, 0, 0)) -> np.ndarray:
     """A 1-pixel coloured border (rollback frames in GIFs)."""
     f = frame.copy()
@@ -183,7 +192,7 @@ def quick_eval(name: str, model, cfg, stats, episodes: int, splits=SPLITS, seed:
     device = next(model.parameters()).device
     out = {}
     for split in splits:
-        gen = torch.Generator().manual_seed(seed)
+        gen = split_noise(seed)                                                  # as sample.py: the same figures
         if name == "eawm":
             arrays, dmeta = generate(max(2, episodes // 4), split, seed0=seed + 50000, res=cfg.height, **world)
             dmeta["stats"] = stats
@@ -470,7 +479,7 @@ def eawm_report(model, cfg, clips: ClipDataset, n: int, generator, gif: str | No
     return out
 
 
-def eawm_main(args, model, cfg, meta, out_dir, gen):
+def eawm_main(args, model, cfg, meta, out_dir):
     """sample.py --model eawm: generation quality per split (EA-WM Table 1 / Table 4 style)."""
     results = {"model": "eawm", "checkpoint": args.ckpt, "step": meta.get("step"), "clips": args.clips, "splits": {}}
     world = eval_world(args, meta)
@@ -483,8 +492,7 @@ def eawm_main(args, model, cfg, meta, out_dir, gen):
         arrays, dmeta = generate(max(4, args.clips // 4), split, seed0=args.seed + 50000, res=cfg.height, **world)
         dmeta["stats"] = meta["stats"]
         clips = dataset_for(cfg, arrays, dmeta)
-        gen = torch.Generator().manual_seed(args.seed)                           # same noise per split for every model
-        r = eawm_report(model, cfg, clips, args.clips, gen, os.path.join(out_dir, f"generation_{split}.gif"), args.steps)
+        r = eawm_report(model, cfg, clips, args.clips, split_noise(args.seed), os.path.join(out_dir, f"generation_{split}.gif"), args.steps)
         results["splits"][split] = r
         j, c = r["joint"], r["kvaf"]
         print(f"{split:16s} {c['psnr']:14.2f} {c['latent_mse']:13.4f} {j['psnr']:10.2f} {j['latent_mse']:9.4f} "
@@ -670,23 +678,22 @@ def main(argv=None):
     name, model, cfg, meta = load_model(args.ckpt, expect=args.model, device=device)
     out_dir = args.out or os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "samples")
     os.makedirs(out_dir, exist_ok=True)
-    gen = torch.Generator().manual_seed(args.seed)
     if args.data:
-        return encoded_main(args, name, model, cfg, meta, out_dir, gen, device)
+        return encoded_main(args, name, model, cfg, meta, out_dir, torch.Generator().manual_seed(args.seed), device)
     if getattr(model, "codec", None) is None:
         raise SystemExit(f"this {name} checkpoint takes VAE latents (latent_channels={cfg.latent_channels}), not toy-world "
                          f"pixels: pass --data <a folder written by data/encode.py> to sample from it")
     if name == "eawm":
-        return eawm_main(args, model, cfg, meta, out_dir, gen)
+        return eawm_main(args, model, cfg, meta, out_dir)
     policy = Policy(model, cfg, meta["stats"], device, args.steps)
     exec_steps = args.exec_steps or max(1, cfg.horizon // 2)
     res = cfg.height
 
-    def predict_video(frames, texts):                     # decoded future frames of the model's own prediction
+    def predict_video(frames, texts, generator):          # decoded future frames of the model's own prediction
         if not hasattr(model, "sample_video"):
             return None
         b = policy.batch(frames, [np.zeros(cfg.state_dim)] * len(frames), texts)
-        v = model.sample_video(b, steps=args.video_steps, generator=gen)                 # (N, 3, T, H, W)
+        v = model.sample_video(b, steps=args.video_steps, generator=generator)           # (N, 3, T, H, W)
         return ((v[:, :, 1:].permute(0, 2, 3, 4, 1).cpu() + 1) * 127.5).round().byte().numpy()
 
     results = {"model": name, "checkpoint": args.ckpt, "step": meta.get("step"), "episodes": args.episodes,
@@ -711,14 +718,18 @@ def main(argv=None):
           + (f" {'+rollback':>14s} {'rb/ep':>6s}" if rb else "") + "   time")
     for split in args.splits:
         t0 = time.time()
-        success, stages, rec, _ = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res, gen,
-                                          record=args.gif_episodes, predict_video=predict_video, distractors=not args.no_distractors,
-                                          mark_target=args.mark_target, **world)
+        # each pass over a split draws its own noise from --seed (split_noise), so a split's figures do not depend on
+        # which splits ran before it, on the GIF's predicted video or on --rollback, whose pass starts from the same noise
+        video_gen = split_noise(args.seed)
+        success, stages, rec, _ = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res,
+                                          split_noise(args.seed), record=args.gif_episodes,
+                                          predict_video=lambda f, t: predict_video(f, t, video_gen),
+                                          distractors=not args.no_distractors, mark_target=args.mark_target, **world)
         row = success_row(success, stages)
         extra = ""
         if rb:                                            # the same episodes again, with rollback
             s_rb, st_rb, rec_rb, fired = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res,
-                                                 gen, record=args.episodes, rollback=rb, distractors=not args.no_distractors,
+                                                 split_noise(args.seed), record=args.episodes, rollback=rb, distractors=not args.no_distractors,
                                                  mark_target=args.mark_target, **world)
             row["success_rollback"] = float(s_rb.mean())
             row["success_rollback_se"] = standard_error(row["success_rollback"], len(s_rb))
@@ -751,7 +762,7 @@ def main(argv=None):
                                          gamma=meta.get("data", {}).get("gamma", 0.99), wrong_frac=wrong, **world)
                 dmeta["stats"] = meta["stats"]
                 clips.append(dataset_for(cfg, arrays, dmeta))
-            d = value_report(model, cfg, clips[0], args.diag_clips, gen, failing=clips[1])
+            d = value_report(model, cfg, clips[0], args.diag_clips, split_noise(args.seed), failing=clips[1])
             results["value"][split] = d
             print(f"{split:16s} {d['pearson']:9.3f} {d['mae']:7.3f} {d['holding_value']:8.3f} {d['failing_value']:8.3f} "
                   f"{d['holding_auc']:6.3f}")
@@ -765,7 +776,8 @@ def main(argv=None):
             arrays, dmeta = generate(max(8, args.diag_clips // 4), split, seed0=args.seed + 50000, res=res, **world)
             dmeta["stats"] = meta["stats"]
             clips = dataset_for(cfg, arrays, dmeta)
-            d = agra_report(model, cfg, clips, os.path.join(out_dir, f"agra_diagnostics_{split}.png"), args.diag_clips, gen)
+            d = agra_report(model, cfg, clips, os.path.join(out_dir, f"agra_diagnostics_{split}.png"), args.diag_clips,
+                             split_noise(args.seed))
             results["diagnostics"][split] = d
             m = d["msr"]
             print(f"{split:16s} {d['in_mask_ratio']:8.3f} {d['mask_fraction']:8.3f} {d['centroid_error']:8.2f} {m['mean']:9.2f} {m['zero']:6.2f} "

@@ -101,3 +101,19 @@ def decode_gif(data: bytes) -> np.ndarray:
             prev = code
         frames.append(pal[np.array(out)].reshape(H, W, 3))
     return np.stack(frames)
+
+
+def noise_policy(draws: list):
+    """A sample.Policy whose chunks are the sampling noise itself (each call's draws appended to `draws`) and
+    whose value never drops: two passes that start from the same generator state draw the same sequence, and
+    any pass that starts elsewhere does not, so `draws` tells which noise each pass of sample.py read."""
+    import torch
+    import sample
+
+    class NoisePolicy(sample.Policy):
+        def act(self, frames, states, texts, generator):
+            z = torch.rand(len(frames), 4, 4, generator=generator, dtype=torch.float64).numpy()
+            draws.append(z)
+            return {"actions": (z - 0.5) * 0.3, "value": np.full(len(frames), 0.5)}
+
+    return NoisePolicy

@@ -529,6 +529,26 @@ def test_train_resume_bit_exact_and_sample_with_rollback(mv_run, toy_data, tmp_p
     assert os.path.getsize(tmp_path / "s" / "rollout_train.gif") > 100
 
 
+def test_the_rollback_pass_repeats_the_plain_pass_noise(mv_run, tmp_path, monkeypatch):
+    """--rollback runs each split twice from the same noise (--seed), so where no rollback fires the two passes are
+    the same episodes, the plain pass's figures are those of a run without --rollback, and the value diagnostics
+    do not depend on the passes before them (the chunks here are the noise: the draws are the oracle)."""
+    from conftest import noise_policy
+    draws = []
+    monkeypatch.setattr(sample, "Policy", noise_policy(draws))
+    flags = ["--ckpt", mv_run, "--episodes", "2", "--max-steps", "16", "--diag-clips", "8", "--threads", "2"]
+    plain = sample.main(flags + ["--splits", "ood_object", "--out", str(tmp_path / "a")])
+    first = [d.copy() for d in draws]
+    assert len(first) == 4                                      # 16 steps, re-planned every 4
+    draws.clear()
+    rb = sample.main(flags + ["--splits", "train", "ood_object", "--rollback", "--out", str(tmp_path / "b")])
+    assert len(draws) == 16 and all(np.array_equal(a, b) for a, b in zip(draws, first * 4))   # 2 splits x 2 passes
+    row = rb["splits"]["ood_object"]
+    assert row["rollbacks_per_episode"] == 0 and row["success_rollback"] == row["success"]
+    assert {k: row[k] for k in plain["splits"]["ood_object"]} == plain["splits"]["ood_object"]
+    assert rb["value"]["ood_object"] == plain["value"]["ood_object"]
+
+
 def test_auc_oracle():
     assert sample.auc([0.9, 0.8], [0.1, 0.2]) == 1.0                     # every pair ordered
     assert sample.auc([0.1], [0.9]) == 0.0

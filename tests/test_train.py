@@ -101,6 +101,30 @@ def test_success_row_close_miss_is_the_median_over_failures_that_closed():
     assert row["success_other_color"] == 0.0
 
 
+def test_each_split_draws_its_own_noise(run6, tmp_path, monkeypatch):
+    """sample.py starts every split's rollouts, the GIF's predicted video and the diagnostics from --seed: a split
+    alone reads the same noise and gives the same figures as after another split with its GIF, and train.py
+    --eval-every's quick_eval reads that noise too (the chunks here are the noise, so the draws are the oracle)."""
+    from conftest import noise_policy
+    draws = []
+    monkeypatch.setattr(sample, "Policy", noise_policy(draws))
+    flags = ["--ckpt", run6, "--episodes", "2", "--max-steps", "60", "--diag-clips", "4", "--video-steps", "2",
+             "--threads", "2"]
+    alone = sample.main(flags + ["--splits", "ood_object", "--gif-episodes", "0", "--out", str(tmp_path / "a")])
+    first = [d.copy() for d in draws]
+    assert len(first) == 15                                     # 60 steps, re-planned every 4
+    draws.clear()
+    both = sample.main(flags + ["--splits", "train", "ood_object", "--gif-episodes", "2", "--out", str(tmp_path / "b")])
+    assert len(draws) == 30 and all(np.array_equal(a, b) for a, b in zip(draws, first + first))
+    assert both["splits"]["ood_object"] == alone["splits"]["ood_object"]
+    assert both["diagnostics"]["ood_object"] == alone["diagnostics"]["ood_object"]
+    draws.clear()
+    _, model, cfg, meta = train.load_model(run6)
+    ev = sample.quick_eval("agra", model, cfg, meta["stats"], 2, splits=("ood_object",))
+    assert all(np.array_equal(a, b) for a, b in zip(draws, first)) and len(draws) == 15
+    assert ev["ood_object"] == {k: alone["splits"]["ood_object"][k] for k in ev["ood_object"]}
+
+
 def test_eval_every_logs_success_and_leaves_the_run_unchanged(run6, toy_data, tmp_path):
     out = str(tmp_path / "ev")
     train.main(["--model", "agra", "--tiny", "--steps", "6", "--data", toy_data[0], "--out", out,
