@@ -30,7 +30,8 @@ than the independent test.
 Success, the stages reached (object reached, grasped, lifted; a distractor grasped) and the failures' median
 gripper-object distance at the first close of the fingers (against the grasp tolerance: a reach beside the
 object or elsewhere) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback adds a row
-"sample.rollback=<delta>" with its success and rollbacks per episode), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
+"sample.rollback=<delta>" with its success, rollbacks per episode and the episodes it won and lost, paired by episode
+with the evaluation's first pass), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
 brackets), centroid error and Matched Sensitivity Ratio (AGRA Sec. 3.2, 4.2.1, Table 1), MV-WAM's value
 against the Monte-Carlo return (Eq. 4) and its AUC between the named object and a distractor in hand,
 EA-WM's PSNR / latent MSE against the true rendering (copy-first-frame level in brackets) and
@@ -72,6 +73,8 @@ METRICS = {
     "success_same_color": ("success % when a distractor has its colour", 1, None),
     "success_other_color": ("success % otherwise", 1, None),
     "rollbacks_per_episode": ("rollbacks per episode", 2, None),
+    "rollback_won": ("episodes that succeed only with rollback %", 1, None),
+    "rollback_lost": ("episodes that succeed only without it %", 1, None),
     "in_mask_ratio": ("attention in mask (chance)", 3, "mask_fraction"),
     "centroid_error": ("attention centroid error", 2, None),
     "attention_entropy": ("attention entropy / uniform", 3, None),
@@ -216,6 +219,8 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
             if rb is not None:
                 put(rb, "success", split, 100 * _need(r, "success_rollback", f"{f} splits.{split}", fix), n)
                 put(rb, "rollbacks_per_episode", split, r.get("rollbacks_per_episode"), n)
+                for k in ("rollback_won", "rollback_lost"):                # paired by episode with the first pass
+                    put(rb, k, split, None if r.get(k) is None else 100 * r[k], n)
         for split, d in res.get("diagnostics", {}).items():        # AGRA (Sec. 3.2, 4.2.1, Table 1)
             n = d.get("n", settings.get("diag_clips"))
             put(ev, "in_mask_ratio", split, d.get("in_mask_ratio"), n, d.get("mask_fraction"))

@@ -715,7 +715,7 @@ def main(argv=None):
               f"buffer of the last {cfg.rollback_buffer} chunks")
         results["rollback_delta"] = delta
     print(f"{'split':16s} {'success':>13s} {'n':>4s} {'reached':>8s} {'grasped':>8s} {'lifted':>8s} {'other':>6s} {'miss':>6s} {'toward':>6s} {'twin':>9s}"
-          + (f" {'+rollback':>14s} {'rb/ep':>6s}" if rb else "") + "   time")
+          + (f" {'+rollback':>14s} {'rb/ep':>6s} {'won':>4s} {'lost':>4s}" if rb else "") + "   time")
     for split in args.splits:
         t0 = time.time()
         # each pass over a split draws its own noise from --seed (split_noise), so a split's figures do not depend on
@@ -735,7 +735,12 @@ def main(argv=None):
             row["success_rollback_se"] = standard_error(row["success_rollback"], len(s_rb))
             row["rollbacks_per_episode"] = float(fired.mean())
             row["rollback_episodes"] = int((fired > 0).sum())
-            extra = f" {row['success_rollback']:7.2f} ± {row['success_rollback_se']:4.2f} {row['rollbacks_per_episode']:6.2f}"
+            # paired by episode (the two passes share their noise until a rollback fires): won = success only with
+            # rollback, lost = only without; success_rollback - success = won - lost
+            row["rollback_won"] = float((s_rb & ~success).mean())
+            row["rollback_lost"] = float((success & ~s_rb).mean())
+            extra = (f" {row['success_rollback']:7.2f} ± {row['success_rollback_se']:4.2f} {row['rollbacks_per_episode']:6.2f}"
+                     f" {int((s_rb & ~success).sum()):4d} {int((success & ~s_rb).sum()):4d}")
             if fired.any():                               # an episode where a rollback fired, restored frames outlined red
                 save_gif(os.path.join(out_dir, f"rollback_{split}.gif"), np.stack(rec_rb[int(np.argmax(fired > 0))]), fps=6, scale=4)
         results["splits"][split] = row
@@ -748,7 +753,9 @@ def main(argv=None):
     print("± : standard error of the success rate, sqrt(p (1 - p) / n) over n episodes; other: grasped a distractor; "
           f"miss: the failures' median gripper-object distance at the first close (grasp tolerance {VIEWS[world.get('view', 'wide')]['grasp_xy']}); "
           f"toward: its median component towards the nearest other object; twin: success in the scenes where a distractor "
-          f"has the named object's colour (how many), where only the shape word names it")
+          f"has the named object's colour (how many), where only the shape word names it"
+          + ("; rb/ep: rollbacks per episode; won / lost: episodes that succeed only with / only without rollback (the "
+             "two passes share their noise until a rollback fires)" if rb else ""))
     if name == "mvwam" and cfg.use_value and args.diag_clips:
         results["value"] = {}
         print(f"\nMV-WAM value vs true Monte-Carlo return (Eq. 4) on {args.diag_clips} held-out expert clips per split; "

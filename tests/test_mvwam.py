@@ -547,6 +547,19 @@ def test_the_rollback_pass_repeats_the_plain_pass_noise(mv_run, tmp_path, monkey
     assert row["rollbacks_per_episode"] == 0 and row["success_rollback"] == row["success"]
     assert {k: row[k] for k in plain["splits"]["ood_object"]} == plain["splits"]["ood_object"]
     assert rb["value"]["ood_object"] == plain["value"]["ood_object"]
+    assert row["rollback_won"] == row["rollback_lost"] == 0
+
+
+def test_rollback_won_and_lost_are_paired_by_episode(mv_run, tmp_path, monkeypatch):
+    def fake_rollout(policy, split, episodes, *args, rollback=None, **kw):
+        s = np.array([1, 1, 0, 0] if rollback is None else [1, 0, 1, 1], bool)    # episode 1 lost, 2 and 3 won
+        stages = [dict(reached=x, grasped=x, lifted=x, distractor_grasped=False, close_miss=None, close_toward=None,
+                       same_color=False) for x in s]
+        return s, stages, [[]], np.zeros(4, int)
+    monkeypatch.setattr(sample, "rollout", fake_rollout)
+    row = sample.main(["--ckpt", mv_run, "--episodes", "4", "--splits", "train", "--rollback", "--diag-clips", "0",
+                       "--out", str(tmp_path)])["splits"]["train"]
+    assert (row["success"], row["success_rollback"], row["rollback_won"], row["rollback_lost"]) == (0.5, 0.75, 0.5, 0.25)
 
 
 def test_auc_oracle():
