@@ -739,6 +739,9 @@ def main(argv=None):
             # rollback, lost = only without; success_rollback - success = won - lost
             row["rollback_won"] = float((s_rb & ~success).mean())
             row["rollback_lost"] = float((success & ~s_rb).mean())
+            # of the episodes where a rollback fired, the share that fail without rollback: does the value's drop
+            # flag the failing episodes?
+            row["rollback_fired_failing"] = float((~success[fired > 0]).mean()) if fired.any() else None
             extra = (f" {row['success_rollback']:7.2f} ± {row['success_rollback_se']:4.2f} {row['rollbacks_per_episode']:6.2f}"
                      f" {int((s_rb & ~success).sum()):4d} {int((success & ~s_rb).sum()):4d}")
             if fired.any():                               # an episode where a rollback fired, restored frames outlined red

@@ -555,11 +555,14 @@ def test_rollback_won_and_lost_are_paired_by_episode(mv_run, tmp_path, monkeypat
         s = np.array([1, 1, 0, 0] if rollback is None else [1, 0, 1, 1], bool)    # episode 1 lost, 2 and 3 won
         stages = [dict(reached=x, grasped=x, lifted=x, distractor_grasped=False, close_miss=None, close_toward=None,
                        same_color=False) for x in s]
-        return s, stages, [[]], np.zeros(4, int)
+        frames = [[np.zeros((32, 64, 3), np.uint8)] for _ in s]
+        return s, stages, frames, np.array([0, 0, 0, 0] if rollback is None else [0, 2, 1, 1])   # fired in 1, 2, 3
     monkeypatch.setattr(sample, "rollout", fake_rollout)
     row = sample.main(["--ckpt", mv_run, "--episodes", "4", "--splits", "train", "--rollback", "--diag-clips", "0",
-                       "--out", str(tmp_path)])["splits"]["train"]
+                       "--gif-episodes", "0", "--out", str(tmp_path)])["splits"]["train"]
     assert (row["success"], row["success_rollback"], row["rollback_won"], row["rollback_lost"]) == (0.5, 0.75, 0.5, 0.25)
+    assert row["rollbacks_per_episode"] == 1.0 and row["rollback_episodes"] == 3
+    assert row["rollback_fired_failing"] == pytest.approx(2 / 3)                  # 1 succeeds without rollback, 2 and 3 fail
 
 
 def test_auc_oracle():
