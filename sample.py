@@ -492,7 +492,8 @@ def eawm_main(args, model, cfg, meta, out_dir):
         arrays, dmeta = generate(max(4, args.clips // 4), split, seed0=args.seed + 50000, res=cfg.height, **world)
         dmeta["stats"] = meta["stats"]
         clips = dataset_for(cfg, arrays, dmeta)
-        r = eawm_report(model, cfg, clips, args.clips, split_noise(args.seed), os.path.join(out_dir, f"generation_{split}.gif"), args.steps)
+        r = eawm_report(model, cfg, clips, args.clips, split_noise(args.seed),             # the same noise for every model
+                        os.path.join(out_dir, f"generation_{split}.gif"), args.steps)
         results["splits"][split] = r
         j, c = r["joint"], r["kvaf"]
         print(f"{split:16s} {c['psnr']:14.2f} {c['latent_mse']:13.4f} {j['psnr']:10.2f} {j['latent_mse']:9.4f} "
@@ -729,8 +730,8 @@ def main(argv=None):
         extra = ""
         if rb:                                            # the same episodes again, with rollback
             s_rb, st_rb, rec_rb, fired = rollout(policy, split, args.episodes, args.seed, exec_steps, args.max_steps, res,
-                                                 split_noise(args.seed), record=args.episodes, rollback=rb, distractors=not args.no_distractors,
-                                                 mark_target=args.mark_target, **world)
+                                                 split_noise(args.seed), record=args.episodes, rollback=rb,
+                                                 distractors=not args.no_distractors, mark_target=args.mark_target, **world)
             row["success_rollback"] = float(s_rb.mean())
             row["success_rollback_se"] = standard_error(row["success_rollback"], len(s_rb))
             row["rollbacks_per_episode"] = float(fired.mean())
