@@ -76,6 +76,8 @@ METRICS = {
     "rollback_won": ("episodes that succeed only with rollback %", 1, None),
     "rollback_lost": ("episodes that succeed only without it %", 1, None),
     "rollback_fired_failing": ("episodes where it fired: failing without it %", 1, None),
+    "rollback_fire_step": ("rollback: the step it fired at (median)", 1, None),
+    "rollback_restore_step": ("rollback: the step it went back to (median)", 1, None),
     "in_mask_ratio": ("attention in mask (chance)", 3, "mask_fraction"),
     "centroid_error": ("attention centroid error", 2, None),
     "attention_entropy": ("attention entropy / uniform", 3, None),
@@ -224,6 +226,8 @@ def read_evaluations(run: str, patterns=("samples/metrics.json",)) -> list[dict]
                     put(rb, k, split, None if r.get(k) is None else 100 * r[k], n)
                 if r.get("rollback_fired_failing") is not None:            # over the episodes where one fired
                     put(rb, "rollback_fired_failing", split, 100 * r["rollback_fired_failing"], r.get("rollback_episodes"))
+                for k in ("rollback_fire_step", "rollback_restore_step"):
+                    put(rb, k, split, r.get(k), r.get("rollback_episodes"))
         for split, d in res.get("diagnostics", {}).items():        # AGRA (Sec. 3.2, 4.2.1, Table 1)
             n = d.get("n", settings.get("diag_clips"))
             put(ev, "in_mask_ratio", split, d.get("in_mask_ratio"), n, d.get("mask_fraction"))

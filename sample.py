@@ -94,7 +94,8 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     rollback: None or a factory of MV-WAM's ValueRollback controllers (Sec. 3.2): before a chunk is
     executed its predicted value is checked; on a drop below peak - delta the env is restored to the
     peak's saved state (the episode clock keeps running: a rollback costs the time already spent) and
-    the chunk is resampled from there. Returns per-episode success, stage flags, rollback counts and
+    the chunk is resampled from there. Returns per-episode success, stage flags (with rollback also
+    "rollback_steps": per rollback, the step it fired at and the step it restored), rollback counts and
     (if record) frames [observation | predicted frame] of the first `record` envs (restored frames
     outlined in red). distractors=False: the same scenes with the named object alone; mark_target=True: the
     named object drawn in a colour no object has; view: "wide" or "close", distractor_band: "any" or "near",
@@ -108,6 +109,7 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
     stages = [None] * episodes
     ctrl = [rollback() for _ in range(episodes)] if rollback is not None else None
     fired = np.zeros(episodes, int)
+    fire_steps = [[] for _ in range(episodes)]                  # per rollback: (the step it fired at, the step restored)
     frames_rec = [[np.concatenate([obs[i], np.zeros_like(obs[i])], 1)] for i in range(record)]
     while not done.all():
         live = np.flatnonzero(~done)
@@ -120,6 +122,7 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
                 saved = ctrl[i].check(envs[i].get_state(), float(plan["value"][j]), plan["actions"][j])
                 if saved is not None:
                     clock = envs[i].t
+                    fire_steps[i].append((clock, saved["t"]))
                     envs[i].set_state(saved)
                     envs[i].t = clock
                     obs[i] = envs[i].render()[0]
@@ -147,6 +150,10 @@ def rollout(policy: Policy, split: str, episodes: int, seed0: int, exec_steps: i
                     frames_rec[i].append(np.concatenate([obs[i], p], 1))
                 if term or trunc:
                     done[i], success[i] = True, info["success"]
+    if ctrl is not None:
+        for st, steps in zip(stages, fire_steps):
+            if st is not None:
+                st["rollback_steps"] = steps
     return success, stages, frames_rec, fired
 
 
@@ -743,6 +750,9 @@ def main(argv=None):
             # of the episodes where a rollback fired, the share that fail without rollback: does the value's drop
             # flag the failing episodes?
             row["rollback_fired_failing"] = float((~success[fired > 0]).mean()) if fired.any() else None
+            steps = [f for st in st_rb for f in st.get("rollback_steps", [])]      # when it fires, how far back it goes
+            row["rollback_fire_step"] = float(np.median([a for a, _ in steps])) if steps else None
+            row["rollback_restore_step"] = float(np.median([b for _, b in steps])) if steps else None
             extra = (f" {row['success_rollback']:7.2f} ± {row['success_rollback_se']:4.2f} {row['rollbacks_per_episode']:6.2f}"
                      f" {int((s_rb & ~success).sum()):4d} {int((success & ~s_rb).sum()):4d}")
             if fired.any():                               # an episode where a rollback fired, restored frames outlined red

@@ -176,7 +176,8 @@ def test_evaluation_settings_and_rollback_become_rows(tmp_path):
         if rollback is not None:
             m["rollback_delta"] = 0.2
             m["splits"]["train"].update(success_rollback=rollback, rollbacks_per_episode=1.5, rollback_won=0.25,
-                                        rollback_lost=0.05, rollback_fired_failing=0.8, rollback_episodes=5)
+                                        rollback_lost=0.05, rollback_fired_failing=0.8, rollback_episodes=5,
+                                        rollback_fire_step=30.0, rollback_restore_step=22.0)
         return m
     runs = []
     for s in range(2):
@@ -192,6 +193,7 @@ def test_evaluation_settings_and_rollback_become_rows(tmp_path):
     assert one["success"]["train"]["mean"] == pytest.approx(5.0) and rb["rollbacks_per_episode"]["train"]["mean"] == 1.5
     assert rb["rollback_won"]["train"]["mean"] == pytest.approx(25) and rb["rollback_lost"]["train"]["mean"] == pytest.approx(5)
     assert rb["rollback_fired_failing"]["train"]["mean"] == pytest.approx(80)
+    assert rb["rollback_fire_step"]["train"]["mean"] == 30 and rb["rollback_restore_step"]["train"]["mean"] == 22
     assert base["value_pearson"]["train"]["mean"] == pytest.approx(0.9) and "value_pearson" not in rb
 
 

@@ -457,7 +457,7 @@ def test_rollback_restores_the_saved_env_state():
 
     success, stages, rec, fired = sample.rollout(FakePolicy(), "train", 1, 3, 4, 12, 32, torch.Generator(), record=1,
                                                  rollback=lambda: mvwam.ValueRollback(0.2, 1))
-    assert fired[0] == 1
+    assert fired[0] == 1 and stages[0]["rollback_steps"] == [(4, 0)]     # fired at step 4, back to the start
     # recorded frames: start, 4 steps, the restored frame (red border), 4 + 4 more steps until the clock runs out
     first, moved, restored = rec[0][0][:, :32], rec[0][4][:, :32], rec[0][5][:, :32]
     assert (restored[0, :] == [255, 0, 0]).all()                  # outlined in red
@@ -555,6 +555,9 @@ def test_rollback_won_and_lost_are_paired_by_episode(mv_run, tmp_path, monkeypat
         s = np.array([1, 1, 0, 0] if rollback is None else [1, 0, 1, 1], bool)    # episode 1 lost, 2 and 3 won
         stages = [dict(reached=x, grasped=x, lifted=x, distractor_grasped=False, close_miss=None, close_toward=None,
                        same_color=False) for x in s]
+        if rollback is not None:                                  # (step fired at, step restored) per rollback
+            for st, steps in zip(stages, ([], [(12, 4), (20, 8)], [(30, 10)], [(40, 20)])):
+                st["rollback_steps"] = steps
         frames = [[np.zeros((32, 64, 3), np.uint8)] for _ in s]
         return s, stages, frames, np.array([0, 0, 0, 0] if rollback is None else [0, 2, 1, 1])   # fired in 1, 2, 3
     monkeypatch.setattr(sample, "rollout", fake_rollout)
@@ -562,7 +565,8 @@ def test_rollback_won_and_lost_are_paired_by_episode(mv_run, tmp_path, monkeypat
                        "--gif-episodes", "0", "--out", str(tmp_path)])["splits"]["train"]
     assert (row["success"], row["success_rollback"], row["rollback_won"], row["rollback_lost"]) == (0.5, 0.75, 0.5, 0.25)
     assert row["rollbacks_per_episode"] == 1.0 and row["rollback_episodes"] == 3
-    assert row["rollback_fired_failing"] == pytest.approx(2 / 3)                  # 1 succeeds without rollback, 2 and 3 fail
+    assert row["rollback_fired_failing"] == pytest.approx(2 / 3)
+    assert (row["rollback_fire_step"], row["rollback_restore_step"]) == (25, 9)   # medians over the four rollbacks                  # 1 succeeds without rollback, 2 and 3 fail
 
 
 def test_auc_oracle():
