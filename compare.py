@@ -30,8 +30,9 @@ than the independent test.
 Success, the stages reached (object reached, grasped, lifted; a distractor grasped) and the failures' median
 gripper-object distance at the first close of the fingers (against the grasp tolerance: a reach beside the
 object or elsewhere) come from the closed-loop episodes (AGRA, MV-WAM; an MV-WAM evaluation with --rollback adds a row
-"sample.rollback=<delta>" with its success, rollbacks per episode and the episodes it won and lost, paired by episode
-with the evaluation's first pass), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
+"sample.rollback=<delta>" with its success, rollbacks per episode, the episodes it won and lost, paired by episode
+with the evaluation's first pass, the share of the episodes where it fired that fail without it, and the median steps
+it fired at and went back to), the diagnostics from held-out expert clips: AGRA's attention-in-mask ratio (chance level in
 brackets), centroid error and Matched Sensitivity Ratio (AGRA Sec. 3.2, 4.2.1, Table 1), MV-WAM's value
 against the Monte-Carlo return (Eq. 4) and its AUC between the named object and a distractor in hand,
 EA-WM's PSNR / latent MSE against the true rendering (copy-first-frame level in brackets) and
